@@ -1,0 +1,25 @@
+"""The `dtgserver` command: one click group; each command is one call into the Python API."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+
+
+@click.group(context_settings={"auto_envvar_prefix": "DTGSERVER", "show_default": True,
+                               "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dtgserver")
+def main() -> None:
+    """Ingestion server for Korean DTG/OBD/MDT terminals (Triphos DTG Upload Protocol v0.5)."""
+
+
+def _register() -> None:
+    from . import codec_cmds
+
+    for module in (codec_cmds,):
+        for command in module.COMMANDS:
+            main.add_command(command)
+
+
+_register()

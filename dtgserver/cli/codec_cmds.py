@@ -1,0 +1,135 @@
+"""`dtgserver decode` and `dtgserver encode`: packets to JSON lines and back."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator
+from typing import IO
+
+import click
+
+from ..protocol import DEFAULT_MAX_BODY_COUNT, JsonError, ProtocolError, Role, encode, format_table, from_json
+from ..protocol import iter_packets, to_json
+
+_COMMENT = re.compile(rb"#[^\n]*")
+_HEX_TEXT = re.compile(rb"[0-9A-Fa-f\s]*")
+
+
+def parse_hex_text(data: bytes) -> bytes:
+    """Bytes from hex text: whitespace ignored, `#` starts a comment that runs to the end of the line."""
+    digits = re.sub(rb"\s+", b"", _COMMENT.sub(b"", data))
+    if len(digits) % 2:
+        raise ValueError(f"odd number of hex digits ({len(digits)})")
+    try:
+        return bytes.fromhex(digits.decode("ascii"))
+    except ValueError:
+        bad = re.search(rb"[^0-9A-Fa-f]", digits)
+        raise ValueError(f"not hex: {bad.group().decode('latin-1') if bad else '?'!r}") from None
+
+
+def looks_like_hex_text(data: bytes) -> bool:
+    stripped = _COMMENT.sub(b"", data)
+    return bool(stripped.strip()) and _HEX_TEXT.fullmatch(stripped) is not None
+
+
+def _read(file: IO[bytes], input_format: str) -> bytes:
+    data = file.read()
+    if input_format == "hex" or (input_format == "auto" and looks_like_hex_text(data)):
+        return parse_hex_text(data)
+    return data
+
+
+def _fail(message: str) -> None:
+    click.echo(f"dtgserver: error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.command()
+@click.argument("hex_packets", metavar="[HEX]...", nargs=-1)
+@click.option("-f", "--file", "files", type=click.File("rb"), multiple=True,
+              help="Read packets from FILE ('-' for stdin): raw binary, back to back, or hex text "
+                   "(whitespace and '#' comments ignored, e.g. one packet per line).")
+@click.option("--input-format", type=click.Choice(["auto", "hex", "binary"]), default="auto",
+              help="How to read --file: guess, or force hex text or raw binary.")
+@click.option("--format", "output_format", type=click.Choice(["json", "table"]), default="json",
+              help="json: one JSON object per packet (JSON lines); table: every field with offset, raw hex, value, unit.")
+@click.option("--max-body-count", type=click.IntRange(1, 32767), default=DEFAULT_MAX_BODY_COUNT,
+              help="Reject realtime packets declaring more bodies than this.")
+def decode(hex_packets: tuple[str, ...], files: tuple[IO[bytes], ...], input_format: str, output_format: str,
+           max_body_count: int) -> None:
+    """Decode packets given as HEX arguments or read from files, and print them.
+
+    Each HEX argument (spaces allowed) and each file is a stream of one or more packets back to
+    back. On bad input, the packets before it are printed, then an error naming the byte offset
+    goes to stderr and the exit status is 1.
+    """
+    sources: list[tuple[str, bytes]] = []
+    for i, text in enumerate(hex_packets, 1):
+        try:
+            sources.append((f"argument {i}", parse_hex_text(text.encode("utf-8", "replace"))))
+        except ValueError as e:
+            _fail(f"argument {i}: {e}")
+    for file in files:
+        try:
+            sources.append((getattr(file, "name", "-"), _read(file, input_format)))
+        except ValueError as e:
+            _fail(f"{getattr(file, 'name', '-')}: {e}")
+    if not sources:
+        _fail("nothing to decode: give HEX arguments or --file (see --help)")
+    for name, data in sources:
+        try:
+            for i, packet in enumerate(iter_packets(data, role=Role.ANY, max_body_count=max_body_count)):
+                if output_format == "json":
+                    click.echo(json.dumps(to_json(packet.record), ensure_ascii=False))
+                else:
+                    click.echo(("\n" if i else "") + format_table(packet.record, packet.raw))
+        except ProtocolError as e:
+            offset = "" if e.offset is None else f" byte {e.offset}"
+            _fail(f"{name}{offset}: {e.message}")
+
+
+def _json_objects(texts: tuple[str, ...], stdin: IO[str]) -> Iterator[tuple[str, object]]:
+    if texts:
+        for i, text in enumerate(texts, 1):
+            yield from _parse_json(f"argument {i}", text)
+    else:
+        for n, line in enumerate(stdin, 1):
+            if line.strip():
+                yield from _parse_json(f"line {n}", line)
+
+
+def _parse_json(where: str, text: str) -> Iterator[tuple[str, object]]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise JsonError(f"{where}: not JSON: {e}") from None
+    for obj in value if isinstance(value, list) else [value]:
+        yield where, obj
+
+
+@click.command()
+@click.argument("json_packets", metavar="[JSON]...", nargs=-1)
+@click.option("--binary", is_flag=True, help="Write raw bytes instead of one hex line per packet.")
+def encode_cmd(json_packets: tuple[str, ...], binary: bool) -> None:
+    """Encode packets from JSON (as `decode` prints it) to hex, one packet per line.
+
+    JSON comes from the arguments, or from stdin as JSON lines, so `decode | encode`
+    reproduces the input bytes.
+    """
+    out = click.get_binary_stream("stdout")
+    try:
+        for where, obj in _json_objects(json_packets, click.get_text_stream("stdin")):
+            try:
+                raw = encode(from_json(obj))
+            except (JsonError, ValueError) as e:
+                raise JsonError(f"{where}: {e}") from None
+            out.write(raw if binary else raw.hex().encode() + b"\n")
+            out.flush()
+    except JsonError as e:
+        _fail(str(e))
+
+
+encode_cmd.name = "encode"
+COMMANDS = [decode, encode_cmd]

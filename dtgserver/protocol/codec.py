@@ -1,0 +1,142 @@
+"""The fast path, derived from the construct schemas: one struct format and one generated
+function per schema, so decoding costs about what a hand-written `struct` decoder costs while the
+schema stays the single source of truth. Also the range check every record carries."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import construct
+
+from .fields import Field
+
+
+def schema_fields(schema: construct.Struct) -> Iterator[tuple[str, Any]]:
+    """(name, adapter) for each field of a schema, in wire order."""
+    for sub in schema.subcons:
+        yield sub.name, sub.subcon
+
+
+class StructCodec:
+    """Decode and encode one record class through one `struct.Struct` built from its schema.
+
+    The schema's fields are fixed-size `Field` adapters, except an optional last field whose
+    size comes from the header (the bodies, or the log text): its adapter decodes the rest.
+    """
+
+    def __init__(self, schema: construct.Struct, record: type):
+        self.schema = schema
+        self.record = record
+        fields = list(schema_fields(schema))
+        self.tail: tuple[str, Any] | None = None
+        if fields and _variable(fields[-1][1]):
+            self.tail = fields.pop()
+        self.fixed: list[tuple[str, Field]] = fields
+        self.struct = struct.Struct(">" + "".join(adapter.fmt for _, adapter in fields))
+        self.size = self.struct.size
+        self._compile()
+
+    def _compile(self) -> None:
+        record_fields = {f.name: f for f in attrs.fields(self.record)}
+        positional = [f.name for f in attrs.fields(self.record) if not f.kw_only]
+        names = [name for name, _ in self.fixed] + ([self.tail[0]] if self.tail else [])
+        if [n for n in names if n in positional] != positional or not set(record_fields) <= set(names):
+            raise TypeError(f"{self.record.__name__} fields {list(record_fields)} do not follow its schema {names}")
+        ns: dict[str, Any] = {
+            "_cls": self.record,
+            "_unpack_from": self.struct.unpack_from,
+            "_iter": self.struct.iter_unpack,
+            "_pack": self.struct.pack,
+        }
+        wire = [f"f{i}" for i in range(len(self.fixed))]
+        args: list[str] = []
+        keywords: list[str] = []
+        packed: list[str] = []
+        for i, (name, adapter) in enumerate(self.fixed):
+            ns[f"_c{i}"], ns[f"_e{i}"] = adapter.decode, adapter.encode
+            packed.append(f"_e{i}(r.{name})")
+            if name in record_fields:
+                expr = adapter.decode_expr(f"f{i}", f"_c{i}")
+                if record_fields[name].kw_only:
+                    keywords.append(f"{name}={expr}")
+                else:
+                    args.append(expr)
+        tuple_ = ", ".join(wire) + ("," if len(wire) == 1 else "")
+        if self.tail:
+            name, adapter = self.tail
+            ns["_tc"], ns["_te"] = adapter.decode, adapter.encode
+            args.append(f"_tc(buf[{self.size}:])")
+            tail_encode = f" + _te(r.{name})"
+        else:
+            tail_encode = ""
+        args += keywords
+        source = (
+            f"def decode(buf):\n    {tuple_} = _unpack_from(buf)\n    return _cls({', '.join(args)})\n"
+            f"def decode_many(buf):\n    return tuple([_cls({', '.join(args)}) for {tuple_} in _iter(buf)])\n"
+            f"def encode(r):\n    return _pack({', '.join(packed)}){tail_encode}\n"
+        )
+        exec(compile(source, f"<codec {self.record.__name__}>", "exec"), ns)
+        self.source = source
+        self.decode: Callable[[bytes], Any] = ns["decode"]
+        self._decode_many: Callable[[bytes], tuple[Any, ...]] = ns["decode_many"]
+        self._encode: Callable[[Any], bytes] = ns["encode"]
+
+    def decode_many(self, buf: bytes) -> tuple[Any, ...]:
+        """Records from `buf`, a whole number of fixed-size records back to back."""
+        return self._decode_many(buf)
+
+    def encode(self, record: Any) -> bytes:
+        """Bytes for `record`; a ValueError naming the field when a value does not fit the wire."""
+        try:
+            return self._encode(record)
+        except (ValueError, TypeError, struct.error, AttributeError):
+            self._explain_failure(record)
+            raise
+
+    def encode_many(self, records: Any) -> bytes:
+        return b"".join([self.encode(r) for r in records])
+
+    def _explain_failure(self, record: Any) -> None:
+        for name, adapter in self.fixed + ([self.tail] if self.tail else []):
+            try:
+                value = getattr(record, name)
+            except AttributeError:
+                raise ValueError(f"{name}: missing") from None
+            try:
+                raw = adapter.encode(value)
+                if isinstance(adapter, Field) and not _variable(adapter):
+                    struct.pack(">" + adapter.fmt, raw)
+            except (ValueError, TypeError, struct.error) as e:
+                raise ValueError(f"{name}: {_plain(e)}") from None
+
+
+def _variable(adapter: Any) -> bool:
+    length = getattr(adapter.subcon, "length", None)
+    return isinstance(adapter.subcon, construct.Bytes) and not isinstance(length, int)
+
+
+def _plain(error: Exception) -> str:
+    message = str(error)
+    if isinstance(error, struct.error):
+        return "value does not fit its wire type"
+    return message
+
+
+def check(record: Any) -> list[str]:
+    """Warnings naming each field whose value is outside its documented range."""
+    found: list[str] = []
+    for name, adapter in schema_fields(type(record).SCHEMA):
+        if not hasattr(record, name):
+            continue
+        value = getattr(record, name)
+        if isinstance(value, tuple):
+            for i, body in enumerate(value):
+                found.extend(f"{name}[{i}].{w}" for w in check(body))
+        elif isinstance(adapter, Field):
+            warning = adapter.check(value)
+            if warning:
+                found.append(f"{name}: {warning}")
+    return found

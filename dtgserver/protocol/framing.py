@@ -1,0 +1,203 @@
+"""Sans-io framing: bytes in any chunking → complete packets in order; results → response bytes.
+
+The protocol has no length prefix and no checksum; a frame's length follows from its protocol
+ID and its header (`FRAME_LENGTHS`). Nothing here does I/O, keeps time or logs; anything wrong
+with the input is a `ProtocolError` carrying the result code to answer with.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+
+import attrs
+
+from .codec import StructCodec
+from .errors import ProtocolError, Result
+from .records import Packet, Response
+from .schema import CODECS, SCHEMAS
+
+DEFAULT_MAX_BODY_COUNT = 3600
+"""One hour of 1 Hz bodies: above any report period a terminal is configured with by SMS."""
+
+FrameLength = Callable[[bytes | bytearray, int], int | None]
+
+
+def _fixed(size: int) -> FrameLength:
+    return lambda buf, max_body_count: size
+
+
+def _realtime(body_size: int) -> FrameLength:
+    def length(buf: bytes | bytearray, max_body_count: int) -> int | None:
+        if len(buf) < 16:
+            return None
+        count = int.from_bytes(buf[14:16], "big", signed=True)
+        if count <= 0:
+            raise ProtocolError(f"body count {count} is not positive", 14)
+        if count > max_body_count:
+            raise ProtocolError(f"body count {count} is above the maximum of {max_body_count}", 14)
+        return 23 + count * body_size
+
+    return length
+
+
+def _status_log(buf: bytes | bytearray, max_body_count: int) -> int | None:
+    if len(buf) < 21:
+        return None
+    size = int.from_bytes(buf[19:21], "big", signed=True)
+    if size < 0:
+        raise ProtocolError(f"log size {size} is negative", 19)
+    return 21 + size
+
+
+# Protocol ID → frame length from the bytes received so far (None: need more of the header).
+FRAME_LENGTHS: dict[int, FrameLength] = {
+    0x01: _fixed(101),
+    0x03: _realtime(51),
+    0x04: _fixed(36),
+    0x06: _realtime(42),
+    0x07: _realtime(30),
+    0x63: _status_log,
+    0x99: _status_log,  # the spec's ID table names the status log 0x99; its packet table says 0x63
+    0x09: _fixed(2),
+}
+
+_CODECS_BY_ID: dict[int, StructCodec] = {}
+for _record, _codec in CODECS.items():
+    for _sub in SCHEMAS[_record].subcons[:1]:
+        for _pid in _sub.subcon.accepted:
+            _CODECS_BY_ID[_pid] = _codec
+
+
+class Role(enum.Enum):
+    """Which side's packets a connection reads: a server reads the terminal's, a client the answer."""
+
+    SERVER = frozenset(FRAME_LENGTHS) - {0x09}
+    CLIENT = frozenset({0x09})
+    ANY = frozenset(FRAME_LENGTHS)
+
+
+class Need(enum.Enum):
+    NEED_DATA = "need data"
+    CLOSED = "closed"
+
+
+NEED_DATA = Need.NEED_DATA
+CLOSED = Need.CLOSED
+
+
+@attrs.frozen
+class Received:
+    """One complete packet: its record, its exact bytes, and where it started in the stream."""
+
+    record: Packet
+    raw: bytes
+    offset: int
+
+
+def frame_length(buf: bytes | bytearray, *, role: Role = Role.ANY, max_body_count: int = DEFAULT_MAX_BODY_COUNT) -> int | None:
+    """The length of the frame starting at buf[0], or None while the header is incomplete."""
+    if not buf:
+        return None
+    length = FRAME_LENGTHS.get(buf[0]) if buf[0] in role.value else None
+    if length is None:
+        raise ProtocolError(f"unknown protocol ID 0x{buf[0]:02X}", 0)
+    return length(buf, max_body_count)
+
+
+def decode(frame: bytes, *, max_body_count: int = DEFAULT_MAX_BODY_COUNT) -> Packet:
+    """The record for exactly one frame; ProtocolError if it is not exactly one valid frame."""
+    frame = bytes(frame)
+    length = frame_length(frame, max_body_count=max_body_count)
+    if length is None or len(frame) < length:
+        need = "its header" if length is None else f"{length}"
+        raise ProtocolError(f"truncated packet: {len(frame)} bytes, needs {need}", len(frame))
+    if len(frame) > length:
+        raise ProtocolError(f"{len(frame) - length} bytes after the end of a {length}-byte packet", length)
+    record: Packet = _CODECS_BY_ID[frame[0]].decode(frame)
+    return record
+
+
+def encode(record: Packet) -> bytes:
+    """The bytes of a record; ValueError naming the field when a value does not fit the wire."""
+    return CODECS[type(record)].encode(record)
+
+
+def iter_packets(data: bytes, *, role: Role = Role.ANY, max_body_count: int = DEFAULT_MAX_BODY_COUNT) -> Iterator[Received]:
+    """Every packet in `data` (back to back); ProtocolError at the first bad or truncated one."""
+    conn = Connection(role, max_body_count=max_body_count)
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    while True:
+        event = conn.next_event()
+        if event is CLOSED:
+            return
+        assert isinstance(event, Received)
+        yield event
+
+
+class Connection:
+    """One side of one TCP connection, h11-style: `receive_data`, `next_event`, `send`.
+
+    `next_event()` returns a `Received`, `NEED_DATA`, or `CLOSED` (after `receive_data(b"")`),
+    and raises nothing but ProtocolError; after one, the stream has lost its framing and every
+    later call raises the same error. The buffer never holds more than one frame plus what the
+    caller fed since the last NEED_DATA.
+    """
+
+    def __init__(self, role: Role = Role.SERVER, *, max_body_count: int = DEFAULT_MAX_BODY_COUNT):
+        self.role = role
+        self.max_body_count = max_body_count
+        self._buffer = bytearray()
+        self._offset = 0
+        self._eof = False
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a packet (a partial packet, when NEED_DATA)."""
+        return len(self._buffer)
+
+    @property
+    def offset(self) -> int:
+        """Stream offset of the next packet's first byte."""
+        return self._offset
+
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            if self._eof:
+                raise ProtocolError("data after end of stream", self._offset + len(self._buffer))
+            self._buffer += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Received | Need:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_event()
+        except ProtocolError as error:
+            self._error = error.shifted(self._offset)
+            raise self._error from None
+
+    def _next_event(self) -> Received | Need:
+        buf = self._buffer
+        if not buf:
+            return CLOSED if self._eof else NEED_DATA
+        length = frame_length(buf, role=self.role, max_body_count=self.max_body_count)
+        if length is None or len(buf) < length:
+            if self._eof:
+                need = "a complete header" if length is None else f"{length} bytes"
+                raise ProtocolError(f"stream ended inside a packet: {len(buf)} bytes of {need}", len(buf))
+            return NEED_DATA
+        raw = bytes(buf[:length])
+        record = _CODECS_BY_ID[raw[0]].decode(raw)
+        del buf[:length]
+        event = Received(record, raw, self._offset)
+        self._offset += length
+        return event
+
+    @staticmethod
+    def send(result: Result | int) -> bytes:
+        """The 2-byte answer `0x09 <result>`."""
+        return encode(Response(int(result)))
