@@ -1,0 +1,289 @@
+"""Decode/encode speed of a 60-body DTG packet (0x03): our schema-derived codec against a
+hand-written `struct` codec that produces the same records and the same bytes, side by side.
+
+    .venv/bin/python bench/decode.py [--bodies 60] [--rounds 15] [--seconds 0.02]
+
+Prints one table: per-packet times (best and median of the rounds), each line's ratio to the
+hand-written codec, and for context bare `iter_unpack` into dicts (the floor), interpreted
+construct and `.compile()`d construct on the same schema. The hand-written codec lives only here.
+Exits non-zero only when the contenders disagree (records or bytes); never on a ratio, because
+this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import random
+import statistics
+import struct
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import construct
+
+from dtgserver.protocol import KST, BadTime, DtgBody, DtgRealtime, ProtocolError, SensorState, WireStr, decode, encode
+from dtgserver.protocol.schema import DTG_BODY, _realtime_header
+
+TARGET = 1.5
+
+# -- the hand-written codec: what a careful engineer writes with `struct` alone ----------------
+HEADER = struct.Struct(">B11shh7B")
+BODY = struct.Struct(">hi7BBhBiihhhBiihhhhhB")
+BODY_NAMES = (
+    "daily_distance_km total_distance_km year month day hour minute second centisecond speed_kmh rpm brake"
+    " lon lat azimuth_deg accel_x_ms2 accel_y_ms2 status_code daily_fuel_l total_fuel_l fuel_level_pct"
+    " temp_a_c temp_b_c battery_v fuel_efficiency_kmpl work_status"
+).split()
+TEMPERATURE_STATES = {990: SensorState.ABSENT, 980: SensorState.OFF}
+TEMPERATURE_WIRE = {SensorState.ABSENT: 990, SensorState.OFF: 980}
+RAW_DIGITS = bytes.maketrans(bytes(range(10)), b"0123456789")
+
+
+def hand_modem(raw: bytes) -> str:
+    modem = raw.translate(RAW_DIGITS).decode("ascii", "replace").strip("#")
+    if not modem.isdigit() or not modem.isascii():
+        raise ProtocolError(f"modem number {raw!r} is not digits", 1)
+    return modem if modem.encode().rjust(11, b"#") == raw else WireStr(modem, raw)
+
+
+def hand_time(y: int, mo: int, d: int, h: int, mi: int, s: int, cc: int) -> datetime | BadTime:
+    try:
+        return datetime(2000 + y, mo, d, h, mi, s, cc * 10000, KST)
+    except ValueError:
+        return BadTime(bytes((y, mo, d, h, mi, s, cc)))
+
+
+def hand_decode(frame: bytes) -> DtgRealtime:
+    if len(frame) < 23 or frame[0] != 0x03:
+        raise ProtocolError("not a DTG realtime packet", 0)
+    _, modem, period, count, *key_on = HEADER.unpack_from(frame)
+    if count <= 0 or len(frame) != 23 + count * 51:
+        raise ProtocolError(f"{len(frame)} bytes do not hold {count} bodies", 14)
+    bodies = []
+    append = bodies.append
+    for (daily_km, total_km, y, mo, d, h, mi, s, cc, speed, rpm, brake, lon, lat, azimuth, accel_x, accel_y,
+         status, daily_fuel, total_fuel, fuel_level, temp_a, temp_b, battery, efficiency, work) in BODY.iter_unpack(
+            frame[23:]):
+        try:
+            t: datetime | BadTime = datetime(2000 + y, mo, d, h, mi, s, cc * 10000, KST)
+        except ValueError:
+            t = BadTime(bytes((y, mo, d, h, mi, s, cc)))
+        append(DtgBody(
+            daily_km, total_km, t, speed, rpm, brake == 1 if brake <= 1 else brake, lon / 1000000, lat / 1000000,
+            azimuth, accel_x / 10, accel_y / 10, status, daily_fuel / 1000, total_fuel / 1000, fuel_level / 100,
+            TEMPERATURE_STATES.get(temp_a) or temp_a / 10, TEMPERATURE_STATES.get(temp_b) or temp_b / 10,
+            battery / 10, efficiency / 10, work,
+        ))
+    return DtgRealtime(hand_modem(modem), period, hand_time(*key_on), bodies)
+
+
+def hand_time_wire(t: Any) -> tuple[int, ...]:
+    if type(t) is BadTime:
+        return tuple(t.raw)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=KST)
+    elif t.tzinfo is not KST:
+        t = t.astimezone(KST)
+    if t.microsecond % 10000 or not 2000 <= t.year <= 2255:
+        raise ValueError(f"{t} does not fit the wire's time")
+    return t.year - 2000, t.month, t.day, t.hour, t.minute, t.second, t.microsecond // 10000
+
+
+def scaled(value: float, scale: int) -> int:
+    raw = round(value * scale)
+    if raw / scale != value:
+        raise ValueError(f"{value!r} is not a multiple of 1/{scale}")
+    return raw
+
+
+def temperature(value: Any) -> int:
+    if type(value) is SensorState:
+        return TEMPERATURE_WIRE[value]
+    raw = scaled(value, 10)
+    if raw in TEMPERATURE_STATES:
+        raise ValueError(f"{value!r} °C is a sensor state on the wire")
+    return raw
+
+
+def hand_encode(p: DtgRealtime) -> bytes:
+    modem = p.modem.wire if type(p.modem) is WireStr else p.modem.encode().rjust(11, b"#")
+    out = [HEADER.pack(3, modem, p.report_period_min, len(p.bodies), *hand_time_wire(p.key_on_time))]
+    pack = BODY.pack
+    for b in p.bodies:
+        out.append(pack(
+            b.daily_distance_km, b.total_distance_km, *hand_time_wire(b.time), b.speed_kmh, b.rpm, int(b.brake),
+            scaled(b.lon, 1000000), scaled(b.lat, 1000000), b.azimuth_deg, scaled(b.accel_x_ms2, 10),
+            scaled(b.accel_y_ms2, 10), b.status_code, scaled(b.daily_fuel_l, 1000), scaled(b.total_fuel_l, 1000),
+            scaled(b.fuel_level_pct, 100), temperature(b.temp_a_c), temperature(b.temp_b_c), scaled(b.battery_v, 10),
+            scaled(b.fuel_efficiency_kmpl, 10), b.work_status,
+        ))
+    return b"".join(out)
+
+
+def floor_decode(frame: bytes) -> list[dict[str, int]]:
+    """The floor: bare `iter_unpack` into dicts, no conversion, no records."""
+    return [dict(zip(BODY_NAMES, values)) for values in BODY.iter_unpack(frame[23:])]
+
+
+# -- construct on the same field list, for context ------------------------------------------------
+INTERPRETED = construct.Struct(*_realtime_header(0x03), "bodies" / construct.Array(construct.this.body_count, DTG_BODY))
+BODY_FIELDS = [sub.name for sub in DTG_BODY.subcons]
+
+
+def construct_decoder(schema: Any) -> Callable[[bytes], DtgRealtime]:
+    def decode_with_construct(frame: bytes) -> DtgRealtime:
+        c = schema.parse(frame)
+        bodies = [DtgBody(*[b[name] for name in BODY_FIELDS]) for b in c.bodies]
+        return DtgRealtime(c.modem, c.report_period_min, c.key_on_time, bodies)
+
+    return decode_with_construct
+
+
+# -- a realistic packet: one minute of a drive, one body per second -------------------------------
+def drive(bodies: int, seed: int = 20121025) -> bytes:
+    rng = random.Random(seed)
+    start = datetime(2026, 11, 21, 8, 14, 5, tzinfo=KST)
+    lon, lat, speed, daily_km, total_km = 126.978_123, 37.566_456, 42, 37, 182_345
+    daily_fuel, total_fuel, level = 5_230, 23_456_789, 6_250
+    temp_a = rng.randint(-50, 60)
+    out = [HEADER.pack(3, b"01099998888", 1, bodies, *hand_time_wire(start - timedelta(minutes=37)))]
+    for i in range(bodies):
+        t = start + timedelta(seconds=i, microseconds=rng.choice((0, 0, 0, 250_000, 500_000)))
+        speed = max(0, min(110, speed + rng.randint(-4, 4)))
+        azimuth = rng.randint(40, 50)
+        lon += speed * 2.5e-6
+        lat += speed * 1.5e-6
+        daily_km += speed > 60
+        daily_fuel += speed // 8
+        total_fuel += speed // 8
+        level -= speed // 60
+        temp_a += rng.randint(-1, 1)
+        out.append(BODY.pack(
+            daily_km, total_km + daily_km, *hand_time_wire(t), speed, 700 + speed * 28 + rng.randint(0, 50),
+            int(rng.random() < 0.1), round(lon * 1e6), round(lat * 1e6), azimuth, rng.randint(-25, 25),
+            rng.randint(-15, 15), 0, daily_fuel, total_fuel, level, temp_a, 990 if i % 20 else 980,
+            rng.randint(132, 141), rng.randint(0, 120), rng.choice((1, 5, 5, 5)),
+        ))
+    return b"".join(out)
+
+
+def odd_packet() -> bytes:
+    """Every value kind the fast path must handle like the slow one: bad times, raw-digit modem."""
+    frame = bytearray(drive(4, seed=7))
+    frame[1:4] = bytes([0, 1, 0])  # the spec sample's raw-digit modem
+    frame[23 + 6: 23 + 13] = bytes([12, 13, 1, 0, 0, 0, 0])  # month 13
+    frame[23 + 51 + 6: 23 + 51 + 13] = bytes([12, 2, 30, 0, 0, 0, 0])  # 30 February
+    frame[23 + 102 + 12] = 150  # 1/100 s above 99
+    frame[23 + 153 + 16] = 7  # brake byte neither 0 nor 1
+    return bytes(frame)
+
+
+# -- timing ---------------------------------------------------------------------------------------
+def per_call(fn: Callable[[Any], Any], arg: Any, seconds: float) -> tuple[int, float]:
+    """(repetitions, seconds per call) for about `seconds` of calls; gc off, as timeit does."""
+    reps = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn(arg)
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds / 4:
+            return max(1, int(reps * seconds / elapsed)), elapsed / reps
+        reps *= 2
+
+
+def measure(contenders: dict[str, tuple[Callable[[Any], Any], Any]], rounds: int, seconds: float) -> dict[str, list[float]]:
+    reps = {name: per_call(fn, arg, seconds)[0] for name, (fn, arg) in contenders.items()}
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    order = list(contenders)
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            # rotate the order each round so a noisy moment does not always hit the same contender
+            for name in order[r % len(order):] + order[:r % len(order)]:
+                fn, arg = contenders[name]
+                n = reps[name]
+                start = time.perf_counter()
+                for _ in range(n):
+                    fn(arg)
+                times[name].append((time.perf_counter() - start) / n)
+    finally:
+        gc.enable()
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bodies", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--seconds", type=float, default=0.02, help="time per contender per round")
+    args = parser.parse_args()
+
+    frame = drive(args.bodies)
+    record = decode(frame)
+    compiled = INTERPRETED.compile()
+
+    # honesty first: every contender gives the same records, every encoder the same bytes
+    failures = []
+    for name, sample in [("drive", frame), ("odd values", odd_packet())]:
+        ours = decode(sample)
+        if hand_decode(sample) != ours:
+            failures.append(f"{name}: hand-written and derived decoders give different records")
+        if construct_decoder(INTERPRETED)(sample) != ours or construct_decoder(compiled)(sample) != ours:
+            failures.append(f"{name}: construct gives different records")
+        if not (encode(ours) == hand_encode(ours) == sample):
+            failures.append(f"{name}: encoders give different bytes")
+    if [b.time for b in decode(odd_packet()).bodies[:3]] != [BadTime(odd_packet()[23 + 51 * i + 6: 23 + 51 * i + 13])
+                                                              for i in range(3)]:
+        failures.append("odd values: invalid times are not kept as BadTime")
+    if failures:
+        print("\n".join(failures), file=sys.stderr)
+        return 1
+
+    decoders = {
+        "hand-written struct decoder": (hand_decode, frame),
+        "dtgserver decode (derived)": (decode, frame),
+        "floor: iter_unpack into dicts": (floor_decode, frame),
+    }
+    encoders = {
+        "hand-written struct encoder": (hand_encode, record),
+        "dtgserver encode (derived)": (encode, record),
+    }
+    context = {
+        "construct .compile()": (construct_decoder(compiled), frame),
+        "construct interpreted": (construct_decoder(INTERPRETED), frame),
+    }
+    times = measure({**decoders, **encoders}, args.rounds, args.seconds)
+    times.update(measure(context, max(3, args.rounds // 5), args.seconds))
+
+    def line(name: str, base: str) -> str:
+        best, median = min(times[name]), statistics.median(times[name])
+        ratio = best / min(times[base])
+        return f"{name:32} {best * 1e6:9.1f} {median * 1e6:9.1f} {ratio:7.2f}x"
+
+    print(f"{len(frame)}-byte DTG packet, {args.bodies} bodies; Python {platform.python_version()}, "
+          f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores; {args.rounds} rounds")
+    print(f"{'':32} {'best µs':>9} {'median µs':>9} {'vs hand':>8}")
+    hand = "hand-written struct decoder"
+    for name in decoders:
+        print(line(name, hand))
+    for name in context:
+        print(line(name, hand))
+    for name in encoders:
+        print(line(name, "hand-written struct encoder"))
+    decode_ratio = min(times["dtgserver decode (derived)"]) / min(times[hand])
+    encode_ratio = min(times["dtgserver encode (derived)"]) / min(times["hand-written struct encoder"])
+    for what, ratio in [("decode", decode_ratio), ("encode", encode_ratio)]:
+        verdict = "meets" if ratio <= TARGET else "MISSES"
+        print(f"{what}: derived / hand-written = {ratio:.2f}x ({verdict} the {TARGET}x target)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
