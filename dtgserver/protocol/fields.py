@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
 
@@ -64,6 +64,7 @@ class SensorState(enum.Enum):
 
 
 Time = datetime | BadTime
+Bind = Callable[[Any], str]
 
 
 class Field(construct.Adapter):  # type: ignore[misc]
@@ -101,9 +102,32 @@ class Field(construct.Adapter):  # type: ignore[misc]
     def size(self) -> int:
         return int(self.subcon.sizeof())
 
-    def decode_expr(self, var: str, conv: str) -> str:
-        """Python source converting wire value `var`; `conv` names this adapter's decode."""
-        return var if type(self).decode is Field.decode else f"{conv}({var})"
+    arity: ClassVar[int] = 1
+    """How many struct values `fmt` holds (a time is 7 bytes, so 7)."""
+
+    def raw_expr(self, wire: str) -> str:
+        """Python source for the value `decode` takes, from the struct values named in `wire`."""
+        return wire
+
+    def decode_expr(self, wire: str, conv: str, bind: Bind) -> str:
+        """Python source for the decoded value, from the struct values named in `wire`.
+
+        `conv` names this adapter's `decode`; `bind(obj)` names any other object the source
+        needs. The source may raise ValueError where `decode` would return a value: the codec
+        then decodes that buffer again through `decode` itself, so the result is always exact.
+        """
+        return wire if type(self).decode is Field.decode else f"{conv}({self.raw_expr(wire)})"
+
+    def encode_expr(self, attr: str, tmp: str, conv: str, bind: Bind) -> str:
+        """Python source for the struct value(s) of `attr` (a `*`-spread when `arity` > 1).
+
+        `tmp` is a free local name; `conv` names this adapter's `encode`. The source handles the
+        common case inline and calls `encode` for the rest, so it raises exactly when `encode`
+        would (or struct.pack then does, for a value beyond the wire type).
+        """
+        if type(self).encode is Field.encode:
+            return f"({tmp} if type({tmp} := {attr}) is int else {conv}({tmp}))"
+        return f"{conv}({attr})"
 
     # -- the exact pair ---------------------------------------------------------------------
     def decode(self, raw: Any) -> Any:
@@ -160,6 +184,10 @@ class ProtocolId(Field):
             raise ValueError(f"protocol ID {value!r} is not one of {self.accepted}")
         return int(value)
 
+    def from_json(self, name: str, obj: Mapping[str, Any], verbatim: Mapping[str, str]) -> Any:
+        # Optional in JSON like every kind's protocol_id; only an alias (0x99) needs saying.
+        return obj.get(name, self.accepted[0])
+
 
 class Code(Field):
     """An integer from a code table of the spec; values outside the table are warned about."""
@@ -176,6 +204,12 @@ class Flag(Field):
     """0/1 as a bool; any other byte is kept as its integer (and warned about)."""
 
     kind = "bool"
+
+    def decode_expr(self, wire: str, conv: str, bind: Bind) -> str:
+        return f"({wire} == 1 if {wire} <= 1 else {wire})"
+
+    def encode_expr(self, attr: str, tmp: str, conv: str, bind: Bind) -> str:
+        return f"(1 if ({tmp} := {attr}) is True else 0 if {tmp} is False else {conv}({tmp}))"
 
     def decode(self, raw: int) -> bool | int:
         return raw == 1 if raw <= 1 else raw
@@ -203,8 +237,13 @@ class Scaled(Field):
         super().__init__(subcon, unit=unit, lo=lo, hi=hi, doc=doc)
         self.scale = scale
 
-    def decode_expr(self, var: str, conv: str) -> str:
-        return f"{var} / {self.scale}"
+    def decode_expr(self, wire: str, conv: str, bind: Bind) -> str:
+        return f"{wire} / {self.scale}"
+
+    def encode_expr(self, attr: str, tmp: str, conv: str, bind: Bind) -> str:
+        # a float that is an exact multiple of 1/scale; anything else goes through encode
+        return (f"({tmp}w if type({tmp} := {attr}) is float and ({tmp}w := {bind(round)}({tmp} * {self.scale}))"
+                f" / {self.scale} == {tmp} else {conv}({tmp}))")
 
     def decode(self, raw: int) -> float:
         return raw / self.scale
@@ -234,8 +273,14 @@ class Temperature(Scaled):
     def __init__(self, doc: str = ""):
         super().__init__(construct.Int16sb, 10, unit="°C", doc=doc)
 
-    def decode_expr(self, var: str, conv: str) -> str:
-        return f"{conv}({var})"
+    def decode_expr(self, wire: str, conv: str, bind: Bind) -> str:
+        return f"({bind(self.SPECIAL)}.get({wire}) or {wire} / {self.scale})"
+
+    def encode_expr(self, attr: str, tmp: str, conv: str, bind: Bind) -> str:
+        states = "".join(f"{wire} if {tmp} is {bind(state)} else " for state, wire in self.WIRE.items())
+        states = states.replace(f" if {tmp} is", f" if ({tmp} := {attr}) is", 1)
+        return (f"({states}{tmp}w if type({tmp}) is float and ({tmp}w := {bind(round)}({tmp} * {self.scale}))"
+                f" / {self.scale} == {tmp} and {tmp}w not in {bind(self.SPECIAL)} else {conv}({tmp}))")
 
     def decode(self, raw: int) -> float | SensorState:
         return self.SPECIAL.get(raw) or raw / 10
@@ -276,8 +321,29 @@ class KstTime(Field):
 
     kind = "time"
 
+    arity = 7
+
     def __init__(self, doc: str = ""):
         super().__init__(construct.Bytes(7), doc=doc)
+
+    @property
+    def fmt(self) -> str:
+        return "7B"  # the seven numbers, so the fast path needs no byte indexing
+
+    def raw_expr(self, wire: str) -> str:
+        return f"bytes(({wire}))"
+
+    def decode_expr(self, wire: str, conv: str, bind: Bind) -> str:
+        # datetime() raises ValueError for every time `decode` keeps as BadTime (1/100 s above
+        # 99 makes microseconds above 999999), so the codec's fallback covers exactly those
+        y, mo, d, h, mi, s, cc = wire.split(", ")
+        return f"{bind(datetime)}(2000 + {y}, {mo}, {d}, {h}, {mi}, {s}, {cc} * 10000, {bind(KST)})"
+
+    def encode_expr(self, attr: str, tmp: str, conv: str, bind: Bind) -> str:
+        # a KST datetime on the wire's 1/100 s grid; a year outside 2000..2255 fails struct's "B"
+        return (f"*(({tmp}.year - 2000, {tmp}.month, {tmp}.day, {tmp}.hour, {tmp}.minute, {tmp}.second,"
+                f" {tmp}.microsecond // 10000) if type({tmp} := {attr}) is {bind(datetime)} and"
+                f" {tmp}.tzinfo is {bind(KST)} and not {tmp}.microsecond % 10000 else {conv}({tmp}))")
 
     def decode(self, raw: bytes) -> Time:
         y, mo, d, h, mi, s, cc = raw
