@@ -58,33 +58,50 @@ def hand_time(y: int, mo: int, d: int, h: int, mi: int, s: int, cc: int) -> date
         return BadTime(bytes((y, mo, d, h, mi, s, cc)))
 
 
+def hand_body(daily_km: int, total_km: int, y: int, mo: int, d: int, h: int, mi: int, s: int, cc: int, speed: int,
+              rpm: int, brake: int, lon: int, lat: int, azimuth: int, accel_x: int, accel_y: int, status: int,
+              daily_fuel: int, total_fuel: int, fuel_level: int, temp_a: int, temp_b: int, battery: int,
+              efficiency: int, work: int) -> DtgBody:
+    """One body, for packets with an invalid time somewhere (the slow, careful way)."""
+    return DtgBody(
+        daily_km, total_km, hand_time(y, mo, d, h, mi, s, cc), speed, rpm, brake == 1 if brake <= 1 else brake,
+        lon / 1000000, lat / 1000000, azimuth, accel_x / 10, accel_y / 10, status, daily_fuel / 1000,
+        total_fuel / 1000, fuel_level / 100, TEMPERATURE_STATES.get(temp_a) or temp_a / 10,
+        TEMPERATURE_STATES.get(temp_b) or temp_b / 10, battery / 10, efficiency / 10, work,
+    )
+
+
 def hand_decode(frame: bytes) -> DtgRealtime:
     if len(frame) < 23 or frame[0] != 0x03:
         raise ProtocolError("not a DTG realtime packet", 0)
     _, modem, period, count, *key_on = HEADER.unpack_from(frame)
     if count <= 0 or len(frame) != 23 + count * 51:
         raise ProtocolError(f"{len(frame)} bytes do not hold {count} bodies", 14)
-    bodies = []
-    append = bodies.append
-    for (daily_km, total_km, y, mo, d, h, mi, s, cc, speed, rpm, brake, lon, lat, azimuth, accel_x, accel_y,
-         status, daily_fuel, total_fuel, fuel_level, temp_a, temp_b, battery, efficiency, work) in BODY.iter_unpack(
-            frame[23:]):
-        try:
-            t: datetime | BadTime = datetime(2000 + y, mo, d, h, mi, s, cc * 10000, KST)
-        except ValueError:
-            t = BadTime(bytes((y, mo, d, h, mi, s, cc)))
-        append(DtgBody(
-            daily_km, total_km, t, speed, rpm, brake == 1 if brake <= 1 else brake, lon / 1000000, lat / 1000000,
-            azimuth, accel_x / 10, accel_y / 10, status, daily_fuel / 1000, total_fuel / 1000, fuel_level / 100,
-            TEMPERATURE_STATES.get(temp_a) or temp_a / 10, TEMPERATURE_STATES.get(temp_b) or temp_b / 10,
-            battery / 10, efficiency / 10, work,
-        ))
+    states = TEMPERATURE_STATES
+    try:
+        # datetime() raises ValueError for every invalid time, so the common case is one comprehension
+        bodies = [
+            DtgBody(
+                daily_km, total_km, datetime(2000 + y, mo, d, h, mi, s, cc * 10000, KST), speed, rpm,
+                brake == 1 if brake <= 1 else brake, lon / 1000000, lat / 1000000, azimuth, accel_x / 10,
+                accel_y / 10, status, daily_fuel / 1000, total_fuel / 1000, fuel_level / 100,
+                states.get(temp_a) or temp_a / 10, states.get(temp_b) or temp_b / 10, battery / 10, efficiency / 10,
+                work,
+            )
+            for (daily_km, total_km, y, mo, d, h, mi, s, cc, speed, rpm, brake, lon, lat, azimuth, accel_x, accel_y,
+                 status, daily_fuel, total_fuel, fuel_level, temp_a, temp_b, battery, efficiency, work)
+            in BODY.iter_unpack(frame[23:])
+        ]
+    except ValueError:
+        bodies = [hand_body(*values) for values in BODY.iter_unpack(frame[23:])]
     return DtgRealtime(hand_modem(modem), period, hand_time(*key_on), bodies)
 
 
 def hand_time_wire(t: Any) -> tuple[int, ...]:
     if type(t) is BadTime:
         return tuple(t.raw)
+    if type(t) is not datetime:
+        raise ValueError(f"expected a datetime, got {t!r}")
     if t.tzinfo is None:
         t = t.replace(tzinfo=KST)
     elif t.tzinfo is not KST:
@@ -94,40 +111,50 @@ def hand_time_wire(t: Any) -> tuple[int, ...]:
     return t.year - 2000, t.month, t.day, t.hour, t.minute, t.second, t.microsecond // 10000
 
 
-def scaled(value: float, scale: int) -> int:
-    raw = round(value * scale)
-    if raw / scale != value:
-        raise ValueError(f"{value!r} is not a multiple of 1/{scale}")
-    return raw
-
-
-def temperature(value: Any) -> int:
-    if type(value) is SensorState:
-        return TEMPERATURE_WIRE[value]
-    raw = scaled(value, 10)
-    if raw in TEMPERATURE_STATES:
-        raise ValueError(f"{value!r} °C is a sensor state on the wire")
+def hand_temperature(value: Any) -> int:
+    if value is SensorState.ABSENT:
+        return 990
+    if value is SensorState.OFF:
+        return 980
+    raw = round(value * 10)
+    if raw / 10 != value or raw in TEMPERATURE_STATES:
+        raise ValueError(f"{value!r} °C does not fit the wire")
     return raw
 
 
 def hand_encode(p: DtgRealtime) -> bytes:
     modem = p.modem.wire if type(p.modem) is WireStr else p.modem.encode().rjust(11, b"#")
     out = [HEADER.pack(3, modem, p.report_period_min, len(p.bodies), *hand_time_wire(p.key_on_time))]
-    pack = BODY.pack
+    append, pack = out.append, BODY.pack
     for b in p.bodies:
-        out.append(pack(
-            b.daily_distance_km, b.total_distance_km, *hand_time_wire(b.time), b.speed_kmh, b.rpm, int(b.brake),
-            scaled(b.lon, 1000000), scaled(b.lat, 1000000), b.azimuth_deg, scaled(b.accel_x_ms2, 10),
-            scaled(b.accel_y_ms2, 10), b.status_code, scaled(b.daily_fuel_l, 1000), scaled(b.total_fuel_l, 1000),
-            scaled(b.fuel_level_pct, 100), temperature(b.temp_a_c), temperature(b.temp_b_c), scaled(b.battery_v, 10),
-            scaled(b.fuel_efficiency_kmpl, 10), b.work_status,
+        t = b.time
+        if type(t) is datetime and t.tzinfo is KST and not t.microsecond % 10000:
+            wire_time: tuple[int, ...] = (t.year - 2000, t.month, t.day, t.hour, t.minute, t.second,
+                                          t.microsecond // 10000)
+        else:
+            wire_time = hand_time_wire(t)
+        lon, lat, accel_x, accel_y = b.lon, b.lat, b.accel_x_ms2, b.accel_y_ms2
+        daily_fuel, total_fuel, level, battery, efficiency = (
+            b.daily_fuel_l, b.total_fuel_l, b.fuel_level_pct, b.battery_v, b.fuel_efficiency_kmpl)
+        lon_w, lat_w = round(lon * 1000000), round(lat * 1000000)
+        accel_x_w, accel_y_w = round(accel_x * 10), round(accel_y * 10)
+        daily_fuel_w, total_fuel_w, level_w = round(daily_fuel * 1000), round(total_fuel * 1000), round(level * 100)
+        battery_w, efficiency_w = round(battery * 10), round(efficiency * 10)
+        if (lon_w / 1000000 != lon or lat_w / 1000000 != lat or accel_x_w / 10 != accel_x or accel_y_w / 10 != accel_y
+                or daily_fuel_w / 1000 != daily_fuel or total_fuel_w / 1000 != total_fuel or level_w / 100 != level
+                or battery_w / 10 != battery or efficiency_w / 10 != efficiency):
+            raise ValueError("a value is not a multiple of its wire unit")
+        append(pack(
+            b.daily_distance_km, b.total_distance_km, *wire_time, b.speed_kmh, b.rpm, int(b.brake), lon_w, lat_w,
+            b.azimuth_deg, accel_x_w, accel_y_w, b.status_code, daily_fuel_w, total_fuel_w, level_w,
+            hand_temperature(b.temp_a_c), hand_temperature(b.temp_b_c), battery_w, efficiency_w, b.work_status,
         ))
     return b"".join(out)
 
 
 def floor_decode(frame: bytes) -> list[dict[str, int]]:
     """The floor: bare `iter_unpack` into dicts, no conversion, no records."""
-    return [dict(zip(BODY_NAMES, values)) for values in BODY.iter_unpack(frame[23:])]
+    return [dict(zip(BODY_NAMES, values, strict=True)) for values in BODY.iter_unpack(frame[23:])]
 
 
 # -- construct on the same field list, for context ------------------------------------------------
@@ -197,7 +224,10 @@ def per_call(fn: Callable[[Any], Any], arg: Any, seconds: float) -> tuple[int, f
         reps *= 2
 
 
-def measure(contenders: dict[str, tuple[Callable[[Any], Any], Any]], rounds: int, seconds: float) -> dict[str, list[float]]:
+Contenders = dict[str, tuple[Callable[[Any], Any], Any]]
+
+
+def measure(contenders: Contenders, rounds: int, seconds: float) -> dict[str, list[float]]:
     reps = {name: per_call(fn, arg, seconds)[0] for name, (fn, arg) in contenders.items()}
     times: dict[str, list[float]] = {name: [] for name in contenders}
     order = list(contenders)

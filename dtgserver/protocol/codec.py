@@ -50,39 +50,70 @@ class StructCodec:
             "_unpack_from": self.struct.unpack_from,
             "_iter": self.struct.iter_unpack,
             "_pack": self.struct.pack,
+            "_join": b"".join,
         }
-        wire = [f"f{i}" for i in range(len(self.fixed))]
-        args: list[str] = []
-        keywords: list[str] = []
+        bound: dict[int, str] = {}
+
+        def bind(obj: Any) -> str:
+            """A global name for `obj` in the generated source (one per object)."""
+            if id(obj) not in bound:
+                bound[id(obj)] = f"_g{len(bound)}"
+                ns[bound[id(obj)]] = obj
+            return bound[id(obj)]
+
+        wire: list[str] = []
+        fast: list[str] = []  # inline expressions; may raise ValueError on what `decode` keeps
+        exact: list[str] = []  # each adapter's own `decode`: the fallback, exact by definition
+        keywords: list[tuple[str, str]] = []
         packed: list[str] = []
         for i, (name, adapter) in enumerate(self.fixed):
             ns[f"_c{i}"], ns[f"_e{i}"] = adapter.decode, adapter.encode
-            packed.append(f"_e{i}(r.{name})")
+            values = ", ".join(f"f{len(wire) + k}" for k in range(adapter.arity))
+            wire += values.split(", ")
+            packed.append(adapter.encode_expr(f"r.{name}", f"v{i}", f"_e{i}", bind))
             if name in record_fields:
-                expr = adapter.decode_expr(f"f{i}", f"_c{i}")
+                exprs = (adapter.decode_expr(values, f"_c{i}", bind), Field.decode_expr(adapter, values, f"_c{i}", bind))
                 if record_fields[name].kw_only:
-                    keywords.append(f"{name}={expr}")
+                    keywords.append((f"{name}=", exprs))  # type: ignore[arg-type]
                 else:
-                    args.append(expr)
+                    fast.append(exprs[0])
+                    exact.append(exprs[1])
         tuple_ = ", ".join(wire) + ("," if len(wire) == 1 else "")
         if self.tail:
             name, adapter = self.tail
             ns["_tc"], ns["_te"] = adapter.decode, adapter.encode
-            args.append(f"_tc(buf[{self.size}:])")
+            fast.append(f"_tc(buf[{self.size}:])")
+            exact.append(f"_tc(buf[{self.size}:])")
             tail_encode = f" + _te(r.{name})"
         else:
             tail_encode = ""
-        args += keywords
+        for keyword, (fast_expr, exact_expr) in keywords:  # type: ignore[misc]
+            fast.append(keyword + fast_expr)
+            exact.append(keyword + exact_expr)
+        fast_args, exact_args, pack_args = ", ".join(fast), ", ".join(exact), ", ".join(packed)
         source = (
-            f"def decode(buf):\n    {tuple_} = _unpack_from(buf)\n    return _cls({', '.join(args)})\n"
-            f"def decode_many(buf):\n    return tuple([_cls({', '.join(args)}) for {tuple_} in _iter(buf)])\n"
-            f"def encode(r):\n    return _pack({', '.join(packed)}){tail_encode}\n"
+            f"def decode(buf):\n"
+            f"    {tuple_} = _unpack_from(buf)\n"
+            f"    try:\n"
+            f"        return _cls({fast_args})\n"
+            f"    except ValueError:\n"
+            f"        return _cls({exact_args})\n"
+            f"def decode_many(buf):\n"
+            f"    try:\n"
+            f"        return tuple([_cls({fast_args}) for {tuple_} in _iter(buf)])\n"
+            f"    except ValueError:\n"
+            f"        return tuple([_cls({exact_args}) for {tuple_} in _iter(buf)])\n"
+            f"def encode(r):\n"
+            f"    return _pack({pack_args}){tail_encode}\n"
+            f"def encode_many(rs):\n"
+            f"    return _join([_pack({pack_args}){tail_encode} for r in rs])\n"
         )
         exec(compile(source, f"<codec {self.record.__name__}>", "exec"), ns)
         self.source = source
         self.decode: Callable[[bytes], Any] = ns["decode"]
         self._decode_many: Callable[[bytes], tuple[Any, ...]] = ns["decode_many"]
         self._encode: Callable[[Any], bytes] = ns["encode"]
+        self._encode_many: Callable[[Any], bytes] = ns["encode_many"]
 
     def decode_many(self, buf: bytes) -> tuple[Any, ...]:
         """Records from `buf`, a whole number of fixed-size records back to back."""
@@ -97,7 +128,14 @@ class StructCodec:
             raise
 
     def encode_many(self, records: Any) -> bytes:
-        return b"".join([self.encode(r) for r in records])
+        if not isinstance(records, (tuple, list)):
+            records = tuple(records)
+        try:
+            return self._encode_many(records)
+        except (ValueError, TypeError, struct.error, AttributeError):
+            for record in records:  # the first record that fails says which field and why
+                self.encode(record)
+            raise
 
     def _explain_failure(self, record: Any) -> None:
         for name, adapter in self.fixed + ([self.tail] if self.tail else []):
@@ -108,7 +146,7 @@ class StructCodec:
             try:
                 raw = adapter.encode(value)
                 if isinstance(adapter, Field) and not _variable(adapter):
-                    struct.pack(">" + adapter.fmt, raw)
+                    struct.pack(">" + adapter.fmt, *(raw if adapter.arity > 1 else (raw,)))
             except (ValueError, TypeError, struct.error) as e:
                 raise ValueError(f"{name}: {_plain(e)}") from None
 
