@@ -1,0 +1,366 @@
+"""Records → Smart[Fleet] messages: a pure function of (packet, trip state), no I/O, no clock.
+
+The store calls `map_record` inside the transaction that commits the packet, and writes the
+messages to its outbox and the new `TripState` beside the data, so a restart loses no trip and a
+replay of the same packets gives the same messages (same ids).
+
+Rulings (docs/mqtt.md has the full table):
+- `tid` is the KEY ON time in Unix seconds. When KEY ON is not a calendar time, the packet
+  continues the open trip of the terminal, or else the first body time stands in for KEY ON.
+- A realtime packet of an older trip than the one in the state (the terminal's backlog) is
+  published with its own `tid` but leaves the state alone (no `cdit`, no Diagnostic events).
+- A body whose time is not a calendar time keeps its element (in wire order) without `clt`.
+- Every message carries `"id": "<packet_id>:<n>"`, our extension of {ts, ty, pld}, so a consumer
+  can drop the duplicates QoS 1 allows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import attrs
+
+from ..protocol.fields import SensorState
+from ..protocol.records import BasicInfo, DtgBody, KeyOff, Packet, Realtime
+from .profiles import PARKING_KEYS, TRIP_KEYS, Profile, get_profile
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+"""Every encoded payload stays strictly below this (the platform's limit)."""
+
+PARKING = 2  # BlackBox trip type `try`: 1 driving, 2 parking
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+@attrs.frozen
+class Message:
+    """One MQTT message: `topic` without the configured prefix, `payload` before JSON encoding."""
+
+    topic: str
+    payload: dict[str, Any]
+    retain: bool = False
+
+    def encoded(self) -> bytes:
+        return encode_payload(self.payload)
+
+
+def encode_payload(payload: Mapping[str, Any] | list[Any]) -> bytes:
+    """The bytes published: compact UTF-8 JSON (Korean plates stay readable)."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def telemetry_topic(modem: str) -> str:
+    return f"v1/sensors/{modem}/tre"
+
+
+def attributes_topic(modem: str) -> str:
+    return f"v1/sensors/{modem}/attributes"
+
+
+@attrs.frozen
+class TripState:
+    """What one terminal's messages need from earlier packets; JSON-safe through to_dict/from_dict.
+
+    Terminal-wide: `status_code` (last DTG device status, for events on change) and `fwv`.
+    Per trip (reset when a newer `tid` arrives): everything else.
+    """
+
+    tid: int | None = None
+    kind: str = ""  # the realtime kind the trip is made of: dtg, obd, mdt
+    key_on_ms: int | None = None
+    first_total_km: int | None = None
+    last_total_km: int | None = None
+    first_lat: float | None = None
+    first_lon: float | None = None
+    last_lat: float | None = None
+    last_lon: float | None = None
+    last_ms: int | None = None
+    max_speed_kmh: int = 0
+    speed_sum_kmh: int = 0
+    speed_count: int = 0
+    driving_s: int = 0
+    first_total_fuel_ml: int | None = None
+    last_total_fuel_ml: int | None = None
+    trip_sent: bool = False
+    status_code: int = 0
+    fwv: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TripState:
+        """The state `to_dict` wrote; unknown keys (from a newer version) are ignored."""
+        names = {f.name for f in attrs.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def new_trip(self, tid: int, key_on_ms: int | None, kind: str) -> TripState:
+        return TripState(tid=tid, kind=kind, key_on_ms=key_on_ms, status_code=self.status_code, fwv=self.fwv)
+
+
+def to_ms(value: object) -> int | None:
+    """UTC ms epoch of a KST wire time; None for a BadTime (no calendar time)."""
+    if isinstance(value, datetime):
+        return (value - _EPOCH) // _MS
+    return None
+
+
+def map_record(record: Packet, state: TripState | None, *, packet_id: str, profile: str = "seed",
+               battery_warning_v: float = 11.5, received_ms: int | None = None,
+               max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[list[Message], TripState | None]:
+    """The messages for one stored packet, in publish order, and the terminal's next trip state.
+
+    `packet_id` is the store's stable id of the packet; `received_ms` (the store's receive time)
+    is only used where the packet carries no time of its own: the `ts` of basic info.
+    `battery_warning_v` 0 disables Battery Warning events.
+    """
+    table = get_profile(profile)
+    payloads: list[tuple[str, dict[str, Any], bool]]
+    if isinstance(record, Realtime):
+        payloads, state = _realtime(record, state, table, packet_id, max_payload_bytes)
+    elif isinstance(record, KeyOff):
+        payloads, state = _key_off(record, state, table, battery_warning_v)
+    elif isinstance(record, BasicInfo):
+        payloads, state = _basic_info(record, state, received_ms)
+    else:  # status log (stored as a file), response: nothing to publish
+        return [], state
+    messages = []
+    for n, (topic, payload, retain) in enumerate(payloads):
+        payload["id"] = f"{packet_id}:{n}"
+        messages.append(Message(topic, payload, retain))
+    return messages, state
+
+
+# -- realtime → microtrips (+ diagnostic events) ---------------------------------------------------
+
+
+def _ml(litres: float) -> int:
+    return round(litres * 1000)
+
+
+def _text(value: float) -> str:
+    # wire values have 0.1 resolution and at most 5 digits, so %g is exact and reads naturally
+    return f"{value:g}"
+
+
+def _temperatures(body: Any) -> str | None:
+    readings = [t for t in (body.temp_a_c, body.temp_b_c)]
+    if all(isinstance(t, SensorState) for t in readings):
+        return None
+    return ",".join("" if isinstance(t, SensorState) else _text(t) for t in readings)
+
+
+# Microtrip keys read straight from one body field: key -> (field, conversion).
+BODY_FIELDS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
+    "lat": ("lat", float),
+    "lon": ("lon", float),
+    "sp": ("speed_kmh", int),
+    "rpm": ("rpm", int),
+    "fc": ("daily_fuel_l", _ml),
+    "vv": ("battery_v", float),
+    "dtr": ("daily_distance_km", int),
+    "dctr": ("total_distance_km", int),
+    "bsg": ("brake", int),
+    "gan": ("azimuth_deg", int),
+    "acx": ("accel_x_ms2", float),
+    "acy": ("accel_y_ms2", float),
+}
+
+
+def _element(body: Any, keys: tuple[str, ...], tid: int, first_total_km: int | None,
+             string_keys: frozenset[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in keys:
+        value: Any
+        if key == "tid":
+            value = tid
+        elif key == "clt":
+            value = to_ms(body.time)
+        elif key == "cdit":
+            driven_m = None if first_total_km is None else (body.total_distance_km - first_total_km) * 1000
+            value = driven_m if driven_m is not None and driven_m >= 0 else None
+        elif key == "tmp":
+            value = _temperatures(body)
+        else:
+            name, convert = BODY_FIELDS[key]
+            value = convert(getattr(body, name))
+        if value is None:
+            continue  # never invent: a key without a value is left out
+        out[key] = _text(value) if key in string_keys and not isinstance(value, str) else value
+    return out
+
+
+def _realtime(record: Realtime, state: TripState | None, table: Profile, packet_id: str,
+              max_payload_bytes: int) -> tuple[list[tuple[str, dict[str, Any], bool]], TripState | None]:
+    kind = record.KIND
+    key_on_ms = to_ms(record.key_on_time)
+    current = state or TripState()
+    if key_on_ms is not None:
+        tid = key_on_ms // 1000
+    elif current.tid is not None and not current.trip_sent:
+        tid, key_on_ms = current.tid, current.key_on_ms  # continues the terminal's open trip
+    else:
+        key_on_ms = next((ms for ms in (to_ms(b.time) for b in record.bodies) if ms is not None), None)
+        if key_on_ms is None:
+            return [], state  # no time at all to name a trip by: kept in the store, not published
+        tid = key_on_ms // 1000
+
+    stale = current.tid is not None and tid < current.tid
+    if not stale and tid != current.tid:
+        current = current.new_trip(tid, key_on_ms, kind)
+
+    keys = table.microtrip_keys[kind]
+    elements: list[dict[str, Any]] = []
+    events: list[tuple[str, dict[str, Any], bool]] = []
+    topic = telemetry_topic(record.modem)
+    for body in record.bodies:
+        if not stale:
+            current = _account(current, body)
+        elements.append(_element(body, keys, tid, None if stale else current.first_total_km, table.string_keys))
+        if not stale and isinstance(body, DtgBody):
+            code = body.status_code
+            if code != current.status_code and code != 0:
+                event = {"tid": tid, "dtcc": f"{code:02d}", "dtck": 0, "dtcs": 1}
+                events.append((topic, _envelope(to_ms(body.time), table.diagnostic_ty, event), False))
+            current = attrs.evolve(current, status_code=code)
+
+    ty = table.microtrip_ty[kind]
+    chunks = _split(elements, ty, packet_id, max_payload_bytes)
+    messages = []
+    for chunk in chunks:
+        times = [e["clt"] for e in chunk if "clt" in e]
+        messages.append((topic, _envelope(times[-1] if times else key_on_ms, ty, chunk), False))
+    return messages + events, (state if stale else current)
+
+
+def _account(state: TripState, body: Any) -> TripState:
+    """The trip state after one more body of the current trip."""
+    total_fuel_ml = _ml(body.total_fuel_l) if hasattr(body, "total_fuel_l") else None
+    body_ms = to_ms(body.time)
+    return attrs.evolve(
+        state,
+        first_total_km=body.total_distance_km if state.first_total_km is None else state.first_total_km,
+        last_total_km=body.total_distance_km,
+        first_lat=body.lat if state.first_lat is None else state.first_lat,
+        first_lon=body.lon if state.first_lon is None else state.first_lon,
+        last_lat=body.lat,
+        last_lon=body.lon,
+        last_ms=body_ms if body_ms is not None else state.last_ms,
+        max_speed_kmh=max(state.max_speed_kmh, body.speed_kmh),
+        speed_sum_kmh=state.speed_sum_kmh + body.speed_kmh,
+        speed_count=state.speed_count + 1,
+        driving_s=state.driving_s + (1 if body.speed_kmh > 0 else 0),
+        first_total_fuel_ml=state.first_total_fuel_ml if state.first_total_fuel_ml is not None else total_fuel_ml,
+        last_total_fuel_ml=total_fuel_ml if total_fuel_ml is not None else state.last_total_fuel_ml,
+    )
+
+
+def _envelope(ts: int | None, ty: int, pld: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {} if ts is None else {"ts": ts}
+    out["ty"] = ty
+    out["pld"] = pld
+    return out
+
+
+def _size(value: Any) -> int:
+    # json.dumps' default separators (", ", ": ") are the widest encoding anyone stores: a chunk
+    # sized with them stays under the limit in the compact encoding too
+    return len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
+
+
+def _split(elements: list[dict[str, Any]], ty: int, packet_id: str, limit: int) -> list[list[dict[str, Any]]]:
+    """Elements in consecutive chunks whose encoded envelope stays below `limit` bytes."""
+    # the envelope around the array, with the widest ts and message number it can get
+    overhead = _size(_envelope(10**13, ty, []) | {"id": f"{packet_id}:99999"})
+    chunks: list[list[dict[str, Any]]] = []
+    chunk: list[dict[str, Any]] = []
+    size = overhead
+    for element in elements:
+        element_size = _size(element) + (2 if chunk else 0)  # the ", " before it
+        if chunk and size + element_size >= limit:
+            chunks.append(chunk)
+            chunk, size, element_size = [], overhead, element_size - 2
+        chunk.append(element)
+        size += element_size
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+# -- KEY OFF → Trip (once), parking microtrip (always), battery warning ---------------------------
+
+
+def _key_off(record: KeyOff, state: TripState | None, table: Profile,
+             battery_warning_v: float) -> tuple[list[tuple[str, dict[str, Any], bool]], TripState | None]:
+    topic = telemetry_topic(record.modem)
+    key_off_ms = to_ms(record.key_off_time)
+    sent_ms = to_ms(record.sent_time)
+    # A KEY OFF from before the state's trip began is the terminal's backlog: not this trip's end.
+    trip = state if (
+        state is not None and state.tid is not None
+        and (key_off_ms is None or state.key_on_ms is None or key_off_ms >= state.key_on_ms)
+    ) else None
+    messages: list[tuple[str, dict[str, Any], bool]] = []
+    if trip is not None and not trip.trip_sent:
+        end_ms = key_off_ms if key_off_ms is not None else trip.last_ms
+        messages.append((topic, _envelope(end_ms, table.trip_ty[trip.kind], _trip(trip, end_ms)), False))
+        state = trip = attrs.evolve(trip, trip_sent=True)
+
+    tid = trip.tid if trip is not None else None
+    parking = {"tid": tid, "clt": sent_ms, "lat": record.lat, "lon": record.lon, "try": PARKING,
+               "vlt": record.battery_v}
+    parking = {k: parking[k] for k in PARKING_KEYS if parking[k] is not None}
+    kind = trip.kind if trip is not None else ""
+    messages.append((topic, _envelope(sent_ms, table.parking_ty[kind], parking), False))
+
+    if battery_warning_v > 0 and record.battery_v < battery_warning_v:
+        warning = {"tid": tid, "wbv": record.battery_v} if tid is not None else {"wbv": record.battery_v}
+        messages.append((topic, _envelope(sent_ms, table.battery_warning_ty, warning), False))
+    return messages, state
+
+
+def _trip(trip: TripState, end_ms: int | None) -> dict[str, Any]:
+    def difference(last: int | None, first: int | None, scale: int) -> int | None:
+        if last is None or first is None or last < first:
+            return None
+        return (last - first) * scale
+
+    values: dict[str, Any] = {
+        "tid": trip.tid,
+        "stt": trip.key_on_ms,
+        "edt": end_ms,
+        "dis": difference(trip.last_total_km, trip.first_total_km, 1000),
+        "stlat": trip.first_lat,
+        "stlon": trip.first_lon,
+        "edlat": trip.last_lat,
+        "edlon": trip.last_lon,
+        "hsts": trip.max_speed_kmh if trip.speed_count else None,
+        "mesp": round(trip.speed_sum_kmh / trip.speed_count) if trip.speed_count else None,
+        "dtvt": trip.driving_s if trip.speed_count else None,
+        "fc": difference(trip.last_total_fuel_ml, trip.first_total_fuel_ml, 1),
+        "fwv": trip.fwv or None,
+    }
+    return {k: values[k] for k in TRIP_KEYS if values[k] is not None}
+
+
+# -- basic info → retained attributes ------------------------------------------------------------
+
+
+def _basic_info(record: BasicInfo, state: TripState | None,
+                received_ms: int | None) -> tuple[list[tuple[str, dict[str, Any], bool]], TripState]:
+    attributes: dict[str, Any] = {} if received_ms is None else {"ts": received_ms}
+    attributes |= {
+        "modem": record.modem,
+        "vid": str(record.registration_number),
+        "vin": str(record.vin),
+        "model": str(record.model),
+        "vehicle_type": str(record.vehicle_type),
+        "business_number": str(record.business_number),
+        "driver_code": str(record.driver_code),
+        "fwv": str(record.firmware_version),
+    }
+    state = attrs.evolve(state or TripState(), fwv=str(record.firmware_version))
+    return [(attributes_topic(record.modem), attributes, True)], state

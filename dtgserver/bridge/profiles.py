@@ -1,0 +1,122 @@
+"""The Smart[Fleet] message tables: per profile, the `ty` of every message and each microtrip's keys.
+
+The mapping is data: `mapping.py` knows how to compute every key (the source table `KEY_SOURCES`
+below documents where each comes from); a profile only says which message type number and which
+keys each kind of packet gets. Adding a profile is adding a table here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+# Realtime packet kinds (records.KIND) whose bodies become microtrip elements.
+REALTIME_KINDS = ("dtg", "obd", "mdt")
+
+_DTG_KEYS = ("tid", "clt", "lat", "lon", "sp", "rpm", "fc", "cdit", "vv", "dtr", "dctr", "bsg", "gan", "acx", "acy",
+             "tmp")
+_OBD_KEYS = ("tid", "clt", "lat", "lon", "sp", "rpm", "fc", "cdit", "vv", "dtr", "dctr", "gan", "tmp")
+_MDT_KEYS = ("tid", "clt", "lat", "lon", "sp", "cdit", "vv", "dtr", "dctr", "gan", "tmp")
+
+# Keys of the messages whose shape does not depend on the profile (values left out when unknown).
+TRIP_KEYS = ("tid", "stt", "edt", "dis", "stlat", "stlon", "edlat", "edlon", "hsts", "mesp", "dtvt", "fc", "fwv")
+PARKING_KEYS = ("tid", "clt", "lat", "lon", "try", "vlt")
+DIAGNOSTIC_KEYS = ("tid", "dtcc", "dtck", "dtcs")
+BATTERY_WARNING_KEYS = ("tid", "wbv")
+ATTRIBUTE_KEYS = ("ts", "modem", "vid", "vin", "model", "vehicle_type", "business_number", "driver_code", "fwv")
+
+# key -> (where the value comes from, unit); docs/mqtt.md is written from this table.
+KEY_SOURCES: Mapping[str, tuple[str, str]] = {
+    "tid": ("realtime header KEY ON time as Unix seconds (the trip's identity)", "s"),
+    "clt": ("body time (KST on the wire)", "ms UTC"),
+    "lat": ("body latitude (wire ×1e6)", "°"),
+    "lon": ("body longitude (wire ×1e6)", "°"),
+    "sp": ("body speed", "km/h"),
+    "rpm": ("body engine RPM", "1/min"),
+    "fc": ("body daily fuel (wire L×1000)", "mL"),
+    "cdit": ("(body total km − first total km of the trip) × 1000, from the trip state", "m"),
+    "vv": ("body battery (wire V×10)", "V"),
+    "dtr": ("body daily distance", "km"),
+    "dctr": ("body total distance", "km"),
+    "bsg": ("body brake signal (0/1; another wire byte is passed as it came)", ""),
+    "gan": ("body azimuth", "° (0-360)"),
+    "acx": ("body acceleration X (wire ×10)", "m/s²"),
+    "acy": ("body acceleration Y (wire ×10)", "m/s²"),
+    "tmp": ('body temperatures "A,B" (an absent/off sensor is an empty field; no key when both are)', "°C"),
+    "stt": ("trip state: KEY ON time", "ms UTC"),
+    "edt": ("KEY OFF packet: KEY OFF time", "ms UTC"),
+    "dis": ("trip state: (last total km − first total km) × 1000", "m"),
+    "stlat": ("trip state: first body's latitude", "°"),
+    "stlon": ("trip state: first body's longitude", "°"),
+    "edlat": ("trip state: last body's latitude", "°"),
+    "edlon": ("trip state: last body's longitude", "°"),
+    "hsts": ("trip state: highest body speed", "km/h"),
+    "mesp": ("trip state: mean of the body speeds (one body per second), rounded", "km/h"),
+    "dtvt": ("trip state: bodies with speed > 0 (bodies are collected every second)", "s"),
+    "fwv": ("the last basic info's DTG firmware version", ""),
+    "try": ("2 = parking (BlackBox trip type)", ""),
+    "vlt": ("KEY OFF packet battery (wire V×10)", "V"),
+    "dtcc": ("DTG body device status code, 2 digits (spec §7 table)", ""),
+    "dtck": ("0 = confirmed", ""),
+    "dtcs": ("1 = one code", ""),
+    "wbv": ("KEY OFF packet battery (wire V×10)", "V"),
+}
+# `fc` in the Trip message has its own source: the trip's fuel, (last − first total fuel) × 1000 mL.
+TRIP_FUEL_SOURCE = ("trip state: (last total fuel − first total fuel), DTG/OBD trips only (wire L×1000)", "mL")
+
+
+@attrs.frozen
+class Profile:
+    """One numbering of the message model: `ty` per message and keys per microtrip kind.
+
+    Trip and parking messages take the `ty` of the kind of realtime packets the trip was made of
+    (key "" when no trip is known); string_keys are sent as text instead of numbers.
+    """
+
+    name: str
+    microtrip_ty: Mapping[str, int]
+    microtrip_keys: Mapping[str, tuple[str, ...]]
+    trip_ty: Mapping[str, int]
+    parking_ty: Mapping[str, int]
+    diagnostic_ty: int
+    battery_warning_ty: int
+    string_keys: frozenset[str] = frozenset()
+
+
+SEED = Profile(
+    name="seed",
+    microtrip_ty={"dtg": 2, "obd": 2, "mdt": 2},
+    microtrip_keys={"dtg": _DTG_KEYS, "obd": _OBD_KEYS, "mdt": _MDT_KEYS},
+    trip_ty={"dtg": 1, "obd": 1, "mdt": 1, "": 1},
+    parking_ty={"dtg": 2, "obd": 2, "mdt": 2, "": 2},
+    diagnostic_ty=20,
+    battery_warning_ty=23,
+)
+
+# The 2019 documents number types globally: GPS 1/2, OBD 3/4, DTG 9/10, events 101.., and give
+# the DTG microtrip its own key list (no fc, cdit, vv; accelerations as text).
+SF2019 = Profile(
+    name="sf2019",
+    microtrip_ty={"dtg": 10, "obd": 4, "mdt": 2},
+    microtrip_keys={
+        "dtg": ("tid", "clt", "dtr", "dctr", "sp", "rpm", "bsg", "lat", "lon", "gan", "acx", "acy", "tmp"),
+        "obd": _OBD_KEYS,
+        "mdt": _MDT_KEYS,
+    },
+    trip_ty={"dtg": 9, "obd": 3, "mdt": 1, "": 1},
+    parking_ty={"dtg": 10, "obd": 4, "mdt": 2, "": 2},
+    diagnostic_ty=101,
+    battery_warning_ty=104,
+    string_keys=frozenset({"acx", "acy"}),
+)
+
+PROFILES: Mapping[str, Profile] = {p.name: p for p in (SEED, SF2019)}
+
+
+def get_profile(name: str) -> Profile:
+    """The profile called `name`; ValueError naming the known ones otherwise."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown message profile {name!r}; known: {', '.join(PROFILES)}") from None
