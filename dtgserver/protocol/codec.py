@@ -64,7 +64,7 @@ class StructCodec:
         wire: list[str] = []
         fast: list[str] = []  # inline expressions; may raise ValueError on what `decode` keeps
         exact: list[str] = []  # each adapter's own `decode`: the fallback, exact by definition
-        keywords: list[tuple[str, str]] = []
+        keywords: list[tuple[str, str, str]] = []  # (name, fast, exact) of kw_only record fields
         packed: list[str] = []
         for i, (name, adapter) in enumerate(self.fixed):
             ns[f"_c{i}"], ns[f"_e{i}"] = adapter.decode, adapter.encode
@@ -72,12 +72,13 @@ class StructCodec:
             wire += values.split(", ")
             packed.append(adapter.encode_expr(f"r.{name}", f"v{i}", f"_e{i}", bind))
             if name in record_fields:
-                exprs = (adapter.decode_expr(values, f"_c{i}", bind), Field.decode_expr(adapter, values, f"_c{i}", bind))
+                fast_expr = adapter.decode_expr(values, f"_c{i}", bind)
+                exact_expr = Field.decode_expr(adapter, values, f"_c{i}", bind)
                 if record_fields[name].kw_only:
-                    keywords.append((f"{name}=", exprs))  # type: ignore[arg-type]
+                    keywords.append((name, fast_expr, exact_expr))
                 else:
-                    fast.append(exprs[0])
-                    exact.append(exprs[1])
+                    fast.append(fast_expr)
+                    exact.append(exact_expr)
         tuple_ = ", ".join(wire) + ("," if len(wire) == 1 else "")
         if self.tail:
             name, adapter = self.tail
@@ -87,9 +88,9 @@ class StructCodec:
             tail_encode = f" + _te(r.{name})"
         else:
             tail_encode = ""
-        for keyword, (fast_expr, exact_expr) in keywords:  # type: ignore[misc]
-            fast.append(keyword + fast_expr)
-            exact.append(keyword + exact_expr)
+        for name, fast_expr, exact_expr in keywords:
+            fast.append(f"{name}={fast_expr}")
+            exact.append(f"{name}={exact_expr}")
         fast_args, exact_args, pack_args = ", ".join(fast), ", ".join(exact), ", ".join(packed)
         source = (
             f"def decode(buf):\n"
