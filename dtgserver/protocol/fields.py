@@ -414,11 +414,8 @@ class Text(Field):
         self.width = width
 
     def canonical(self, value: str) -> bytes | None:
-        try:
-            raw = value.encode("euc-kr")
-        except UnicodeEncodeError:
-            return None
-        if len(raw) > self.width:
+        raw = euc_kr(value)
+        if raw is None or len(raw) > self.width:
             return None
         return raw.rjust(self.width, b"#")
 
@@ -497,10 +494,7 @@ class LogText(Text):
         self.unit, self.lo, self.hi, self.doc, self.width = "", None, None, "log text", 0
 
     def canonical(self, value: str) -> bytes | None:
-        try:
-            return value.encode("euc-kr")
-        except UnicodeEncodeError:
-            return None
+        return euc_kr(value)
 
     def encode(self, value: Any) -> bytes:
         if isinstance(value, WireStr):
@@ -513,6 +507,19 @@ class LogText(Text):
         if len(raw) > 0x7FFF:
             raise ValueError(f"log of {len(raw)} bytes is longer than the wire's 32767")
         return raw
+
+
+def euc_kr(value: str) -> bytes | None:
+    """The EUC-KR bytes of `value`, or None when it has none that read back as `value`.
+
+    Python's EUC-KR codec writes a syllable outside KS X 1001's 2350 (e.g. 똠) as an 8-byte jamo
+    sequence (KS X 1001 annex 3) that CP949, like the terminals, reads as four jamo: not sendable.
+    """
+    try:
+        raw = value.encode("euc-kr")
+    except UnicodeEncodeError:
+        return None
+    return raw if raw.decode("cp949") == value else None
 
 
 def _hex(text: Any, size: int | None) -> bytes:
