@@ -15,9 +15,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from . import codec_cmds, sim_cmds
+    from . import codec_cmds, server_cmds, sim_cmds
 
-    for module in (codec_cmds, sim_cmds):
+    for module in (codec_cmds, server_cmds, sim_cmds):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -1,0 +1,240 @@
+"""`dtgserver serve`, `devices`, `maintenance` and `export`."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tomllib
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from ..protocol import DEFAULT_MAX_BODY_COUNT, KST
+from ..server.config import DEFAULT_PORT, ServerConfig
+
+DATA_DIR_HELP = "Directory of the databases and status log files."
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--config FILE: a TOML table of option names (dashes or underscores) → values, under the CLI and env."""
+    if value is None:
+        return None
+    try:
+        with open(value, "rb") as f:
+            table = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    table = table.get("serve", table)
+    known = {p.name for p in ctx.command.params if p.name}
+    defaults = {}
+    for key, item in table.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise click.BadParameter(f"unknown option {key!r} in {value}", ctx=ctx, param=param)
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def data_dir_option(f: Any) -> Any:
+    return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dtg-data"),
+                        envvar="DTGSERVER_DATA_DIR", show_envvar=True, help=DATA_DIR_HELP)(f)
+
+
+def _env(name: str) -> dict[str, Any]:
+    return {"envvar": f"DTGSERVER_{name}", "show_envvar": True}
+
+
+@click.command()
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
+              envvar="DTGSERVER_CONFIG", help="TOML file of options (keys as the long option names).")
+@click.option("--host", default="0.0.0.0", **_env("HOST"), help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, **_env("PORT"), help="TCP port.")
+@data_dir_option
+@click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=3.0, **_env("IDLE_TIMEOUT"),
+              help="Seconds without a byte, from connect or the last byte, before the connection is closed.")
+@click.option("--packet-timeout", type=click.FloatRange(min=0.1), default=30.0, **_env("PACKET_TIMEOUT"),
+              help="Seconds one packet may take to arrive in full (bounds slow-drip clients).")
+@click.option("--max-connections", type=click.IntRange(1), default=10_000, **_env("MAX_CONNECTIONS"),
+              help="Open connections above this are answered 4 (overloaded) and closed.")
+@click.option("--max-body-count", type=click.IntRange(1, 32767), default=DEFAULT_MAX_BODY_COUNT,
+              **_env("MAX_BODY_COUNT"), help="Realtime packets declaring more bodies are answered 1.")
+@click.option("--queue-high-water", type=click.IntRange(1), default=2048, **_env("QUEUE_HIGH_WATER"),
+              help="Packets waiting for a commit above which new packets are answered 4.")
+@click.option("--grace-period", type=click.FloatRange(min=0), default=10.0, **_env("GRACE_PERIOD"),
+              help="Seconds in-flight sessions get to finish on SIGINT/SIGTERM.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, **_env("METRICS_PORT"),
+              help="Serve Prometheus /metrics and /healthz on this port (off when not given).")
+@click.option("--metrics-host", default="127.0.0.1", **_env("METRICS_HOST"), help="Address of the metrics endpoint.")
+@click.option("--mqtt", "mqtt_url", default=None, **_env("MQTT"),
+              help="Forward records to this broker: mqtt://[user:pass@]host[:port] or mqtts://...")
+@click.option("--mqtt-tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, **_env("MQTT_TLS_CA"),
+              help="CA certificate file for mqtts://.")
+@click.option("--topic-prefix", default="", **_env("TOPIC_PREFIX"), help="Prepended to every MQTT topic.")
+@click.option("--client-id", default=None, **_env("CLIENT_ID"), help="MQTT client id (default: generated).")
+@click.option("--profile", type=click.Choice(["seed", "sf2019"]), default="seed", **_env("PROFILE"),
+              help="Smart[Fleet] message numbering.")
+@click.option("--battery-warning-v", type=float, default=11.5, **_env("BATTERY_WARNING_V"),
+              help="KEY OFF battery below this raises a Battery Warning event (0 disables).")
+@click.option("--outbox-high-water", type=click.IntRange(1), default=100_000, **_env("OUTBOX_HIGH_WATER"),
+              help="Undelivered MQTT messages above which new packets are answered 4.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings only (no line per session).")
+def serve(verbose: int, quiet: bool, **options: Any) -> None:
+    """Accept terminal connections, store every packet durably, answer 0x09 <result>.
+
+    An answer of 0 is sent only after the packet is committed to disk (SQLite WAL, synchronous=FULL).
+    Options also come from DTGSERVER_* environment variables and a --config TOML file
+    (command line first, then environment, then the file).
+    """
+    from .. import logs
+    from ..server.app import serve as run_server
+
+    logs.configure(-1 if quiet else verbose)
+    config = ServerConfig(**options)
+    try:
+        trio.run(run_server, config)
+    except OSError as e:
+        click.echo(f"dtgserver: error: {e}", err=True)
+        sys.exit(1)
+
+
+@click.group()
+def devices() -> None:
+    """The registry of terminals allowed to send (result 2 for others, when enforced)."""
+
+
+@devices.command("add")
+@click.argument("modems", nargs=-1, required=True)
+@click.option("--note", default="", help="Free text kept with the entry.")
+@click.option("--cancelled", is_flag=True, help="Mark as cancelled: its packets are answered 2.")
+@data_dir_option
+def devices_add(modems: tuple[str, ...], note: str, cancelled: bool, data_dir: Path) -> None:
+    """Add (or update) terminals by modem number."""
+    from ..store import Control, DeviceStatus
+
+    bad = [m for m in modems if not re.fullmatch(r"[0-9]{1,11}", m)]
+    if bad:
+        raise click.BadParameter(f"modem numbers are 1 to 11 digits: {', '.join(bad)}")
+    control = Control(data_dir)
+    try:
+        for modem in modems:
+            control.add_device(modem, note, DeviceStatus.CANCELLED if cancelled else DeviceStatus.ACTIVE)
+    finally:
+        control.close()
+    click.echo(f"{len(modems)} device(s) {'cancelled' if cancelled else 'active'}")
+
+
+@devices.command("remove")
+@click.argument("modems", nargs=-1, required=True)
+@data_dir_option
+def devices_remove(modems: tuple[str, ...], data_dir: Path) -> None:
+    """Remove terminals from the registry."""
+    from ..store import Control
+
+    control = Control(data_dir)
+    try:
+        missing = [m for m in modems if not control.remove_device(m)]
+    finally:
+        control.close()
+    if missing:
+        click.echo(f"dtgserver: error: not in the registry: {', '.join(missing)}", err=True)
+        sys.exit(1)
+
+
+@devices.command("list")
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per device.")
+def devices_list(data_dir: Path, as_json: bool) -> None:
+    """List the registry and whether it is enforced."""
+    from ..store import Control
+
+    control = Control(data_dir)
+    try:
+        state, entries = control.load(), control.devices()
+    finally:
+        control.close()
+    if as_json:
+        for d in entries:
+            click.echo(json.dumps({"modem": d.modem, "status": d.status.value, "note": d.note}, ensure_ascii=False))
+        return
+    click.echo(f"registry {'enforced' if state.registry_enforced else 'not enforced'}; {len(entries)} device(s)")
+    for d in entries:
+        click.echo(f"{d.modem:<11}  {d.status.value:<9}  {d.note}")
+
+
+@devices.command("enforce")
+@click.argument("switch", type=click.Choice(["on", "off"]))
+@data_dir_option
+def devices_enforce(switch: str, data_dir: Path) -> None:
+    """Turn the allow-list on (unknown terminals get 2) or off; a running server follows within a second."""
+    from ..store import Control
+
+    control = Control(data_dir)
+    try:
+        control.set_registry_enforced(switch == "on")
+    finally:
+        control.close()
+    click.echo(f"registry enforcement {switch}")
+
+
+@click.command()
+@click.argument("switch", type=click.Choice(["on", "off"]))
+@data_dir_option
+def maintenance(switch: str, data_dir: Path) -> None:
+    """Maintenance mode on (every packet answered 3, nothing stored) or off.
+
+    Written to DIR/control.db; a running server on the same data dir follows within a second.
+    """
+    from ..store import Control
+
+    control = Control(data_dir)
+    try:
+        control.set_maintenance(switch == "on")
+    finally:
+        control.close()
+    click.echo(f"maintenance {switch}")
+
+
+def _parse_time(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither ISO 8601 nor Unix seconds") from None
+    return (t if t.tzinfo else t.replace(tzinfo=KST)).timestamp()
+
+
+@click.command()
+@data_dir_option
+@click.option("--modem", default=None, help="Only this terminal.")
+@click.option("--since", default=None, help="Received at or after (ISO 8601, KST when no offset; or Unix seconds).")
+@click.option("--until", default=None, help="Received before (same forms as --since).")
+@click.option("--format", "output_format", type=click.Choice(["jsonl", "geojson"]), default="jsonl",
+              help="jsonl: the decode JSON plus received_at and peer; geojson: one LineString per trip.")
+def export(data_dir: Path, modem: str | None, since: str | None, until: str | None, output_format: str) -> None:
+    """Print stored packets (all shards) in receive order."""
+    from ..store import read_stored, shard_paths
+    from ..store.export import geojson, jsonl
+
+    if not shard_paths(data_dir):
+        click.echo(f"dtgserver: error: no store in {data_dir}", err=True)
+        sys.exit(1)
+    packets = read_stored(data_dir, modem=modem, since=_parse_time(since), until=_parse_time(until))
+    if output_format == "geojson":
+        click.echo(json.dumps(geojson(packets), ensure_ascii=False))
+    else:
+        for obj in jsonl(packets):
+            click.echo(json.dumps(obj, ensure_ascii=False))
+
+
+COMMANDS = [serve, devices, maintenance, export]

@@ -1,0 +1,311 @@
+"""The Trio TCP server: one task per connection, the sans-io core for framing, the store for answers.
+
+Data's way through: socket → Connection (framer + schema → record) → registry/maintenance →
+PacketStore.submit (group commit) → answer `0x09 <result>` → (forwarder → MQTT, from the store).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import time
+from typing import Any
+
+import attrs
+import trio
+
+from ..protocol import NEED_DATA, Connection, ProtocolError, Received, Result, Role
+from ..store import Control, ControlState, PacketStore
+from .config import ServerConfig
+from .metrics import Metrics, serve_metrics
+
+log = logging.getLogger("dtgserver.server")
+session_log = logging.getLogger("dtgserver.session")
+
+RECEIVE_SIZE = 65536
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def printable(text: str) -> str:
+    """Device-supplied text made safe for one log line: control characters escaped."""
+    return "".join(c if c.isprintable() and c not in "\\" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
+@attrs.define
+class Session:
+    """What one connection did, for its one log line."""
+
+    peer: str
+    modem: str = "-"
+    kinds: list[str] = attrs.field(factory=list)
+    bodies: int = 0
+    results: list[int] = attrs.field(factory=list)
+    end: str = "closed"
+
+    def line(self, duration_s: float) -> str:
+        results = ",".join(map(str, self.results)) or "-"
+        return (f"session peer={self.peer} modem={self.modem} kind={','.join(self.kinds) or '-'} "
+                f"bodies={self.bodies} result={results} duration_ms={duration_s * 1000:.1f} end={printable(self.end)}")
+
+
+class DtgServer:
+    """The whole service: listeners, sessions, the store's writer, control polling, metrics, forwarder."""
+
+    def __init__(self, config: ServerConfig, *, shard: int = 0):
+        self.config = config
+        self.metrics = Metrics()
+        self.control = Control(config.data_dir)
+        self.control_state: ControlState = self.control.load()
+        self.control.changed()
+        mapper, forward = self._bridge()
+        self.store = PacketStore(
+            config.data_dir, shard=shard, mapper=mapper, forward=forward, max_batch=config.max_batch,
+            queue_high_water=config.queue_high_water, outbox_high_water=config.outbox_high_water,
+        )
+        self.forwarder: Any = None
+        self._stop = trio.Event()
+        self._accepting = False
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.metrics.gauges.update({
+            "commit_queue": lambda: self.store.queued,
+            "mqtt_backlog": self.store.backlog,
+            "commits_total": lambda: self.store.stats.commits,
+            "commit_failures_total": lambda: self.store.stats.failed_commits,
+            "committed_packets_total": lambda: self.store.stats.committed_packets,
+            "duplicate_packets_total": lambda: self.store.stats.duplicates,
+            "commit_batch_size_last": lambda: self.store.stats.last_batch_size,
+            "commit_batch_size_sum": lambda: self.store.stats.batch_size_sum,
+            "commit_seconds_last": lambda: self.store.stats.last_commit_seconds,
+            "commit_seconds_sum": lambda: self.store.stats.commit_seconds_sum,
+            "maintenance": lambda: int(self.control_state.maintenance),
+        })
+
+    def _bridge(self) -> tuple[Any, bool]:
+        from ..bridge.mapping import map_record
+
+        cfg = self.config
+
+        def mapper(record: Any, state: Any, *, packet_id: str) -> Any:
+            return map_record(record, state, packet_id=packet_id, profile=cfg.profile,
+                              battery_warning_v=cfg.battery_warning_v)
+
+        return mapper, cfg.mqtt_url is not None
+
+    def stop(self) -> None:
+        """Stop accepting; in-flight sessions get the grace period, then queued commits finish."""
+        self._stop.set()
+
+    def healthy(self) -> bool:
+        return self._accepting and self.store.overloaded() is None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until stop(); reports the bound TCP port through task_status."""
+        cfg = self.config
+        try:
+            async with trio.open_nursery() as services:
+                await services.start(self.store.run)
+                services.start_soon(self._poll_control)
+                if cfg.metrics_port is not None:
+                    self.metrics_port = await services.start(
+                        serve_metrics, self.metrics, cfg.metrics_host, cfg.metrics_port, self.healthy)
+                if cfg.mqtt_url is not None:
+                    await services.start(self._run_forwarder)
+                listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
+                self.port = listeners[0].socket.getsockname()[1]
+                await self._serve(listeners, task_status)
+                services.cancel_scope.cancel()  # the store's writer commits what is queued first
+        finally:
+            self.store.close()
+            self.control.close()
+
+    async def _run_forwarder(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from ..bridge.forwarder import Forwarder
+
+        cfg = self.config
+        assert cfg.mqtt_url is not None
+        self.forwarder = Forwarder(self.store, cfg.mqtt_url, tls_ca=cfg.mqtt_tls_ca, topic_prefix=cfg.topic_prefix,
+                                   client_id=cfg.client_id)
+        f = self.forwarder
+        for name in ("published", "acknowledged", "reconnects"):
+            self.metrics.gauges[f"mqtt_{name}_total"] = lambda name=name: getattr(f, name, 0)
+        self.metrics.gauges["mqtt_connected"] = lambda: int(bool(getattr(f, "connected", False)))
+        task_status.started()
+        await f.run()
+
+    async def _serve(self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[int]) -> None:
+        cfg = self.config
+        async with trio.open_nursery() as sessions:
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(self._accept_loop, listener, sessions)
+                self._accepting = True
+                log.info("listening on %s:%d, data in %s", cfg.host, self.port, cfg.data_dir)
+                task_status.started(self.port)
+                await self._stop.wait()
+                self._accepting = False
+                acceptors.cancel_scope.cancel()
+            for listener in listeners:
+                await listener.aclose()
+            log.info("stopped accepting; %d sessions get %.1f s to finish", self.metrics.open_connections,
+                     cfg.grace_period)
+            sessions.cancel_scope.deadline = trio.current_time() + cfg.grace_period
+
+    async def _accept_loop(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                if e.errno in _ACCEPT_RETRY_ERRNOS:
+                    log.error("accept failed (%s); retrying in 100 ms", errno.errorcode.get(e.errno or 0, e))
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            sessions.start_soon(self.handle, stream)
+
+    async def _poll_control(self) -> None:
+        """Reload the registry and the maintenance switch when another process changed them."""
+        while True:
+            await trio.sleep(self.config.control_poll)
+            if await trio.to_thread.run_sync(self.control.changed):
+                self.control_state = await trio.to_thread.run_sync(self.control.load)
+                log.info("control reloaded: maintenance=%s registry=%s devices=%d",
+                         self.control_state.maintenance, self.control_state.registry_enforced,
+                         len(self.control_state.active) + len(self.control_state.cancelled))
+
+    # -- one connection ---------------------------------------------------------------------------
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Own one connection: read packets, answer each, close; never raises for the peer's doing."""
+        started = time.perf_counter()
+        session = Session(_peer(stream))
+        metrics = self.metrics
+        if metrics.open_connections >= self.config.max_connections:
+            metrics.rejected_connections += 1
+            session.end = "too many connections"
+            if await self._answer(stream, Result.OVERLOADED, session):
+                await _drain(stream)
+            await trio.aclose_forcefully(stream)
+            self._log_session(session, started)
+            return
+        metrics.open_connections += 1
+        try:
+            await self._session(stream, session)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            session.end = f"connection lost: {e}"
+        finally:
+            metrics.open_connections -= 1
+            await trio.aclose_forcefully(stream)
+            self._log_session(session, started)
+
+    def _log_session(self, session: Session, started: float) -> None:
+        last = session.results[-1] if session.results else None
+        self.metrics.sessions[Result(last).name.lower() if last is not None else "none"] += 1
+        if session_log.isEnabledFor(logging.INFO):
+            session_log.info(session.line(time.perf_counter() - started))
+
+    async def _session(self, stream: trio.abc.Stream, session: Session) -> None:
+        cfg = self.config
+        conn = Connection(Role.SERVER, max_body_count=cfg.max_body_count)
+        last_byte = trio.current_time()
+        packet_started: float | None = None
+        while True:
+            try:
+                event = conn.next_event()
+            except ProtocolError as e:
+                session.end = f"format error {e}"
+                if await self._answer(stream, Result.FORMAT_ERROR, session):
+                    await _drain(stream)
+                return
+            if event is NEED_DATA:
+                idle_deadline = last_byte + cfg.idle_timeout
+                deadline = idle_deadline if packet_started is None else min(
+                    idle_deadline, packet_started + cfg.packet_timeout)
+                with trio.move_on_at(deadline):
+                    data = await stream.receive_some(RECEIVE_SIZE)
+                    last_byte = trio.current_time()
+                    if packet_started is None:
+                        packet_started = last_byte
+                    self.metrics.bytes_received += len(data)
+                    conn.receive_data(data)
+                    continue
+                partial = f", {conn.buffered} bytes of a packet dropped" if conn.buffered else ""
+                why = "idle timeout" if deadline == idle_deadline else "packet timeout"
+                session.end = f"{why}{partial}"
+                return
+            if not isinstance(event, Received):  # CLOSED
+                return
+            result = await self._accept(event, session)
+            if not await self._answer(stream, result, session):
+                return
+            packet_started = trio.current_time() if conn.buffered else None
+
+    async def _accept(self, event: Received, session: Session) -> Result:
+        record = event.record
+        modem = str(record.modem)
+        session.modem = modem
+        session.kinds.append(record.KIND)
+        bodies = getattr(record, "body_count", 0)
+        session.bodies += bodies
+        self.metrics.packets[record.KIND] += 1
+        self.metrics.bodies += bodies
+        state = self.control_state
+        if state.maintenance:
+            return Result.MAINTENANCE
+        if modem in state.cancelled or (state.registry_enforced and modem not in state.active):
+            return Result.UNKNOWN_SUBSCRIBER
+        return await self.store.submit(event, session.peer)
+
+    async def _answer(self, stream: trio.abc.Stream, result: Result, session: Session) -> bool:
+        session.results.append(int(result))
+        self.metrics.results[int(result)] += 1
+        with trio.move_on_after(self.config.send_timeout):
+            try:
+                await stream.send_all(Connection.send(result))
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                session.end = "peer closed before the answer"
+                return False
+        session.end = "answer not read in time"
+        return False
+
+
+async def _drain(stream: trio.abc.Stream, seconds: float = 1.0, limit: int = 1 << 16) -> None:
+    """Before closing on a final answer: read (and drop) what the peer still sends, briefly.
+
+    Closing a socket with unread input makes the kernel send a reset, which can destroy the
+    answer before the terminal reads it.
+    """
+    with trio.move_on_after(seconds):
+        try:
+            if isinstance(stream, trio.SocketStream):
+                await stream.send_eof()
+            received = 0
+            while received < limit and (chunk := await stream.receive_some(RECEIVE_SIZE)):
+                received += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2] if sock is not None else ("memory", 0)
+    except OSError:
+        return "unknown"
+    return f"{host}:{port}"
+
+
+async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a server until SIGINT or SIGTERM, then shut down gracefully."""
+    server = DtgServer(config)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        task_status.started(port)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("%s: shutting down", signal.Signals(signum).name)
+                server.stop()
+                break

@@ -1,0 +1,38 @@
+"""Server configuration: one attrs class, unit-named defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from ..protocol import DEFAULT_MAX_BODY_COUNT
+
+SECONDS = 1.0
+DEFAULT_PORT = 9320
+
+
+@attrs.frozen
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    data_dir: Path = attrs.field(default=Path("dtg-data"), converter=Path)
+    idle_timeout: float = 3 * SECONDS  # spec §4.4: nothing received for 3 s → close
+    packet_timeout: float = 30 * SECONDS  # one packet must arrive whole within this (slow-drip bound)
+    send_timeout: float = 10 * SECONDS  # a terminal that does not read its answer
+    max_connections: int = 10_000
+    max_body_count: int = DEFAULT_MAX_BODY_COUNT
+    queue_high_water: int = 2048  # packets waiting for a commit before new ones get 4
+    max_batch: int = 512
+    grace_period: float = 10 * SECONDS  # on SIGTERM: time for in-flight sessions to finish
+    control_poll: float = 1 * SECONDS  # how often a running server looks for registry/maintenance changes
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    # MQTT forwarding (dtgserver.bridge); None = store only
+    mqtt_url: str | None = None
+    mqtt_tls_ca: Path | None = None
+    topic_prefix: str = ""
+    client_id: str | None = None
+    profile: str = "seed"
+    battery_warning_v: float = 11.5
+    outbox_high_water: int = 100_000

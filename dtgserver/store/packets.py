@@ -1,0 +1,401 @@
+"""The durable packet store: one SQLite shard (WAL, synchronous=FULL) and its group-commit writer.
+
+An answer of 0 is sent only after the transaction holding the packet has committed, so a
+terminal's data is on disk before the terminal is told so. Sessions hand packets to one writer
+task, which commits whatever has queued up in one transaction: the fsync is shared by every
+session waiting at that moment. A byte-identical resend finds its digest already stored and is
+answered 0 without a second row. Trip state and the MQTT outbox are written in the same
+transaction as the packet, so neither can get ahead of or behind the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from ..bridge.outbox import OutboxRow
+from ..protocol import BadTime, Received, Result, StatusLog, decode
+from .control import connect
+
+log = logging.getLogger("dtgserver.store")
+
+PACKET_SCHEMA = """
+CREATE TABLE IF NOT EXISTS packets (
+    id INTEGER PRIMARY KEY,
+    digest BLOB NOT NULL UNIQUE,          -- sha256(raw)[:16]: an identical resend is the same packet
+    modem TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    protocol_id INTEGER NOT NULL,
+    body_count INTEGER NOT NULL,
+    received_at REAL NOT NULL,            -- Unix seconds, server clock
+    peer TEXT NOT NULL,
+    raw BLOB NOT NULL                     -- the exact bytes: decode again with dtgserver.protocol.decode
+);
+CREATE INDEX IF NOT EXISTS packets_by_modem ON packets(modem, id);
+CREATE INDEX IF NOT EXISTS packets_by_time ON packets(received_at);
+CREATE TABLE IF NOT EXISTS trip_state (
+    modem TEXT PRIMARY KEY,
+    state TEXT NOT NULL                   -- JSON of dtgserver.bridge.mapping.TripState
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    packet_id INTEGER NOT NULL REFERENCES packets(id),
+    modem TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    retain INTEGER NOT NULL
+);
+"""
+
+DIGEST_SIZE = 16
+
+# map_record(record, state, *, packet_id) -> (messages, new state); see dtgserver.bridge.mapping
+Mapper = Callable[..., tuple[list[Any], Any]]
+
+
+@attrs.define
+class _Pending:
+    received: Received
+    peer: str
+    received_at: float
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Result = Result.OVERLOADED
+
+
+@attrs.frozen
+class StoredPacket:
+    id: int
+    modem: str
+    kind: str
+    received_at: float
+    peer: str
+    raw: bytes
+
+
+@attrs.define
+class StoreStats:
+    """Counters the metrics endpoint reads."""
+
+    commits: int = 0
+    committed_packets: int = 0
+    duplicates: int = 0
+    failed_commits: int = 0
+    last_batch_size: int = 0
+    batch_size_sum: int = 0
+    commit_seconds_sum: float = 0.0
+    last_commit_seconds: float = 0.0
+
+
+def digest(raw: bytes) -> bytes:
+    return hashlib.sha256(raw).digest()[:DIGEST_SIZE]
+
+
+def status_log_path(data_dir: Path, record: StatusLog) -> Path:
+    """logs/<modem>/<send time>.log, built from validated digits only."""
+    modem = str(record.modem)
+    if not modem.isascii() or not modem.isdigit():  # the framer guarantees this; never trust a path
+        raise ValueError(f"modem {modem!r} is not digits")
+    t = record.sent_time
+    if isinstance(t, BadTime):
+        stamp = "".join(f"{b:03d}" for b in t.raw)
+    else:
+        stamp = f"{t:%Y%m%d%H%M%S}{t.microsecond // 10000:02d}"
+    return data_dir / "logs" / modem / f"{stamp}.log"
+
+
+def _write_durably(path: Path, text: str) -> Path:
+    """Write a new file (never overwrite: a second log with the same send time gets a suffix) and fsync it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = path, 0
+    while True:
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            break
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(candidate.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return candidate
+
+
+class PacketStore:
+    """One shard: `DIR/store-<shard>.db`, with the status log files under `DIR/logs/`.
+
+    Start `run()` in a nursery (the writer task), then `await submit(...)` from sessions.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        shard: int = 0,
+        mapper: Mapper | None = None,
+        forward: bool = False,
+        max_batch: int = 512,
+        queue_high_water: int = 2048,
+        outbox_high_water: int = 100_000,
+    ):
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / f"store-{shard}.db"
+        self.mapper = mapper
+        self.forward = forward
+        self.max_batch = max_batch
+        self.queue_high_water = queue_high_water
+        self.outbox_high_water = outbox_high_water
+        self.stats = StoreStats()
+        self.db = connect(self.path)
+        self.db.executescript(PACKET_SCHEMA)
+        self._reader = connect(self.path)  # export and the forwarder's fetch
+        self._acker = connect(self.path)  # the forwarder's deletes of delivered rows
+        self._reader_lock = trio.Lock()
+        self._acker_lock = trio.Lock()
+        self._pending: list[_Pending] = []
+        self._wake = trio.Event()
+        self._outbox_wake = trio.Event()
+        self._trip_states: dict[str, Any] = {}
+        self._backlog = int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.db.close()
+            self._reader.close()
+            self._acker.close()
+
+    # -- the session side ---------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def overloaded(self) -> str | None:
+        """Why new packets must be answered 4 right now, or None."""
+        if len(self._pending) >= self.queue_high_water:
+            return f"commit queue at {len(self._pending)}"
+        if self.forward and self._backlog >= self.outbox_high_water:
+            return f"MQTT backlog at {self._backlog}"
+        return None
+
+    async def submit(self, received: Received, peer: str) -> Result:
+        """Store one packet; returns OK only once it is committed, OVERLOADED when it was not stored."""
+        if self.overloaded():
+            return Result.OVERLOADED
+        item = _Pending(received, peer, time.time())
+        self._pending.append(item)
+        self._wake.set()
+        await item.done.wait()
+        return item.result
+
+    # -- the writer ----------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The one writer: commits batches until cancelled, then commits what is still queued."""
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                await self._commit_pending()
+        finally:
+            with trio.CancelScope(shield=True):
+                while self._pending:
+                    await self._commit_pending()
+
+    async def _commit_pending(self) -> None:
+        self._wake = trio.Event()
+        while self._pending:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            started = time.perf_counter()
+            # Not abandoned on cancel: a commit that began finishes, and its sessions learn of it.
+            results, states, added = await trio.to_thread.run_sync(self._write_batch, batch)
+            elapsed = time.perf_counter() - started
+            if results[0] is not None:
+                self._trip_states.update(states)
+                self._backlog += added
+                if added:
+                    self._outbox_wake.set()
+                self.stats.commits += 1
+                self.stats.committed_packets += sum(1 for r in results if r == "new")
+                self.stats.duplicates += sum(1 for r in results if r == "duplicate")
+                self.stats.last_batch_size = len(batch)
+                self.stats.batch_size_sum += len(batch)
+                self.stats.commit_seconds_sum += elapsed
+                self.stats.last_commit_seconds = elapsed
+            else:
+                self.stats.failed_commits += 1
+            for item, outcome in zip(batch, results, strict=True):
+                item.result = Result.OVERLOADED if outcome is None else Result.OK
+                item.done.set()
+
+    def _write_batch(self, batch: Sequence[_Pending]) -> tuple[list[str | None], dict[str, Any], int]:
+        """In a worker thread: one transaction for the whole batch; all or nothing."""
+        db = self.db
+        states: dict[str, Any] = {}
+        results: list[str | None] = []
+        added = 0
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for item in batch:
+                    outcome, n = self._write_one(db, item, states)
+                    results.append(outcome)
+                    added += n
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OSError, ValueError) as e:
+            log.error("commit of %d packets failed, answering 4: %s", len(batch), e)
+            return [None] * len(batch), {}, 0
+        return results, states, added
+
+    def _write_one(self, db: sqlite3.Connection, item: _Pending, states: dict[str, Any]) -> tuple[str, int]:
+        raw, record = item.received.raw, item.received.record
+        key = digest(raw)
+        cursor = db.execute(
+            "INSERT OR IGNORE INTO packets(digest, modem, kind, protocol_id, body_count, received_at, peer, raw) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (key, str(record.modem), record.KIND, record.protocol_id, getattr(record, "body_count", 0),
+             item.received_at, item.peer, raw),
+        )
+        if cursor.rowcount == 0:
+            return "duplicate", 0
+        packet_id = cursor.lastrowid
+        if isinstance(record, StatusLog):
+            _write_durably(status_log_path(self.data_dir, record), str(record.log))
+        if self.mapper is None:
+            return "new", 0
+        modem = str(record.modem)
+        state = states[modem] if modem in states else self._trip_state(db, modem)
+        messages, new_state = self.mapper(record, state, packet_id=key.hex())
+        if new_state is not state:
+            states[modem] = new_state
+            stored = "null" if new_state is None else json.dumps(new_state.to_dict())
+            db.execute("INSERT INTO trip_state(modem, state) VALUES (?, ?) "
+                       "ON CONFLICT(modem) DO UPDATE SET state = excluded.state", (modem, stored))
+        if not self.forward:
+            return "new", 0
+        db.executemany(
+            "INSERT INTO outbox(packet_id, modem, topic, payload, retain) VALUES (?, ?, ?, ?, ?)",
+            [(packet_id, modem, m.topic, json.dumps(m.payload, ensure_ascii=False).encode(), int(m.retain))
+             for m in messages],
+        )
+        return "new", len(messages)
+
+    def _trip_state(self, db: sqlite3.Connection, modem: str) -> Any:
+        if modem in self._trip_states:
+            return self._trip_states[modem]
+        row = db.execute("SELECT state FROM trip_state WHERE modem = ?", (modem,)).fetchone()
+        if row is None or row[0] == "null":
+            return None
+        from ..bridge.mapping import TripState
+
+        return TripState.from_dict(json.loads(row[0]))
+
+    # -- the outbox (dtgserver.bridge.outbox.Outbox) -------------------------------------------
+    def backlog(self) -> int:
+        return self._backlog
+
+    async def fetch(self, after_id: int, limit: int) -> list[OutboxRow]:
+        while True:
+            wake = self._outbox_wake = trio.Event()
+            async with self._reader_lock:
+                rows = await trio.to_thread.run_sync(self._fetch, after_id, limit)
+            if rows:
+                return rows
+            await wake.wait()
+
+    def _fetch(self, after_id: int, limit: int) -> list[OutboxRow]:
+        rows = self._reader.execute(
+            "SELECT id, modem, topic, payload, retain FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+        ).fetchall()
+        return [OutboxRow(i, m, t, bytes(p), bool(r)) for i, m, t, p, r in rows]
+
+    async def mark_delivered(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        async with self._acker_lock:
+            removed = await trio.to_thread.run_sync(self._delete_outbox, list(ids))
+        self._backlog -= removed
+
+    def _delete_outbox(self, ids: list[int]) -> int:
+        db = self._acker
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            removed = db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids]).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return int(removed)
+
+    # -- reading -------------------------------------------------------------------------------
+    def packets(self, *, modem: str | None = None, since: float | None = None, until: float | None = None,
+                after_id: int = 0) -> Iterator[StoredPacket]:
+        """Stored packets in arrival order, filtered; reads through its own connection."""
+        where, args = ["id > ?"], [after_id]
+        if modem is not None:
+            where.append("modem = ?")
+            args.append(modem)  # type: ignore[arg-type]
+        if since is not None:
+            where.append("received_at >= ?")
+            args.append(since)  # type: ignore[arg-type]
+        if until is not None:
+            where.append("received_at < ?")
+            args.append(until)  # type: ignore[arg-type]
+        sql = f"SELECT id, modem, kind, received_at, peer, raw FROM packets WHERE {' AND '.join(where)} ORDER BY id"
+        for row in self._reader.execute(sql, args):
+            yield StoredPacket(row[0], row[1], row[2], row[3], row[4], bytes(row[5]))
+
+    def count(self) -> int:
+        return int(self._reader.execute("SELECT count(*) FROM packets").fetchone()[0])
+
+
+def decode_stored(packet: StoredPacket) -> Any:
+    return decode(packet.raw)
+
+
+def shard_paths(data_dir: Path) -> list[Path]:
+    return sorted(Path(data_dir).glob("store-*.db"), key=lambda p: int(p.stem.split("-")[1]))
+
+
+def read_stored(data_dir: Path, *, modem: str | None = None, since: float | None = None,
+                until: float | None = None) -> Iterator[StoredPacket]:
+    """Every stored packet of every shard, read-only, merged in receive-time order."""
+    import heapq
+
+    iterators, connections = [], []
+    for path in shard_paths(data_dir):
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        connections.append(db)
+        where, args = ["1"], []
+        for clause, value in (("modem = ?", modem), ("received_at >= ?", since), ("received_at < ?", until)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        rows = db.execute(f"SELECT id, modem, kind, received_at, peer, raw FROM packets WHERE {' AND '.join(where)} "
+                          "ORDER BY received_at, id", args)
+        iterators.append(StoredPacket(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows)
+    try:
+        yield from heapq.merge(*iterators, key=lambda p: (p.received_at, p.id))
+    finally:
+        for db in connections:
+            db.close()
