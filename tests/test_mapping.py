@@ -1,0 +1,407 @@
+"""The record → Smart[Fleet] mapping, row by row of docs/mqtt.md, on records decoded from wire bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dtgserver.bridge import Message, TripState, map_record
+from dtgserver.bridge.mapping import MAX_PAYLOAD_BYTES, to_ms
+from dtgserver.bridge.profiles import KEY_SOURCES, PROFILES, SEED, SF2019, TRIP_KEYS
+from dtgserver.protocol import (
+    KST,
+    BadTime,
+    BasicInfo,
+    DtgBody,
+    DtgRealtime,
+    KeyOff,
+    MdtBody,
+    MdtRealtime,
+    ObdBody,
+    ObdRealtime,
+    Packet,
+    SensorState,
+    StatusLog,
+    decode,
+    encode,
+)
+
+MODEM = "01099998888"
+KEY_ON = datetime(2026, 11, 21, 8, 0, 0, tzinfo=KST)
+KEY_ON_MS = 1_795_215_600_000  # 2026-11-20T23:00:00Z: KST is UTC+9
+TID = KEY_ON_MS // 1000
+TRE = f"v1/sensors/{MODEM}/tre"
+DOCS = Path(__file__).parent.parent / "docs" / "mqtt.md"
+
+
+def wire(record: Packet) -> Any:
+    """The record as the server sees it: encoded to bytes and decoded again."""
+    return decode(encode(record))
+
+
+def dtg_body(second: int, *, speed_kmh: int = 50, total_km: int = 120_000, status_code: int = 0,
+             temps: tuple[Any, Any] = (4.5, SensorState.ABSENT), time: Any = None) -> DtgBody:
+    return DtgBody(
+        daily_distance_km=35, total_distance_km=total_km, time=time or KEY_ON + timedelta(seconds=second),
+        speed_kmh=speed_kmh, rpm=1800, brake=second % 2 == 1, lon=127.027583, lat=37.497942, azimuth_deg=90,
+        accel_x_ms2=1.5, accel_y_ms2=-0.3, status_code=status_code, daily_fuel_l=12.345,
+        total_fuel_l=(45_678_900 + second) / 1000, fuel_level_pct=62.5, temp_a_c=temps[0], temp_b_c=temps[1],
+        battery_v=24.6, fuel_efficiency_kmpl=4.2, work_status=5,
+    )
+
+
+def dtg(*bodies: DtgBody, key_on: Any = KEY_ON) -> DtgRealtime:
+    return wire(DtgRealtime(MODEM, 1, key_on, bodies))
+
+
+def obd(*seconds: int) -> ObdRealtime:
+    return wire(ObdRealtime(MODEM, 1, KEY_ON, [ObdBody(
+        daily_distance_km=8, total_distance_km=54_321, time=KEY_ON + timedelta(seconds=s), speed_kmh=30, rpm=1200,
+        lon=126.978, lat=37.566, azimuth_deg=180, daily_fuel_l=1.5, total_fuel_l=9_876.5,
+        temp_a_c=SensorState.OFF, temp_b_c=-3.5, battery_v=12.4, fuel_efficiency_kmpl=11.0) for s in seconds]))
+
+
+def mdt(*seconds: int) -> MdtRealtime:
+    return wire(MdtRealtime(MODEM, 1, KEY_ON, [MdtBody(
+        daily_distance_km=3, total_distance_km=7_000, time=KEY_ON + timedelta(seconds=s), speed_kmh=20,
+        lon=129.075, lat=35.18, azimuth_deg=270, temp_a_c=SensorState.ABSENT, temp_b_c=SensorState.ABSENT,
+        battery_v=12.1) for s in seconds]))
+
+
+def key_off(*, minutes: int = 60, battery_v: float = 24.1, key_off_time: Any = None) -> KeyOff:
+    at = KEY_ON + timedelta(minutes=minutes)
+    return wire(KeyOff(MODEM, at, 127.03, 37.5, key_off_time or at, battery_v))
+
+
+def basic_info(firmware: str = "1.0.2") -> BasicInfo:
+    return wire(BasicInfo(MODEM, "DTG-1000", "KMHFC41MP6A123456", "31", "서울33가1234", "1234567890",
+                          "123456789012345678", firmware))
+
+
+def store_id(record: Packet) -> str:
+    """The packet id the store gives: sha256 of the raw packet, first 16 bytes, in hex."""
+    return hashlib.sha256(encode(record)).digest()[:16].hex()
+
+
+def run(records: list[Packet], state: TripState | None = None, *, restart: bool = False, real_ids: bool = False,
+        **options: Any) -> tuple[list[Message], TripState | None]:
+    """Map packets in order (ids p0, p1, …); with `restart`, the state goes through JSON between packets."""
+    messages: list[Message] = []
+    for n, record in enumerate(records):
+        if restart and state is not None:
+            state = TripState.from_dict(json.loads(json.dumps(state.to_dict())))
+        out, state = map_record(record, state, packet_id=store_id(record) if real_ids else f"p{n}", **options)
+        messages += out
+    return messages, state
+
+
+def by_ty(messages: list[Message], ty: int) -> list[Message]:
+    return [m for m in messages if m.payload.get("ty") == ty]
+
+
+# -- realtime → aggregated microtrip -----------------------------------------------------------------
+
+
+def test_dtg_realtime_is_one_aggregated_microtrip_with_every_dtg_key() -> None:
+    record = dtg(dtg_body(0), dtg_body(1, speed_kmh=52, total_km=120_001))
+    messages, state = map_record(record, None, packet_id="abc123")
+    assert [(m.topic, m.retain) for m in messages] == [(TRE, False)]
+    payload = messages[0].payload
+    assert payload["ty"] == 2 and payload["id"] == "abc123:0"
+    assert payload["ts"] == KEY_ON_MS + 1000  # the last body's time
+    first, second = payload["pld"]
+    assert first == {
+        "tid": TID, "clt": KEY_ON_MS, "lat": 37.497942, "lon": 127.027583, "sp": 50, "rpm": 1800, "fc": 12345,
+        "cdit": 0, "vv": 24.6, "dtr": 35, "dctr": 120_000, "bsg": 0, "gan": 90, "acx": 1.5, "acy": -0.3,
+        "tmp": "4.5,",
+    }
+    assert list(first) == list(SEED.microtrip_keys["dtg"])  # keys in the table's order
+    assert second["clt"] == KEY_ON_MS + 1000 and second["bsg"] == 1 and second["sp"] == 52
+    assert second["cdit"] == 1000  # one km more than the trip's first body
+    assert state is not None and state.tid == TID and state.kind == "dtg"
+
+
+def test_obd_realtime_microtrip_has_the_dtg_keys_minus_brake_and_acceleration() -> None:
+    messages, _ = map_record(obd(0, 1), None, packet_id="x")
+    (element, _second) = messages[0].payload["pld"]
+    assert list(element) == ["tid", "clt", "lat", "lon", "sp", "rpm", "fc", "cdit", "vv", "dtr", "dctr", "gan",
+                             "tmp"]
+    assert element["fc"] == 1500 and element["vv"] == 12.4 and element["tmp"] == ",-3.5"  # A is off
+
+
+def test_mdt_realtime_microtrip_keys() -> None:
+    messages, _ = map_record(mdt(0), None, packet_id="x")
+    (element,) = messages[0].payload["pld"]
+    # both temperature sensors absent: no tmp key at all (never invent a value)
+    assert element == {"tid": TID, "clt": KEY_ON_MS, "lat": 35.18, "lon": 129.075, "sp": 20, "cdit": 0,
+                       "vv": 12.1, "dtr": 3, "dctr": 7000, "gan": 270}
+
+
+@pytest.mark.parametrize(("temps", "expected"), [
+    ((4.5, -3.5), "4.5,-3.5"),
+    ((20.0, SensorState.OFF), "20,"),
+    ((SensorState.ABSENT, 0.0), ",0"),
+    ((SensorState.OFF, SensorState.ABSENT), None),
+])
+def test_temperatures_keep_their_position_and_leave_out_absent_sensors(temps: Any, expected: str | None) -> None:
+    messages, _ = map_record(dtg(dtg_body(0, temps=temps)), None, packet_id="x")
+    assert messages[0].payload["pld"][0].get("tmp") == expected
+
+
+def test_a_body_without_a_calendar_time_keeps_its_place_without_clt() -> None:
+    bad = BadTime(bytes((26, 13, 1, 0, 0, 0, 0)))
+    messages, state = map_record(dtg(dtg_body(0), dtg_body(1, time=bad)), None, packet_id="x")
+    first, second = messages[0].payload["pld"]
+    assert "clt" not in second and second["sp"] == 50
+    assert messages[0].payload["ts"] == first["clt"]  # the last time there is
+    assert state is not None and state.speed_count == 2
+
+
+def test_times_are_utc_ms_from_kst_wall_clock() -> None:
+    assert to_ms(datetime(2026, 1, 1, 9, 0, 0, 120000, tzinfo=KST)) == 1_767_225_600_120
+    assert to_ms(BadTime(b"\x00" * 7)) is None
+
+
+# -- KEY OFF → Trip once, parking microtrip every time ---------------------------------------------------
+
+
+def test_first_key_off_after_a_trip_sends_the_trip_then_parking_every_time() -> None:
+    messages, state = run([
+        basic_info(),
+        dtg(*(dtg_body(s, speed_kmh=s * 10, total_km=120_000 + s) for s in range(4))),  # speeds 0 10 20 30
+        key_off(battery_v=24.1),
+        key_off(minutes=70, battery_v=24.0),
+    ])
+    trips = by_ty(messages, 1)
+    assert len(trips) == 1
+    assert trips[0].payload["id"] == "p2:0" and trips[0].payload["ts"] == KEY_ON_MS + 3_600_000
+    assert trips[0].payload["pld"] == {
+        "tid": TID, "stt": KEY_ON_MS, "edt": KEY_ON_MS + 3_600_000, "dis": 3000, "stlat": 37.497942,
+        "stlon": 127.027583, "edlat": 37.497942, "edlon": 127.027583, "hsts": 30, "mesp": 15, "dtvt": 3,
+        "fc": 3, "fwv": "1.0.2",
+    }
+    parkings = [m for m in by_ty(messages, 2) if m.payload["pld"].__class__ is dict]
+    assert [p.payload["pld"] for p in parkings] == [
+        {"tid": TID, "clt": KEY_ON_MS + 3_600_000, "lat": 37.5, "lon": 127.03, "try": 2, "vlt": 24.1},
+        {"tid": TID, "clt": KEY_ON_MS + 4_200_000, "lat": 37.5, "lon": 127.03, "try": 2, "vlt": 24.0},
+    ]
+    assert [p.payload["id"] for p in parkings] == ["p2:1", "p3:0"]
+    assert state is not None and state.trip_sent
+
+
+def test_key_off_without_any_trip_is_parking_only_without_tid() -> None:
+    messages, state = map_record(key_off(), None, packet_id="k")
+    assert [m.payload["ty"] for m in messages] == [2]
+    assert "tid" not in messages[0].payload["pld"] and messages[0].payload["pld"]["try"] == 2
+    assert state is None
+
+
+def test_a_key_off_older_than_the_trip_is_backlog_not_the_trip_end() -> None:
+    _, state = run([dtg(dtg_body(0))])
+    messages, state = map_record(key_off(minutes=-30), state, packet_id="old")
+    assert by_ty(messages, 1) == []
+    assert "tid" not in messages[0].payload["pld"]
+    assert state is not None and not state.trip_sent
+
+
+def test_a_new_key_on_starts_a_new_trip_and_a_new_trip_message() -> None:
+    later = KEY_ON + timedelta(hours=3)
+    messages, _ = run([
+        dtg(dtg_body(0)), key_off(),
+        dtg(dtg_body(0, time=later, speed_kmh=80, total_km=120_050), key_on=later), key_off(minutes=240),
+    ])
+    trips = [m.payload["pld"] for m in by_ty(messages, 1)]
+    assert [t["tid"] for t in trips] == [TID, TID + 3 * 3600]
+    assert trips[1]["hsts"] == 80 and trips[1]["dis"] == 0 and trips[1]["dtvt"] == 1
+
+
+def test_realtime_backlog_of_an_older_trip_is_published_but_leaves_the_state_alone() -> None:
+    later = KEY_ON + timedelta(hours=3)
+    _, state = run([dtg(dtg_body(0, time=later), key_on=later)])
+    messages, after = map_record(dtg(dtg_body(5, speed_kmh=120)), state, packet_id="old")
+    (element,) = messages[0].payload["pld"]
+    assert element["tid"] == TID and "cdit" not in element
+    assert after == state
+
+
+def test_a_key_on_that_is_no_calendar_time_continues_the_open_trip() -> None:
+    bad = BadTime(bytes((26, 13, 1, 0, 0, 0, 0)))
+    _, state = run([dtg(dtg_body(0))])
+    messages, state = map_record(dtg(dtg_body(1, total_km=120_002), key_on=bad), state, packet_id="x")
+    assert messages[0].payload["pld"][0]["tid"] == TID and messages[0].payload["pld"][0]["cdit"] == 2000
+    assert state is not None and state.speed_count == 2
+
+
+# -- basic info → retained attributes --------------------------------------------------------------------
+
+
+def test_basic_info_is_retained_attributes_and_remembers_the_firmware() -> None:
+    messages, state = map_record(basic_info(), None, packet_id="b", received_ms=1_795_215_590_000)
+    assert [(m.topic, m.retain) for m in messages] == [(f"v1/sensors/{MODEM}/attributes", True)]
+    assert messages[0].payload == {
+        "ts": 1_795_215_590_000, "modem": MODEM, "vid": "서울33가1234", "vin": "KMHFC41MP6A123456",
+        "model": "DTG-1000", "vehicle_type": "31", "business_number": "1234567890",
+        "driver_code": "123456789012345678", "fwv": "1.0.2", "id": "b:0",
+    }
+    assert "서울".encode() in messages[0].encoded()  # UTF-8 text, not \\u escapes
+    assert state == TripState(fwv="1.0.2")
+    messages, _ = map_record(basic_info(), None, packet_id="b")
+    assert "ts" not in messages[0].payload  # the packet has no time; none is invented
+
+
+# -- events ----------------------------------------------------------------------------------------------
+
+
+def test_a_status_code_change_to_non_zero_is_a_diagnostic_event_even_across_packets_and_restarts() -> None:
+    codes = [[0, 11, 11, 0], [0, 12], [12, 12, 99]]
+    records = [dtg(*(dtg_body(p * 10 + s, status_code=c) for s, c in enumerate(packet)))
+               for p, packet in enumerate(codes)]
+    messages, state = run(records, restart=True)
+    events = by_ty(messages, 20)
+    assert [e.payload["pld"] for e in events] == [
+        {"tid": TID, "dtcc": "11", "dtck": 0, "dtcs": 1},
+        {"tid": TID, "dtcc": "12", "dtck": 0, "dtcs": 1},  # 12 again in the next packet: no new event
+        {"tid": TID, "dtcc": "99", "dtck": 0, "dtcs": 1},
+    ]
+    assert [e.payload["ts"] for e in events] == [KEY_ON_MS + 1000, KEY_ON_MS + 11_000, KEY_ON_MS + 22_000]
+    assert [e.payload["id"] for e in events] == ["p0:1", "p1:1", "p2:1"]  # after the packet's microtrip
+    assert state is not None and state.status_code == 99
+
+
+def test_low_battery_at_key_off_is_a_battery_warning() -> None:
+    _, state = run([dtg(dtg_body(0))])
+    messages, _ = map_record(key_off(battery_v=11.4), state, packet_id="k")
+    assert [m.payload["ty"] for m in messages] == [1, 2, 23]
+    assert messages[2].payload["pld"] == {"tid": TID, "wbv": 11.4}
+    assert by_ty(map_record(key_off(battery_v=11.5), state, packet_id="k")[0], 23) == []  # at the threshold
+    assert by_ty(map_record(key_off(battery_v=11.4), state, packet_id="k", battery_warning_v=0)[0], 23) == []
+    assert by_ty(map_record(key_off(battery_v=23.9), state, packet_id="k", battery_warning_v=24)[0], 23) != []
+
+
+def test_status_logs_are_not_published() -> None:
+    state = TripState(fwv="1")
+    assert map_record(wire(StatusLog(MODEM, KEY_ON, "GPS ok")), state, packet_id="s") == ([], state)
+
+
+# -- the sf2019 profile -------------------------------------------------------------------------------------
+
+
+def test_sf2019_numbers_types_globally_and_uses_its_dtg_keys() -> None:
+    options = {"profile": "sf2019"}
+    messages, _ = run([dtg(dtg_body(0, status_code=11)), key_off(battery_v=11.0)], **options)
+    assert [m.payload["ty"] for m in messages] == [10, 101, 9, 10, 104]
+    element = messages[0].payload["pld"][0]
+    assert list(element) == list(SF2019.microtrip_keys["dtg"])
+    assert element["acx"] == "1.5" and element["acy"] == "-0.3"  # text in this profile
+    assert [m.payload["ty"] for m in map_record(obd(0), None, packet_id="o", **options)[0]] == [4]
+    assert [m.payload["ty"] for m in map_record(mdt(0), None, packet_id="m", **options)[0]] == [2]
+    assert [m.payload["ty"] for m in run([mdt(0), key_off()], **options)[0]] == [2, 1, 2]
+
+
+def test_unknown_profile_is_refused() -> None:
+    with pytest.raises(ValueError, match="sf2019"):
+        map_record(dtg(dtg_body(0)), None, packet_id="x", profile="sf2020")
+
+
+def test_every_key_of_every_profile_has_a_documented_source() -> None:
+    for profile in PROFILES.values():
+        for keys in profile.microtrip_keys.values():
+            assert set(keys) <= set(KEY_SOURCES)
+    assert set(TRIP_KEYS) - {"fc"} <= set(KEY_SOURCES)
+
+
+# -- payload size ----------------------------------------------------------------------------------------
+
+
+def test_a_long_packet_is_split_in_order_under_64_kib() -> None:
+    bodies = [dtg_body(s, total_km=120_000 + s // 60) for s in range(3600)]  # one hour, the framer's maximum
+    record = dtg(*bodies)
+    messages, _ = map_record(record, None, packet_id="f" * 64)
+    assert len(messages) > 5
+    for message in messages:
+        assert len(message.encoded()) < MAX_PAYLOAD_BYTES
+        assert len(json.dumps(message.payload, ensure_ascii=False).encode()) < MAX_PAYLOAD_BYTES
+        assert message.payload["ts"] == message.payload["pld"][-1]["clt"]
+    elements = [e for m in messages for e in m.payload["pld"]]
+    assert [e["clt"] for e in elements] == [to_ms(b.time) for b in bodies]
+    assert [m.payload["id"] for m in messages] == [f"{'f' * 64}:{n}" for n in range(len(messages))]
+    # each chunk is as full as it may be: the next element would not have fitted
+    for message, following in itertools.pairwise(messages):
+        grown = dict(message.payload, pld=message.payload["pld"] + following.payload["pld"][:1])
+        assert len(json.dumps(grown, ensure_ascii=False).encode()) >= MAX_PAYLOAD_BYTES - 32
+
+
+def test_a_small_limit_splits_into_single_elements() -> None:
+    messages, _ = map_record(dtg(dtg_body(0), dtg_body(1), dtg_body(2)), None, packet_id="x", max_payload_bytes=500)
+    assert [len(m.payload["pld"]) for m in messages] == [1, 1, 1]
+
+
+# -- trip synthesis across packets and restarts -----------------------------------------------------------------
+
+
+def trip_packets() -> list[Packet]:
+    speeds = [[0, 0, 15, 30], [45, 60, 72, 80], [64, 40, 12, 0]]
+    return [
+        basic_info("2.1.0"),
+        *(dtg(*(dtg_body(p * 60 + s, speed_kmh=v, total_km=120_000 + p * 2 + (s // 2)) for s, v in enumerate(packet)))
+          for p, packet in enumerate(speeds)),
+        key_off(minutes=5),
+    ]
+
+
+def test_a_trip_is_synthesised_from_several_packets_and_survives_restarts_in_between() -> None:
+    straight, state = run(trip_packets())
+    restarted, restarted_state = run(trip_packets(), restart=True)
+    assert restarted == straight and restarted_state == state
+    (trip,) = [m.payload["pld"] for m in by_ty(straight, 1)]
+    assert trip == {
+        "tid": TID, "stt": KEY_ON_MS, "edt": KEY_ON_MS + 300_000, "dis": 5000, "stlat": 37.497942,
+        "stlon": 127.027583, "edlat": 37.497942, "edlon": 127.027583, "hsts": 80,
+        "mesp": round(418 / 12), "dtvt": 9, "fc": 123, "fwv": "2.1.0",
+    }
+    cdits = [e["cdit"] for m in by_ty(straight, 2) if isinstance(m.payload["pld"], list) for e in m.payload["pld"]]
+    assert cdits == [0, 0, 1000, 1000, 2000, 2000, 3000, 3000, 4000, 4000, 5000, 5000]
+
+
+def test_the_same_packets_give_the_same_messages() -> None:
+    assert run(trip_packets()) == run(trip_packets())
+
+
+def test_trip_state_round_trips_through_json_and_ignores_unknown_keys() -> None:
+    _, state = run(trip_packets())
+    assert state is not None
+    data = json.loads(json.dumps(state.to_dict()))
+    assert TripState.from_dict(data) == state
+    assert TripState.from_dict(data | {"added_in_a_later_version": 1}) == state
+
+
+# -- docs/mqtt.md's examples are this mapping's output ---------------------------------------------------------
+
+
+def example_messages() -> dict[str, dict[str, Any]]:
+    """The examples of docs/mqtt.md, by name, mapped from decoded records."""
+    messages, _ = run([
+        basic_info(),
+        dtg(dtg_body(0, speed_kmh=48), dtg_body(1, speed_kmh=50, status_code=11)),
+        key_off(minutes=47, battery_v=11.2),
+    ], received_ms=KEY_ON_MS - 60_000, real_ids=True)
+    named = dict(zip(["attributes", "dtg_microtrip", "diagnostic", "trip", "parking", "battery_warning"],
+                     messages, strict=True))
+    named["obd_microtrip"] = run([obd(0)], real_ids=True)[0][0]
+    named["mdt_microtrip"] = run([mdt(0)], real_ids=True)[0][0]
+    named["sf2019_dtg_microtrip"] = run([dtg(dtg_body(0))], real_ids=True, profile="sf2019")[0][0]
+    return {name: message.payload for name, message in named.items()}
+
+
+def test_docs_examples_are_the_mappings_output() -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    documented = {name: json.loads(block) for name, block in
+                  re.findall(r"<!-- example: (\w+) -->\s*```json\n(.*?)```", text, re.S)}
+    assert documented == example_messages()
