@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -84,7 +85,12 @@ def _fields_from_json(cls: type[Record], obj: Any, path: str) -> Record:
                 ]
             else:
                 values[name] = adapter.from_json(name, obj, verbatim)
-                adapter.encode(values[name])  # fails here, naming the key, if it cannot be sent
+                wire = adapter.encode(values[name])  # fails here, naming the key, if it cannot be sent
+                if isinstance(wire, int) and isinstance(adapter, Field):
+                    try:
+                        struct.pack(">" + adapter.fmt, wire)
+                    except struct.error:
+                        raise ValueError(f"{values[name]!r} does not fit its wire type ({adapter.fmt})") from None
         except KeyError as e:
             raise JsonError(f"{path}{e.args[0]}: missing") from None
         except JsonError:
