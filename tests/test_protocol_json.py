@@ -1,0 +1,175 @@
+"""The public JSON format (docs/protocol.md): keys per kind, times, temperature states, `verbatim`,
+`warnings`, and the errors `from_json` gives for JSON that describes no packet."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import pytest
+from conftest import load_sample
+
+from dtgserver.protocol import (
+    KST,
+    BadTime,
+    JsonError,
+    KeyOff,
+    Packet,
+    SensorState,
+    StatusLog,
+    WireStr,
+    decode,
+    encode,
+    format_time,
+    from_json,
+    to_json,
+)
+
+BODY_KEYS = {
+    "dtg": ["daily_distance_km", "total_distance_km", "time", "speed_kmh", "rpm", "brake", "lon", "lat",
+            "azimuth_deg", "accel_x_ms2", "accel_y_ms2", "status_code", "daily_fuel_l", "total_fuel_l",
+            "fuel_level_pct", "temp_a_c", "temp_a_state", "temp_b_c", "temp_b_state", "battery_v",
+            "fuel_efficiency_kmpl", "work_status"],
+    "obd": ["daily_distance_km", "total_distance_km", "time", "speed_kmh", "rpm", "lon", "lat", "azimuth_deg",
+            "daily_fuel_l", "total_fuel_l", "temp_a_c", "temp_a_state", "temp_b_c", "temp_b_state", "battery_v",
+            "fuel_efficiency_kmpl"],
+    "mdt": ["daily_distance_km", "total_distance_km", "time", "speed_kmh", "lon", "lat", "azimuth_deg",
+            "temp_a_c", "temp_a_state", "temp_b_c", "temp_b_state", "battery_v"],
+}
+HEADER = ["kind", "protocol_id", "modem"]
+PACKET_KEYS = {
+    "basic_info": [*HEADER, "model", "vin", "vehicle_type", "registration_number", "business_number",
+                   "driver_code", "firmware_version"],
+    "dtg": [*HEADER, "report_period_min", "body_count", "key_on_time", "bodies"],
+    "key_off": [*HEADER, "sent_time", "lon", "lat", "key_off_time", "battery_v"],
+    "status_log": [*HEADER, "sent_time", "log_size", "log"],
+    "response": [*HEADER, "result"],
+}
+PACKET_KEYS["obd"] = PACKET_KEYS["mdt"] = PACKET_KEYS["dtg"]
+
+
+@pytest.mark.parametrize("name", ["basic_info_seoul_bus", "dtg_seoul_bus_60", "key_off_pyeongtaek",
+                                  "obd_busan_highway_20", "mdt_incheon_reefer_15", "status_log_korean",
+                                  "response_spec_sample"])
+def test_keys_in_wire_order(name: str) -> None:
+    obj = to_json(decode(load_sample(name).data))
+    assert list(obj) == PACKET_KEYS[obj["kind"]]
+    for body in obj.get("bodies", []):
+        assert list(body) == BODY_KEYS[obj["kind"]]
+
+
+def test_types() -> None:
+    obj = to_json(decode(load_sample("dtg_seoul_bus_60").data))
+    body = obj["bodies"][0]
+    assert isinstance(obj["modem"], str) and isinstance(obj["protocol_id"], int)
+    assert isinstance(body["brake"], bool)
+    assert all(isinstance(body[k], float) for k in ("lon", "lat", "accel_x_ms2", "battery_v", "daily_fuel_l"))
+    assert all(type(body[k]) is int for k in ("speed_kmh", "rpm", "azimuth_deg", "status_code", "work_status"))
+
+
+def test_times_are_iso_8601_with_offset_and_hundredths_only_when_non_zero() -> None:
+    assert format_time(datetime(2012, 10, 25, 15, 30, 45, tzinfo=KST)) == "2012-10-25T15:30:45+09:00"
+    assert format_time(datetime(2012, 10, 25, 15, 30, 45, 500000, tzinfo=KST)) == "2012-10-25T15:30:45.5+09:00"
+    assert format_time(datetime(2012, 10, 25, 15, 30, 45, 70000, tzinfo=KST)) == "2012-10-25T15:30:45.07+09:00"
+    # A time given in another offset is the same instant, sent as KST.
+    record = KeyOff("0101", datetime.fromisoformat("2012-10-25T06:30:45+00:00"), 127.0, 37.5,
+                    datetime(2012, 10, 25, 15, 30, tzinfo=KST), 12.0)
+    assert encode(record)[12:19] == bytes([12, 10, 25, 15, 30, 45, 0])
+    assert to_json(decode(encode(record)))["sent_time"] == "2012-10-25T15:30:45+09:00"
+
+
+def test_temperature_states() -> None:
+    body = to_json(decode(load_sample("dtg_out_of_range").data))["bodies"][0]
+    assert (body["temp_a_c"], body["temp_a_state"], body["temp_b_c"], body["temp_b_state"]) == \
+        (None, "absent", None, "off")
+    obj = to_json(decode(load_sample("mdt_incheon_reefer_15").data))
+    obj["bodies"][0].pop("temp_a_state")  # a reading alone means "ok"
+    obj["bodies"][0]["temp_b_state"] = "absent"  # and a state alone needs no reading
+    record = from_json(obj)
+    assert record.bodies[0].temp_a_c == -18.4  # type: ignore[attr-defined]
+    assert record.bodies[0].temp_b_c is SensorState.ABSENT  # type: ignore[attr-defined]
+
+
+def test_verbatim_keeps_non_canonical_wire_text() -> None:
+    obj = to_json(decode(load_sample("basic_info_spec_sample").data))
+    assert obj["modem"] == "01099998888" and obj["firmware_version"] == "1001"
+    assert obj["verbatim"] == {"modem": "0001003939393938383838", "firmware_version": "23232323232301000001"}
+    record = from_json(obj)
+    assert isinstance(record.modem, WireStr)
+    without = {k: v for k, v in obj.items() if k != "verbatim"}  # canonical ASCII digits then
+    assert encode(from_json(without))[1:12] == b"01099998888"
+
+
+def test_verbatim_must_agree_with_the_value() -> None:
+    obj = to_json(decode(load_sample("basic_info_spec_sample").data))
+    obj["modem"] = "01099998887"
+    with pytest.raises(JsonError, match="modem: verbatim 0001003939393938383838 does not decode to '01099998887'"):
+        from_json(obj)
+
+
+def test_bad_times_round_trip_through_verbatim() -> None:
+    sample = load_sample("dtg_out_of_range")
+    record = decode(sample.data)
+    assert isinstance(record.key_on_time, BadTime)  # type: ignore[attr-defined]
+    assert sample.expected["key_on_time"] is None
+    assert encode(from_json(sample.expected)) == sample.data
+
+
+def test_response_has_no_modem() -> None:
+    obj = to_json(decode(b"\x09\x04"))
+    assert obj == {"kind": "response", "protocol_id": 9, "modem": None, "result": 4}
+
+
+def test_status_log_alias_and_default_id() -> None:
+    base: dict[str, Any] = {"kind": "status_log", "modem": "0101", "sent_time": "2024-03-14T08:30:05+09:00",
+                            "log": "GPS 수신 정상"}
+    assert encode(from_json(base))[0] == 0x63
+    assert encode(from_json({**base, "protocol_id": 0x99}))[0] == 0x99
+    record = from_json(base)
+    assert isinstance(record, StatusLog) and record.log_size == len("GPS 수신 정상".encode("euc-kr")) == 13
+
+
+def bad(obj: dict[str, Any], match: str) -> None:
+    with pytest.raises(JsonError, match=match):
+        from_json(obj)
+
+
+def spec_key_off() -> dict[str, Any]:
+    return json.loads(json.dumps(load_sample("key_off_pyeongtaek").expected))  # type: ignore[no-any-return]
+
+
+def test_json_errors_name_the_key() -> None:
+    bad([], "expected a JSON object")  # type: ignore[arg-type]
+    bad({"kind": "gps"}, "kind must be one of basic_info, dtg, key_off, obd, mdt, status_log, response")
+    bad({**spec_key_off(), "lat": "north"}, "lat: expected a number")
+    bad({**spec_key_off(), "lat": 37.1234567}, "lat: 37.1234567 is not a multiple of 1/1000000")
+    bad({**spec_key_off(), "sent_time": "yesterday"}, "sent_time: expected an ISO 8601 time")
+    bad({**spec_key_off(), "sent_time": "2024-05-20T23:40:00.123+09:00"}, "finer than the wire's 1/100 s")
+    bad({**spec_key_off(), "modem": "0101-2345"}, "modem: modem must be 1 to 11 digits")
+    bad({**spec_key_off(), "protocol_id": 3}, "protocol_id: 3 is not key_off's 4")
+    bad({k: v for k, v in spec_key_off().items() if k != "battery_v"}, "battery_v: missing")
+    bad({**spec_key_off(), "battery_v": 1e9}, r"battery_v: 1000000000.0 does not fit its wire type \(h\)")
+    bad({**spec_key_off(), "lon": 2148.0}, "lon: 2148.0 does not fit")
+    dtg = to_json(decode(load_sample("dtg_spec_sample").data))
+    bad({**dtg, "bodies": []}, "bodies: expected a non-empty list of bodies")
+    bad({**dtg, "body_count": 2}, "body_count: 2 does not match the data")
+    body = {**dtg["bodies"][0], "temp_a_state": "warm"}
+    bad({**dtg, "bodies": [body]}, r"bodies\[0\].temp_a_c: temp_a_state must be ok, absent or off")
+    info = to_json(decode(load_sample("basic_info_seoul_bus").data))
+    bad({**info, "registration_number": "서울74사12345"}, "registration_number: .* is not EUC-KR text of at most 12")
+    bad({**info, "model": "똠"}, "model: '똠' is not EUC-KR text")  # outside KS X 1001: no EUC-KR bytes
+
+
+@pytest.mark.parametrize("name", ["dtg_seoul_bus_60", "basic_info_gyeonggi_truck", "status_log_alias_0x99"])
+def test_json_text_round_trip(name: str) -> None:
+    sample = load_sample(name)
+    record: Packet = from_json(json.loads(json.dumps(sample.expected, ensure_ascii=False)))
+    assert encode(record) == sample.data
+
+
+def test_values_beyond_the_wire_type_name_their_body() -> None:
+    dtg = to_json(decode(load_sample("dtg_seoul_bus_60").data))
+    dtg["bodies"][7]["rpm"] = 99999  # a short on the wire
+    with pytest.raises(JsonError, match=r"^bodies\[7\]\.rpm: 99999 does not fit its wire type"):
+        from_json(dtg)
