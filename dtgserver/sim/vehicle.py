@@ -253,9 +253,10 @@ class Vehicle:
             self.target_jitter = rng.uniform(0.88, 1.04)
 
         if self.wait_s > 0 or self.trip_second <= 3:  # at a red light, or warming up after KEY ON
-            self.wait_s -= 1
-            v1 = 0.0
-            distance_m = 0.0
+            v1 = max(0.0, v0 - b.decel_ms2)  # came up to the line a little fast: brake hard
+            if v1 == 0:
+                self.wait_s -= 1
+            distance_m = (v0 + v1) / 2
         else:
             if self.trip_remaining_s <= 0:  # time to park: pull over and stop
                 if self.pullover_m is None:
@@ -268,7 +269,7 @@ class Vehicle:
                           math.sqrt(end_speed * end_speed + 2 * braking * max(0.0, remaining - 3)))
             v1 = max(0.0, min(desired, v0 + b.accel_ms2 * rng.uniform(0.6, 1.0), b.top_speed_kmh / 3.6))
             v1 = max(v1, v0 - b.decel_ms2)
-            if end_speed == 0 and remaining < 6 and v1 < 2.5:
+            if end_speed == 0 and remaining < 6 and v0 <= b.decel_ms2:
                 v1 = 0.0  # rolled up to the stop line
             distance_m = (v0 + v1) / 2
             self.seg_remaining_m -= distance_m
