@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import sys
 import tomllib
 from datetime import datetime
@@ -98,9 +99,15 @@ def serve(verbose: int, quiet: bool, **options: Any) -> None:
     config = ServerConfig(**options)
     try:
         trio.run(run_server, config)
-    except OSError as e:
-        click.echo(f"dtgserver: error: {e}", err=True)
+    except* (OSError, sqlite3.Error) as group:  # nurseries wrap errors in groups: say the first one
+        click.echo(f"dtgserver: error: {_first_error(group)}", err=True)
         sys.exit(1)
+
+
+def _first_error(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 @click.group()
