@@ -118,15 +118,14 @@ def encode_cmd(json_packets: tuple[str, ...], binary: bool) -> None:
     JSON comes from the arguments, or from stdin as JSON lines, so `decode | encode`
     reproduces the input bytes.
     """
-    out = click.get_binary_stream("stdout")
     try:
-        for where, obj in _json_objects(json_packets, click.get_text_stream("stdin")):
+        for where, obj in _json_objects(json_packets, sys.stdin):
             try:
                 raw = encode(from_json(obj))
             except (JsonError, ValueError) as e:
                 raise JsonError(f"{where}: {e}") from None
-            out.write(raw if binary else raw.hex().encode() + b"\n")
-            out.flush()
+            # click.echo writes bytes to the binary stdout (click 8.5 deprecates get_binary_stream).
+            click.echo(raw if binary else raw.hex(), nl=not binary)
     except JsonError as e:
         _fail(str(e))
 
