@@ -54,30 +54,70 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Mosquitto:
-    """One broker process at a time on a fixed 127.0.0.1 port (chosen free on first start)."""
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=60)
 
-    def __init__(self, workdir: Path, *, port: int | None = None, binary: str | None = None):
+
+def make_test_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost: (ca.pem, server.pem, server.key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr",
+                                                           "server.pem"))
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=dtgserver test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    _openssl("req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1")
+    extensions = directory / "server.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+             "-days", "2", "-extfile", extensions)
+    return ca, cert, key
+
+
+class Mosquitto:
+    """One broker process at a time on a fixed 127.0.0.1 port (chosen free on first start).
+
+    `tls=(ca, cert, key)` makes the listener TLS-only; `users={name: password}` turns anonymous
+    access off.
+    """
+
+    def __init__(self, workdir: Path, *, port: int | None = None, binary: str | None = None,
+                 tls: tuple[Path, Path, Path] | None = None, users: dict[str, str] | None = None):
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.binary = binary or require_mosquitto()
         self.port = port or free_port()
         self.host = "127.0.0.1"
+        self.tls = tls
+        self.users = users
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
         return self.workdir / "mosquitto.log"
 
     def config(self) -> str:
-        lines = [
-            f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+        lines = [f"listener {self.port} {self.host}"]
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            lines += [f"cafile {ca}", f"certfile {cert}", f"keyfile {key}"]
+        if self.users is None:
+            lines.append("allow_anonymous true")
+        else:
+            passwords = self.workdir / "passwords"
+            passwords.write_text("")
+            passwords.chmod(0o600)
+            tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+            for user, password in self.users.items():
+                subprocess.run([tool, "-b", str(passwords), user, password], check=True, capture_output=True,
+                               timeout=30)
+            lines += ["allow_anonymous false", f"password_file {passwords}"]
+        lines += [
             "persistence true",
             f"persistence_location {self.workdir}/",
             "max_queued_messages 0",  # no limit: a restarted subscriber must get everything queued
@@ -170,6 +210,10 @@ class Subscriber:
         self._subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
         self.client.reconnect_delay_set(1, 1)
+        if broker.tls is not None:
+            self.client.tls_set(ca_certs=str(broker.tls[0]))
+        if broker.users:
+            self.client.username_pw_set(*next(iter(broker.users.items())))
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *args: self._subscribed.set()
         self.client.on_message = lambda client, userdata, message: self.messages.append(message)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import trio
-from mosquitto import Mosquitto, Subscriber, broker_fixture, free_port  # noqa: F401  (the broker fixture)
+from mosquitto import Mosquitto, Subscriber, broker_fixture, free_port, make_test_ca  # noqa: F401  (the broker fixture)
 
 from dtgserver.bridge import OutboxRow, encode_payload
 from dtgserver.bridge.forwarder import BrokerUrl, Forwarder, topic_with_prefix
@@ -266,3 +266,61 @@ async def test_acks_received_before_shutdown_are_saved(broker: Mosquitto) -> Non
         await wait_until(lambda: forwarder.acknowledged == 30)
         nursery.cancel_scope.cancel()
     assert sorted(outbox.delivered) == list(range(1, 31))
+
+
+# -- TLS and credentials -----------------------------------------------------------------------------
+
+
+async def deliver_one(outbox: MemoryOutbox, forwarder: Forwarder, *, expect_delivery: bool) -> None:
+    outbox.add(MODEMS[0])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(forwarder.run)
+        if expect_delivery:
+            await wait_until(lambda: outbox.backlog() == 0)
+        else:
+            await wait_until(lambda: forwarder.reconnects >= 2)
+        nursery.cancel_scope.cancel()
+
+
+async def test_mqtts_verifies_the_broker_with_the_ca_file(tmp_path: Path) -> None:
+    tls = await trio.to_thread.run_sync(make_test_ca, tmp_path / "ca")
+    with Mosquitto(tmp_path / "broker", tls=tls) as tls_broker, Subscriber(tls_broker) as subscriber:
+        assert tls_broker.url.startswith("mqtts://")
+        outbox = MemoryOutbox()
+        await deliver_one(outbox, make_forwarder(outbox, tls_broker.url, tls_ca=tls[0]), expect_delivery=True)
+        await subscriber.wait_count(1)
+
+
+async def test_mqtts_refuses_a_broker_its_ca_did_not_sign(tmp_path: Path) -> None:
+    tls = await trio.to_thread.run_sync(make_test_ca, tmp_path / "ca")
+    other_ca, _, _ = await trio.to_thread.run_sync(make_test_ca, tmp_path / "other")
+    with Mosquitto(tmp_path / "broker", tls=tls) as tls_broker:
+        outbox = MemoryOutbox()
+        forwarder = make_forwarder(outbox, tls_broker.url, tls_ca=other_ca)
+        await deliver_one(outbox, forwarder, expect_delivery=False)
+    assert forwarder.published == 0 and outbox.delivered == []
+
+
+async def test_user_and_password_come_from_the_url(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path / "broker", users={"fleet@gw": "s3:cret"}) as auth_broker:
+        outbox = MemoryOutbox()
+        url = f"mqtt://fleet%40gw:s3%3Acret@127.0.0.1:{auth_broker.port}"
+        await deliver_one(outbox, make_forwarder(outbox, url), expect_delivery=True)
+
+        outbox = MemoryOutbox()
+        refused = make_forwarder(outbox, f"mqtt://fleet%40gw:wrong@127.0.0.1:{auth_broker.port}")
+        await deliver_one(outbox, refused, expect_delivery=False)
+        assert refused.published == 0 and outbox.delivered == [] and not refused.connected
+
+
+def test_without_the_broker_binary_ci_fails_and_elsewhere_skips(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mosquitto
+
+    monkeypatch.setattr(mosquitto, "BINARY_CANDIDATES", ())
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="mosquitto binary not found"):
+        mosquitto.require_mosquitto()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception):
+        mosquitto.require_mosquitto()

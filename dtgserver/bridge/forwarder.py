@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,8 @@ def topic_with_prefix(prefix: str, topic: str) -> str:
 class _Session:
     """One broker connection: its paho client and the events its callbacks report."""
 
-    client: mqtt.Client
+    client: mqtt.Client = attrs.field(default=None)
+    tls_sockets: list[ssl.SSLSocket] = attrs.Factory(list)
     connack: trio.Event = attrs.Factory(trio.Event)
     lost: trio.Event = attrs.Factory(trio.Event)
     refused: str | None = None
@@ -186,14 +188,20 @@ class Forwarder:
 
     async def _session(self) -> None:
         """One connection, from CONNECT until it is lost (returns) or refused (raises)."""
-        session = _Session(self._new_client())
+        session = _Session()
+        session.client = self._new_client(session)
         session.client.on_connect = self._callback(self._on_connect, session)
         session.client.on_disconnect = self._callback(self._on_disconnect, session)
         session.client.on_publish = self._callback(self._on_publish, session)
         started = False
         try:
-            await trio.to_thread.run_sync(session.client.connect, self.broker.host, self.broker.port,
-                                          self.keepalive_s)
+            try:
+                await trio.to_thread.run_sync(session.client.connect, self.broker.host, self.broker.port,
+                                              self.keepalive_s)
+            except BaseException:
+                for sock in session.tls_sockets:
+                    sock.close()
+                raise
             session.client.loop_start()
             started = True
             with trio.move_on_after(self.connect_timeout_s):
@@ -216,7 +224,7 @@ class Forwarder:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(session.client.loop_stop)
 
-    def _new_client(self) -> mqtt.Client:
+    def _new_client(self, session: _Session) -> mqtt.Client:
         # A clean session per connection: what the broker had not acked is ours to resend, in order.
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=True,
                              protocol=mqtt.MQTTv311, reconnect_on_failure=False)
@@ -226,8 +234,25 @@ class Forwarder:
         if self.broker.username is not None:
             client.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls:
-            client.tls_set(ca_certs=self.tls_ca)
+            client.tls_set_context(self._tls_context(session))
         return client
+
+    def _tls_context(self, session: _Session) -> ssl.SSLContext:
+        """Verifies the broker's certificate and host name (system CAs, or the given CA file).
+
+        paho 2.2 leaves the TLS socket open when the handshake fails (a ResourceWarning, and a
+        descriptor held until garbage collection); remembering what it wraps lets us close it.
+        """
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        wrap_socket = context.wrap_socket
+
+        def wrap_and_remember(*args: Any, **kwargs: Any) -> ssl.SSLSocket:
+            sock = wrap_socket(*args, **kwargs)
+            session.tls_sockets.append(sock)
+            return sock
+
+        context.wrap_socket = wrap_and_remember  # type: ignore[method-assign]
+        return context
 
     # -- paho's thread → Trio -----------------------------------------------------------------
     def _callback(self, handler: Callable[..., None], session: _Session) -> Callable[..., None]:

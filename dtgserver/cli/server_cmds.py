@@ -30,11 +30,15 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
     table = table.get("serve", table)
-    known = {p.name for p in ctx.command.params if p.name}
+    known = {}  # long option name (--mqtt) or parameter name (mqtt_url), dashes as underscores → parameter
+    for p in ctx.command.params:
+        if p.name:
+            known[p.name] = p.name
+            known.update((opt[2:].replace("-", "_"), p.name) for opt in p.opts if opt.startswith("--"))
     defaults = {}
     for key, item in table.items():
-        name = key.replace("-", "_")
-        if name not in known:
+        name = known.get(key.replace("-", "_"))
+        if name is None:
             raise click.BadParameter(f"unknown option {key!r} in {value}", ctx=ctx, param=param)
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
