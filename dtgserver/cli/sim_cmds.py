@@ -86,7 +86,7 @@ def format_summary(s: dict[str, Any]) -> str:
     gen = s["generator"]
     per_session = "-" if gen["cpu_us_per_session"] is None else f"{gen['cpu_us_per_session']:g} µs/session"
     lines = [
-        f"{s['terminals']} terminals against {s['host']}:{s['port']} for {s['elapsed_s']:g} s, {mode}, "
+        f"{s['terminals']} terminals against {s['host']}:{s['port']} for {s['window_s']:g} s, {mode}, "
         f"seed {s['seed']}",
         f"sessions {s['sessions']} ({s['sessions_per_s']:g}/s)  bodies {s['bodies']} ({s['bodies_per_s']:g}/s)  "
         f"by kind: {', '.join(f'{k} {v}' for k, v in s['packets_by_kind'].items()) or '-'}",
@@ -98,6 +98,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"generator CPU {gen['cpu_s']:g} s (user {gen['cpu_user_s']:g}, system {gen['cpu_system_s']:g}; "
         f"{gen['cpu_pct_of_one_core']:g}% of one core, {per_session})",
     ]
+    if s["elapsed_s"] - s["window_s"] > 0.05:
+        lines[0] += f" (then {s['elapsed_s'] - s['window_s']:.2f} s for the last answers)"
     if "backlog_packets" in s:
         lines[-2] += f"  backlog left {s['backlog_packets']}"
     if s["skipped_sessions"]:

@@ -200,28 +200,28 @@ async def run(config: SimConfig, progress: Progress | None = None) -> dict[str, 
     identities = make_identities(config, seed)
     stats = Stats()
     wall_start = time.time()
+    backlog: int | None = None
+    pool = None
+    if config.mode != "cadence":  # pre-rendering is set-up, not load: before the clocks start
+        pool = PacketPool(identities, seed, start_s=wall_start - 7 * 86_400)
     cpu_start = CpuTime.now()
     start = trio.current_time()
-    backlog: int | None = None
 
     async with trio.open_nursery() as nursery:
         if progress is not None:
             nursery.start_soon(_report_progress, stats, start, progress)
-        if config.mode == "cadence":
+        if pool is None:
             # The simulated clock starts in the past and reaches the present as the run ends.
             start_s = wall_start - config.duration_s * config.time_scale
             policy = attrs.evolve(config.policy, answer_timeout_s=config.answer_timeout_s)
             backlog = await _cadence(config, identities, seed, start_s, policy, link, stats)
+        elif config.mode == "open_loop":
+            await _open_loop(config, pool, link, stats)
         else:
-            pool = PacketPool(identities, seed, start_s=wall_start - 7 * 86_400)
-            start = trio.current_time()  # pre-rendering is set-up, not load
-            cpu_start = CpuTime.now()
-            if config.mode == "open_loop":
-                await _open_loop(config, pool, link, stats)
-            else:
-                await _closed_loop(config, pool, link, stats)
+            await _closed_loop(config, pool, link, stats)
         nursery.cancel_scope.cancel()
     elapsed = trio.current_time() - start
+    window = min(elapsed, config.duration_s)
     cpu = CpuTime.now() - cpu_start
     if progress is not None:
         progress("")
@@ -231,12 +231,12 @@ async def run(config: SimConfig, progress: Progress | None = None) -> dict[str, 
         "answer_timeout_s": config.answer_timeout_s,
     }
     if config.mode == "cadence":
-        run_info.update(time_scale=config.time_scale, simulated_s=round(elapsed * config.time_scale, 1))
+        run_info.update(time_scale=config.time_scale, simulated_s=round(window * config.time_scale, 1))
     elif config.mode == "open_loop":
         run_info.update(max_rate=config.max_rate)
     else:
         run_info.update(concurrency=config.concurrency)
-    summary = stats.summary(elapsed, cpu, **run_info)
+    summary = stats.summary(elapsed, window, cpu, **run_info)
     if backlog is not None:
         summary["backlog_packets"] = backlog
     return summary

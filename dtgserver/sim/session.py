@@ -152,12 +152,15 @@ class Stats:
                 f"other results {sum(self.results.values()) - self.results[0]}  p50 {p50_text}  "
                 f"timeouts {self.timeouts}  errors {self.connection_errors + self.bad_answers}")
 
-    def summary(self, elapsed_s: float, cpu: CpuTime, **run: Any) -> dict[str, Any]:
-        per_s = (lambda n: round(n / elapsed_s, 1)) if elapsed_s > 0 else (lambda n: 0.0)
+    def summary(self, elapsed_s: float, window_s: float, cpu: CpuTime, **run: Any) -> dict[str, Any]:
+        """The report. Rates are over `window_s`, the time sessions were being started; `elapsed_s`
+        also counts the wait for the last answers (and is what the CPU share is of)."""
+        per_s = (lambda n: round(n / window_s, 1)) if window_s > 0 else (lambda n: 0.0)
         cpu_s = cpu.user_s + cpu.system_s
         return {
             **run,
             "elapsed_s": round(elapsed_s, 3),
+            "window_s": round(window_s, 3),
             "sessions": self.sessions,
             "sessions_per_s": per_s(self.sessions),
             "packets": self.sessions,
