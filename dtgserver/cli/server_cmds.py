@@ -32,7 +32,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     table = table.get("serve", table)
     known = {}  # long option name (--mqtt) or parameter name (mqtt_url), dashes as underscores → parameter
     for p in ctx.command.params:
-        if p.name:
+        if p.name and p.name not in ("config", "help"):
             known[p.name] = p.name
             known.update((opt[2:].replace("-", "_"), p.name) for opt in p.opts if opt.startswith("--"))
     defaults = {}
@@ -56,7 +56,7 @@ def _env(name: str) -> dict[str, Any]:
 
 @click.command()
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
-              envvar="DTGSERVER_CONFIG", help="TOML file of options (keys as the long option names).")
+              envvar="DTGSERVER_CONFIG", show_envvar=True, help="TOML file of options (keys as the long option names).")
 @click.option("--host", default="0.0.0.0", **_env("HOST"), help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, **_env("PORT"), help="TCP port.")
 @data_dir_option
@@ -87,8 +87,8 @@ def _env(name: str) -> dict[str, Any]:
               help="KEY OFF battery below this raises a Battery Warning event (0 disables).")
 @click.option("--outbox-high-water", type=click.IntRange(1), default=100_000, **_env("OUTBOX_HIGH_WATER"),
               help="Undelivered MQTT messages above which new packets are answered 4.")
-@click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Warnings only (no line per session).")
+@click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="More logging (-v: debug).")
+@click.option("-q", "--quiet", is_flag=True, **_env("QUIET"), help="Warnings only (no line per session).")
 def serve(verbose: int, quiet: bool, **options: Any) -> None:
     """Accept terminal connections, store every packet durably, answer 0x09 <result>.
 

@@ -1,0 +1,219 @@
+"""`dtgserver serve` configuration: command line > DTGSERVER_* environment > --config TOML > defaults.
+
+No server runs here: the server's entry point (`dtgserver.server.app.serve`) is replaced by one
+that records the ServerConfig it was given, so everything up to it (click parsing, the TOML
+loader, type conversion, trio.run) is the real thing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from click.testing import CliRunner, Result
+
+from dtgserver.cli import main
+from dtgserver.server import app
+from dtgserver.server.config import ServerConfig
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own DTGSERVER_* variables must not leak into these tests."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("DTGSERVER_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """`serve` configures logging for the process; put the dtgserver logger back afterwards."""
+    logger = logging.getLogger("dtgserver")
+    saved = logger.level, list(logger.handlers), logger.propagate
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+
+
+@pytest.fixture
+def configs(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
+    """Every ServerConfig `serve` would have run a server with."""
+    seen: list[ServerConfig] = []
+
+    async def capture(config: ServerConfig, **_: Any) -> None:
+        seen.append(config)
+
+    monkeypatch.setattr(app, "serve", capture)
+    return seen
+
+
+def serve(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, ["serve", *args], env=env)
+
+
+def config_of(configs: list[ServerConfig], *args: str, env: dict[str, str] | None = None) -> ServerConfig:
+    result = serve(*args, env=env)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert len(configs) == 1
+    return configs.pop()
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text, "utf-8")
+    return str(path)
+
+
+def test_command_line_defaults_are_the_config_defaults(configs: list[ServerConfig]) -> None:
+    config = config_of(configs)
+    assert config == ServerConfig()
+    assert (config.host, config.port, config.data_dir, config.idle_timeout) == ("0.0.0.0", 9320, Path("dtg-data"), 3.0)
+
+
+# Every option of `serve` that reaches ServerConfig, with a value that is not its default.
+NON_DEFAULTS: dict[str, tuple[str, object]] = {
+    "host": ('"127.0.0.2"', "127.0.0.2"),
+    "port": ("19320", 19320),
+    "data_dir": ('"elsewhere/data"', Path("elsewhere/data")),
+    "idle_timeout": ("4.5", 4.5),
+    "packet_timeout": ("12", 12.0),
+    "max_connections": ("77", 77),
+    "max_body_count": ("600", 600),
+    "queue_high_water": ("99", 99),
+    "grace_period": ("0.5", 0.5),
+    "metrics_port": ("9100", 9100),
+    "metrics_host": ('"0.0.0.0"', "0.0.0.0"),
+    "mqtt_url": ('"mqtt://broker.example:1884"', "mqtt://broker.example:1884"),
+    "mqtt_tls_ca": ('"ca.pem"', Path("ca.pem")),
+    "topic_prefix": ('"fleet"', "fleet"),
+    "client_id": ('"dtg-1"', "dtg-1"),
+    "profile": ('"sf2019"', "sf2019"),
+    "battery_warning_v": ("23.0", 23.0),
+    "outbox_high_water": ("5", 5),
+}
+
+
+# Options of the command itself, not of the server: logging, the config file, worker processes.
+CLI_ONLY = {"config", "verbose", "quiet", "workers"}
+
+
+def test_every_serve_option_is_covered_here() -> None:
+    from dtgserver.cli.server_cmds import serve as command
+
+    fields = {f.name for f in attrs.fields(ServerConfig)}
+    names = {p.name for p in command.params}
+    assert names & fields == set(NON_DEFAULTS)
+    assert names - fields == CLI_ONLY
+
+
+@pytest.mark.parametrize("name", sorted(NON_DEFAULTS))
+def test_each_option_from_the_file(configs: list[ServerConfig], tmp_path: Path, name: str) -> None:
+    toml, expected = NON_DEFAULTS[name]
+    key = "mqtt" if name == "mqtt_url" else name.replace("_", "-")  # the long option name, as documented
+    config = config_of(configs, "--config", write(tmp_path / "dtg.toml", f"{key} = {toml}\n"))
+    assert getattr(config, name) == expected
+    assert getattr(ServerConfig(), name) != expected
+
+
+def test_file_keys_with_underscores_and_a_serve_table(configs: list[ServerConfig], tmp_path: Path) -> None:
+    path = write(tmp_path / "dtg.toml", '[serve]\nidle_timeout = 5\ndata-dir = "d"\nmetrics_port = 9101\n')
+    config = config_of(configs, "--config", path)
+    assert (config.idle_timeout, config.data_dir, config.metrics_port) == (5.0, Path("d"), 9101)
+
+
+def test_precedence_cli_over_env_over_file_over_default(configs: list[ServerConfig], tmp_path: Path) -> None:
+    path = write(tmp_path / "dtg.toml", "port = 1111\nidle-timeout = 5.0\nmax-connections = 50\ngrace-period = 1.0\n")
+    env = {"DTGSERVER_PORT": "2222", "DTGSERVER_IDLE_TIMEOUT": "6.0", "DTGSERVER_MAX_BODY_COUNT": "100"}
+
+    config = config_of(configs, "--config", path, "--port", "3333", env=env)
+    assert config.port == 3333  # command line beats environment and file
+    assert config.idle_timeout == 6.0  # environment beats file
+    assert config.max_body_count == 100  # environment beats default
+    assert config.max_connections == 50  # file beats default
+    assert config.grace_period == 1.0
+    assert config.packet_timeout == ServerConfig().packet_timeout  # nobody said: default
+
+    config = config_of(configs, "--config", path, env=env)
+    assert config.port == 2222
+    config = config_of(configs, "--config", path)
+    assert (config.port, config.idle_timeout) == (1111, 5.0)
+
+
+def test_config_file_named_by_the_environment(configs: list[ServerConfig], tmp_path: Path) -> None:
+    path = write(tmp_path / "dtg.toml", "port = 1111\n")
+    assert config_of(configs, env={"DTGSERVER_CONFIG": path}).port == 1111
+    assert config_of(configs, "--port", "4444", env={"DTGSERVER_CONFIG": path}).port == 4444
+
+
+def test_option_order_on_the_command_line_does_not_matter(configs: list[ServerConfig], tmp_path: Path) -> None:
+    path = write(tmp_path / "dtg.toml", "port = 1111\n")
+    assert config_of(configs, "--port", "5555", "--config", path).port == 5555
+
+
+def test_quiet_and_verbose_from_file_and_environment(configs: list[ServerConfig], tmp_path: Path) -> None:
+    logger = logging.getLogger("dtgserver")
+    config_of(configs, "--config", write(tmp_path / "dtg.toml", "quiet = true\n"))
+    assert logger.level == logging.WARNING
+    config_of(configs, env={"DTGSERVER_VERBOSE": "1"})
+    assert logger.level == logging.DEBUG
+    config_of(configs)
+    assert logger.level == logging.INFO
+
+
+def failure(result: Result) -> str:
+    """A refused configuration: usage error (exit 2), a message, no traceback, no server run."""
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    return result.stderr
+
+
+def test_unknown_key_in_file_is_refused(configs: list[ServerConfig], tmp_path: Path) -> None:
+    path = write(tmp_path / "dtg.toml", "port = 1111\nidle-timout = 5\n")
+    message = failure(serve("--config", path))
+    assert "unknown option 'idle-timout'" in message and "dtg.toml" in message
+    assert configs == []
+
+
+@pytest.mark.parametrize("key", ["config", "help"])
+def test_file_cannot_name_the_meta_options(configs: list[ServerConfig], tmp_path: Path, key: str) -> None:
+    message = failure(serve("--config", write(tmp_path / "dtg.toml", f'{key} = "x"\n')))
+    assert f"unknown option {key!r}" in message
+    assert configs == []
+
+
+def test_bad_toml_is_refused(configs: list[ServerConfig], tmp_path: Path) -> None:
+    message = failure(serve("--config", write(tmp_path / "dtg.toml", "port = = 1\n")))
+    assert "--config" in message and "line 1" in message
+    assert configs == []
+
+
+def test_missing_config_file_is_refused(configs: list[ServerConfig], tmp_path: Path) -> None:
+    message = failure(serve("--config", str(tmp_path / "nowhere.toml")))
+    assert "nowhere.toml" in message
+    assert configs == []
+
+
+@pytest.mark.parametrize(("text", "option"), [
+    ('port = "ninety"\n', "--port"),
+    ("port = 70000\n", "--port"),
+    ("idle-timeout = 0\n", "--idle-timeout"),
+    ('profile = "traccar"\n', "--profile"),
+])
+def test_bad_value_in_file_names_the_option(configs: list[ServerConfig], tmp_path: Path, text: str,
+                                            option: str) -> None:
+    message = failure(serve("--config", write(tmp_path / "dtg.toml", text)))
+    assert option in message
+    assert configs == []
+
+
+def test_bad_value_in_environment_names_the_variable(configs: list[ServerConfig]) -> None:
+    message = failure(serve(env={"DTGSERVER_PORT": "ninety"}))
+    assert "DTGSERVER_PORT" in message
+    assert configs == []
