@@ -46,12 +46,17 @@ def wire_bounds(fmt: str) -> tuple[int, int]:
     return -(2 ** (8 * size - 1)), 2 ** (8 * size - 1) - 1
 
 
-def texts(width: int | None, *, max_chars: int = 20) -> st.SearchStrategy[str]:
+@st.composite
+def texts(draw: st.DrawFn, width: int | None, *, max_chars: int = 20) -> str:
     """Text that round-trips: EUC-KR within `width` bytes, no '#' at either end (the padding)."""
-    return st.text(TEXT_CHARS, max_size=max_chars).filter(
-        lambda t: not t.startswith("#") and not t.endswith("#")
-        and (width is None or len(_euc_kr(t) or b"") <= width)
-    )
+    chars, used = [], 0
+    for char in draw(st.lists(TEXT_CHARS, max_size=max_chars)):
+        size = 1 if char.isascii() else 2  # KS X 1001 syllables are 2 bytes in EUC-KR
+        if width is not None and used + size > width:
+            break
+        chars.append(char)
+        used += size
+    return "".join(chars).strip("#")
 
 
 def kst_times() -> st.SearchStrategy[datetime]:
