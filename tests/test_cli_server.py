@@ -1,0 +1,216 @@
+"""The server's commands: `devices`, `maintenance`, and `serve --help` / `serve` failing cleanly.
+
+Every command runs through click's CliRunner against real files in tmp_path; what a command
+wrote is read back through the control database itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from click.testing import CliRunner, Result
+from packets import dtg_bytes
+from test_server import MAINTENANCE, OK, UNKNOWN, exchange, running, stored
+
+from dtgserver.cli import main
+from dtgserver.cli.server_cmds import serve as serve_command
+from dtgserver.store import Control
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("DTGSERVER_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    logger = logging.getLogger("dtgserver")
+    saved = logger.level, list(logger.handlers), logger.propagate
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.stdout
+
+
+def refused(result: Result, code: int = 1) -> str:
+    """A clear error: the exit code, a message on stderr, and no traceback."""
+    assert result.exit_code == code, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    assert result.stderr.strip()
+    return result.stderr
+
+
+def registry(data_dir: Path) -> dict[str, tuple[str, str]]:
+    control = Control(data_dir)
+    try:
+        return {d.modem: (d.status.value, d.note) for d in control.devices()}
+    finally:
+        control.close()
+
+
+def switches(data_dir: Path) -> tuple[bool, bool]:
+    control = Control(data_dir)
+    try:
+        state = control.load()
+        return state.maintenance, state.registry_enforced
+    finally:
+        control.close()
+
+
+# -- devices ------------------------------------------------------------------------------------
+
+
+def test_devices_add_list_remove(tmp_path: Path) -> None:
+    assert ok(run("devices", "add", "01011112222", "01033334444", "--note", "1호차 냉동탑",
+                  "--data-dir", tmp_path)) == "2 device(s) active\n"
+    assert registry(tmp_path) == {"01011112222": ("active", "1호차 냉동탑"), "01033334444": ("active", "1호차 냉동탑")}
+
+    listing = ok(run("devices", "list", "--data-dir", tmp_path)).splitlines()
+    assert listing[0] == "registry not enforced; 2 device(s)"
+    assert [line.split()[:2] for line in listing[1:]] == [["01011112222", "active"], ["01033334444", "active"]]
+    assert all(line.endswith("1호차 냉동탑") for line in listing[1:])
+
+    ok(run("devices", "remove", "01011112222", "--data-dir", tmp_path))
+    assert list(registry(tmp_path)) == ["01033334444"]
+    as_json = [json.loads(line) for line in ok(run("devices", "list", "--json", "--data-dir", tmp_path)).splitlines()]
+    assert as_json == [{"modem": "01033334444", "status": "active", "note": "1호차 냉동탑"}]
+
+
+def test_devices_add_cancelled_and_back(tmp_path: Path) -> None:
+    ok(run("devices", "add", "01011112222", "--data-dir", tmp_path))
+    assert ok(run("devices", "add", "01011112222", "--cancelled", "--note", "계약 해지",
+                  "--data-dir", tmp_path)) == "1 device(s) cancelled\n"
+    assert registry(tmp_path) == {"01011112222": ("cancelled", "계약 해지")}
+    assert "01011112222  cancelled  계약 해지" in ok(run("devices", "list", "--data-dir", tmp_path))
+    ok(run("devices", "add", "01011112222", "--data-dir", tmp_path))  # adding again re-activates
+    assert registry(tmp_path) == {"01011112222": ("active", "")}
+
+
+@pytest.mark.parametrize("bad", ["010123456789", "010-1234-5678", "abc", "", "０１０", "0101234\n"])
+def test_devices_add_bad_modem_is_refused(tmp_path: Path, bad: str) -> None:
+    message = refused(run("devices", "add", "01011112222", bad, "--data-dir", tmp_path), code=2)
+    assert "modem numbers are 1 to 11 digits" in message
+    assert registry(tmp_path) == {}  # not even the good one: all or nothing
+
+
+def test_devices_add_needs_a_modem(tmp_path: Path) -> None:
+    refused(run("devices", "add", "--data-dir", tmp_path), code=2)
+
+
+def test_devices_remove_unknown_is_an_error(tmp_path: Path) -> None:
+    ok(run("devices", "add", "01011112222", "--data-dir", tmp_path))
+    message = refused(run("devices", "remove", "01099999999", "01011112222", "--data-dir", tmp_path))
+    assert message == "dtgserver: error: not in the registry: 01099999999\n"
+    assert registry(tmp_path) == {}  # the known one is removed all the same
+
+
+def test_devices_enforce_on_off(tmp_path: Path) -> None:
+    assert ok(run("devices", "enforce", "on", "--data-dir", tmp_path)) == "registry enforcement on\n"
+    assert switches(tmp_path) == (False, True)
+    assert ok(run("devices", "list", "--data-dir", tmp_path)).startswith("registry enforced; 0 device(s)")
+    ok(run("devices", "enforce", "off", "--data-dir", tmp_path))
+    assert switches(tmp_path) == (False, False)
+    refused(run("devices", "enforce", "maybe", "--data-dir", tmp_path), code=2)
+
+
+def test_data_dir_from_the_environment(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["devices", "add", "01011112222"], env={"DTGSERVER_DATA_DIR": str(tmp_path)})
+    ok(result)
+    assert list(registry(tmp_path)) == ["01011112222"]
+
+
+# -- maintenance --------------------------------------------------------------------------------
+
+
+def test_maintenance_on_off_writes_the_control_db(tmp_path: Path) -> None:
+    assert ok(run("maintenance", "on", "--data-dir", tmp_path)) == "maintenance on\n"
+    assert (tmp_path / "control.db").is_file()
+    assert switches(tmp_path) == (True, False)
+    ok(run("maintenance", "off", "--data-dir", tmp_path))
+    assert switches(tmp_path) == (False, False)
+    refused(run("maintenance", "soon", "--data-dir", tmp_path), code=2)
+
+
+async def test_commands_reach_a_running_server(tmp_path: Path) -> None:
+    """What the docs promise: the commands change a running server's answers, no restart."""
+
+    async def until(condition: Callable[[], bool]) -> None:
+        with trio.fail_after(5):
+            while not condition():
+                await trio.sleep(0.01)
+
+    async with running(tmp_path) as server:
+        assert server.port
+        ok(run("maintenance", "on", "--data-dir", tmp_path))
+        await until(lambda: server.control_state.maintenance)
+        assert await exchange(server.port, dtg_bytes("01011112222")) == MAINTENANCE
+        ok(run("maintenance", "off", "--data-dir", tmp_path))
+        ok(run("devices", "add", "01011112222", "--data-dir", tmp_path))
+        ok(run("devices", "enforce", "on", "--data-dir", tmp_path))
+        await until(lambda: server.control_state.registry_enforced and not server.control_state.maintenance)
+        assert await exchange(server.port, dtg_bytes("01011112222")) == OK
+        assert await exchange(server.port, dtg_bytes("01033334444")) == UNKNOWN
+        ok(run("devices", "add", "01011112222", "--cancelled", "--data-dir", tmp_path))
+        ok(run("devices", "enforce", "off", "--data-dir", tmp_path))
+        await until(lambda: not server.control_state.registry_enforced)
+        assert await exchange(server.port, dtg_bytes("01033334444")) == OK  # anyone, when not enforced
+        # ... except a cancelled terminal, which gets 2 whether or not the registry is enforced
+        assert await exchange(server.port, dtg_bytes("01011112222", minute=1)) == UNKNOWN
+    assert [m for m, _, _ in stored(tmp_path)] == ["01011112222", "01033334444"]
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+
+def test_serve_help_lists_every_option_with_its_variable() -> None:
+    text = ok(run("serve", "--help"))
+    flat = " ".join(text.split())  # help wraps lines; names are never split
+    options = [p for p in serve_command.params if p.name]
+    assert len(options) >= 20
+    for option in options:
+        long_name = next(o for o in option.opts if o.startswith("--"))
+        envvar = f"DTGSERVER_{option.name.upper()}" if option.name != "mqtt_url" else "DTGSERVER_MQTT"
+        assert re.search(rf"(^|\s|, ){re.escape(long_name)}\b", flat), long_name
+        assert f"env var: {envvar}" in flat, (long_name, envvar)
+    assert "default: 9320" in flat and "default: 3.0" in flat and "default: dtg-data" in flat
+
+
+def test_serve_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = refused(run("serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", tmp_path, "-q"))
+    assert message == "dtgserver: error: [Errno 98] Address already in use\n"
+
+
+def test_serve_on_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / "store-0.db").write_bytes(b"not a database, " * 512)
+    message = refused(run("serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", tmp_path, "-q"))
+    assert message == "dtgserver: error: file is not a database\n"
+
+
+def test_serve_data_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    message = refused(run("serve", "--port", "0", "--data-dir", tmp_path / "file"), code=2)
+    assert "is a file" in message
