@@ -9,14 +9,17 @@ from __future__ import annotations
 import errno
 import logging
 import signal
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
 from ..protocol import NEED_DATA, Connection, ProtocolError, Received, Result, Role
-from ..store import Control, ControlState, PacketStore
+from ..store import Control, ControlState, PacketStore, shard_paths
+from ..store.packets import ShardCountMismatch, shard_of
 from .config import ServerConfig
 from .metrics import Metrics, serve_metrics
 
@@ -53,33 +56,37 @@ class Session:
 class DtgServer:
     """The whole service: listeners, sessions, the store's writer, control polling, metrics, forwarder."""
 
-    def __init__(self, config: ServerConfig, *, shard: int = 0):
+    def __init__(self, config: ServerConfig, *, shard: int = 0, shards: int = 1, reuse_port: bool = False):
+        """shards > 1: one of `serve --workers N`; this worker writes every shard and forwards its own."""
         self.config = config
         self.metrics = Metrics()
         self.control = Control(config.data_dir)
+        check_shard_count(self.control, config.data_dir, shards)
         self.control_state: ControlState = self.control.load()
         self.control.changed()
         mapper, forward = self._bridge()
-        self.store = PacketStore(
-            config.data_dir, shard=shard, mapper=mapper, forward=forward, max_batch=config.max_batch,
-            queue_high_water=config.queue_high_water, outbox_high_water=config.outbox_high_water,
-        )
+        self.shard, self.shards, self.reuse_port = shard, shards, reuse_port
+        self.stores = [PacketStore(
+            config.data_dir, shard=i, mapper=mapper, forward=forward, max_batch=config.max_batch,
+            queue_high_water=config.queue_high_water, outbox_high_water=config.outbox_high_water, shared=shards > 1,
+        ) for i in range(shards)]
+        self.store = self.stores[shard]  # the shard whose outbox this process forwards
         self.forwarder: Any = None
         self._stop = trio.Event()
         self._accepting = False
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.metrics.gauges.update({
-            "commit_queue": lambda: self.store.queued,
+            "commit_queue": lambda: sum(s.queued for s in self.stores),
             "mqtt_backlog": self.store.backlog,
-            "commits_total": lambda: self.store.stats.commits,
-            "commit_failures_total": lambda: self.store.stats.failed_commits,
-            "committed_packets_total": lambda: self.store.stats.committed_packets,
-            "duplicate_packets_total": lambda: self.store.stats.duplicates,
+            "commits_total": lambda: sum(s.stats.commits for s in self.stores),
+            "commit_failures_total": lambda: sum(s.stats.failed_commits for s in self.stores),
+            "committed_packets_total": lambda: sum(s.stats.committed_packets for s in self.stores),
+            "duplicate_packets_total": lambda: sum(s.stats.duplicates for s in self.stores),
             "commit_batch_size_last": lambda: self.store.stats.last_batch_size,
-            "commit_batch_size_sum": lambda: self.store.stats.batch_size_sum,
+            "commit_batch_size_sum": lambda: sum(s.stats.batch_size_sum for s in self.stores),
             "commit_seconds_last": lambda: self.store.stats.last_commit_seconds,
-            "commit_seconds_sum": lambda: self.store.stats.commit_seconds_sum,
+            "commit_seconds_sum": lambda: sum(s.stats.commit_seconds_sum for s in self.stores),
             "maintenance": lambda: int(self.control_state.maintenance),
         })
 
@@ -88,9 +95,9 @@ class DtgServer:
 
         cfg = self.config
 
-        def mapper(record: Any, state: Any, *, packet_id: str) -> Any:
+        def mapper(record: Any, state: Any, *, packet_id: str, received_ms: int) -> Any:
             return map_record(record, state, packet_id=packet_id, profile=cfg.profile,
-                              battery_warning_v=cfg.battery_warning_v)
+                              battery_warning_v=cfg.battery_warning_v, received_ms=received_ms)
 
         return mapper, cfg.mqtt_url is not None
 
@@ -99,7 +106,7 @@ class DtgServer:
         self._stop.set()
 
     def healthy(self) -> bool:
-        return self._accepting and self.store.overloaded() is None
+        return self._accepting and all(s.overloaded() is None for s in self.stores)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -107,19 +114,26 @@ class DtgServer:
         cfg = self.config
         try:
             async with trio.open_nursery() as services:
-                await services.start(self.store.run)
+                for store in self.stores:
+                    await services.start(store.run)
                 services.start_soon(self._poll_control)
                 if cfg.metrics_port is not None:
                     self.metrics_port = await services.start(
                         serve_metrics, self.metrics, cfg.metrics_host, cfg.metrics_port, self.healthy)
                 if cfg.mqtt_url is not None:
                     await services.start(self._run_forwarder)
-                listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
+                if self.reuse_port:
+                    from .workers import reuse_port_listener
+
+                    listeners = [await reuse_port_listener(cfg.host, cfg.port)]
+                else:
+                    listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
                 self.port = listeners[0].socket.getsockname()[1]
                 await self._serve(listeners, task_status)
                 services.cancel_scope.cancel()  # the store's writer commits what is queued first
         finally:
-            self.store.close()
+            for store in self.stores:
+                store.close()
             self.control.close()
 
     async def _run_forwarder(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -127,8 +141,11 @@ class DtgServer:
 
         cfg = self.config
         assert cfg.mqtt_url is not None
+        client_id = cfg.client_id
+        if self.shards > 1:  # one MQTT session per shard: a broker drops the older of two equal client ids
+            client_id = f"{client_id or 'dtgserver-' + socket.gethostname()}-shard{self.shard}"
         self.forwarder = Forwarder(self.store, cfg.mqtt_url, tls_ca=cfg.mqtt_tls_ca, topic_prefix=cfg.topic_prefix,
-                                   client_id=cfg.client_id)
+                                   client_id=client_id)
         f = self.forwarder
         for name in ("published", "acknowledged", "reconnects"):
             self.metrics.gauges[f"mqtt_{name}_total"] = lambda name=name: getattr(f, name, 0)
@@ -256,7 +273,8 @@ class DtgServer:
             return Result.MAINTENANCE
         if modem in state.cancelled or (state.registry_enforced and modem not in state.active):
             return Result.UNKNOWN_SUBSCRIBER
-        return await self.store.submit(event, session.peer)
+        store = self.stores[shard_of(modem, self.shards)] if self.shards > 1 else self.store
+        return await store.submit(event, session.peer)
 
     async def _answer(self, stream: trio.abc.Stream, result: Result, session: Session) -> bool:
         session.results.append(int(result))
@@ -289,6 +307,17 @@ async def _drain(stream: trio.abc.Stream, seconds: float = 1.0, limit: int = 1 <
             pass
 
 
+def check_shard_count(control: Control, data_dir: Path, shards: int) -> None:
+    """Record DIR's shard count, or raise ShardCountMismatch when DIR was written with another one."""
+    before = control.claim_shard_count(shards, len(shard_paths(data_dir)))
+    if before is not None:
+        control.close()
+        raise ShardCountMismatch(
+            f"{data_dir} holds packets in {before} shard(s) but {shards} were asked for (--workers {shards}): "
+            f"a terminal's data lives in one shard chosen by its modem number, and moving it is not supported. "
+            f"Serve this directory with --workers {before}, or use a new --data-dir.")
+
+
 def _peer(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
     try:
@@ -298,9 +327,10 @@ def _peer(stream: trio.abc.Stream) -> str:
     return f"{host}:{port}"
 
 
-async def serve(config: ServerConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(config: ServerConfig, *, shard: int = 0, shards: int = 1, reuse_port: bool = False,
+                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a server until SIGINT or SIGTERM, then shut down gracefully."""
-    server = DtgServer(config)
+    server = DtgServer(config, shard=shard, shards=shards, reuse_port=reuse_port)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         task_status.started(port)

@@ -16,6 +16,7 @@ import logging
 import os
 import sqlite3
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS trip_state (
     state TEXT NOT NULL                   -- JSON of dtgserver.bridge.mapping.TripState
 );
 CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: the forwarder's cursor only moves forward
     packet_id INTEGER NOT NULL REFERENCES packets(id),
     modem TEXT NOT NULL,
     topic TEXT NOT NULL,
@@ -58,6 +59,19 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 DIGEST_SIZE = 16
+SHARD_COUNT_KEY = "shards"  # in control.db settings: how many shards DIR's data is spread over
+
+
+class ShardCountMismatch(Exception):
+    """DIR was written with another number of shards; moving terminals between shards is not supported."""
+
+
+def shard_of(modem: str, shards: int) -> int:
+    """The one shard a terminal's packets, trip state and MQTT outbox live in, whichever worker accepted it.
+
+    A stable hash (not Python's salted `hash`): every worker process and every restart agrees.
+    """
+    return zlib.crc32(modem.encode("ascii", "replace")) % shards if shards > 1 else 0
 
 # map_record(record, state, *, packet_id) -> (messages, new state); see dtgserver.bridge.mapping
 Mapper = Callable[..., tuple[list[Any], Any]]
@@ -153,8 +167,16 @@ class PacketStore:
         max_batch: int = 512,
         queue_high_water: int = 2048,
         outbox_high_water: int = 100_000,
+        shared: bool = False,
+        poll_s: float = 0.2,
     ):
         self.data_dir = Path(data_dir)
+        # shared: other processes write this shard too (`serve --workers N`). Then nothing read
+        # from the database may be cached between transactions (trip state), the outbox backlog
+        # is re-counted from the database, and the forwarder's fetch also polls for rows that
+        # another process committed (its commits do not wake this one).
+        self.shared = shared
+        self.poll_s = poll_s
         self.path = self.data_dir / f"store-{shard}.db"
         self.mapper = mapper
         self.forward = forward
@@ -172,7 +194,7 @@ class PacketStore:
         self._wake = trio.Event()
         self._outbox_wake = trio.Event()
         self._trip_states: dict[str, Any] = {}
-        self._backlog = int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        self._backlog = self._count_outbox()
         self._closed = False
 
     def close(self) -> None:
@@ -207,16 +229,29 @@ class PacketStore:
 
     # -- the writer ----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The one writer: commits batches until cancelled, then commits what is still queued."""
-        task_status.started()
-        try:
-            while True:
-                await self._wake.wait()
-                await self._commit_pending()
-        finally:
-            with trio.CancelScope(shield=True):
-                while self._pending:
+        """This process's writer: commits batches until cancelled, then commits what is still queued."""
+        async with trio.open_nursery() as nursery:
+            if self.shared and self.forward:
+                nursery.start_soon(self._recount_backlog)
+            task_status.started()
+            try:
+                while True:
+                    await self._wake.wait()
                     await self._commit_pending()
+            finally:
+                with trio.CancelScope(shield=True):
+                    while self._pending:
+                        await self._commit_pending()
+
+    async def _recount_backlog(self) -> None:
+        """Other processes add to and deliver from this outbox: our running count drifts, so re-count."""
+        while True:
+            await trio.sleep(5 * self.poll_s)
+            async with self._reader_lock:
+                self._backlog = await trio.to_thread.run_sync(self._count_outbox)
+
+    def _count_outbox(self) -> int:
+        return int(self._reader.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
     async def _commit_pending(self) -> None:
         self._wake = trio.Event()
@@ -228,7 +263,8 @@ class PacketStore:
             results, states, added = await trio.to_thread.run_sync(self._write_batch, batch)
             elapsed = time.perf_counter() - started
             if results[0] is not None:
-                self._trip_states.update(states)
+                if not self.shared:
+                    self._trip_states.update(states)
                 self._backlog += added
                 if added:
                     self._outbox_wake.set()
@@ -285,7 +321,8 @@ class PacketStore:
             return "new", 0
         modem = str(record.modem)
         state = states[modem] if modem in states else self._trip_state(db, modem)
-        messages, new_state = self.mapper(record, state, packet_id=key.hex())
+        messages, new_state = self.mapper(record, state, packet_id=key.hex(),
+                                          received_ms=int(item.received_at * 1000))
         if new_state is not state:
             states[modem] = new_state
             stored = "null" if new_state is None else json.dumps(new_state.to_dict())
@@ -301,7 +338,8 @@ class PacketStore:
         return "new", len(messages)
 
     def _trip_state(self, db: sqlite3.Connection, modem: str) -> Any:
-        if modem in self._trip_states:
+        """The state before this packet; read inside the writing transaction when others may write it."""
+        if not self.shared and modem in self._trip_states:
             return self._trip_states[modem]
         row = db.execute("SELECT state FROM trip_state WHERE modem = ?", (modem,)).fetchone()
         if row is None or row[0] == "null":
@@ -321,7 +359,11 @@ class PacketStore:
                 rows = await trio.to_thread.run_sync(self._fetch, after_id, limit)
             if rows:
                 return rows
-            await wake.wait()
+            if self.shared:
+                with trio.move_on_after(self.poll_s):
+                    await wake.wait()
+            else:
+                await wake.wait()
 
     def _fetch(self, after_id: int, limit: int) -> list[OutboxRow]:
         rows = self._reader.execute(

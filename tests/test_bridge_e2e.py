@@ -1,0 +1,207 @@
+"""Terminals → TCP → server → durable store → forwarder → a real Mosquitto → a real subscriber."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from click.testing import CliRunner
+from mosquitto import Mosquitto, Subscriber, broker_fixture  # noqa: F401  (the broker fixture)
+from packets import KEY_ON, basic_info, dtg, key_off
+
+from dtgserver.bridge import map_record
+from dtgserver.cli import main
+from dtgserver.protocol import KST, MdtBody, MdtRealtime, ObdBody, ObdRealtime, SensorState, decode, encode
+from dtgserver.server.app import DtgServer
+from dtgserver.server.config import ServerConfig
+from dtgserver.store import digest
+
+pytestmark = pytest.mark.slow
+
+OK, OVERLOADED = b"\x09\x00", b"\x09\x04"
+
+
+@asynccontextmanager
+async def server_with_broker(tmp_path: Path, broker: Mosquitto, **overrides: Any) -> AsyncIterator[DtgServer]:
+    config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "data_dir": tmp_path / "data", "mqtt_url": broker.url,
+                             "client_id": "dtg-e2e", "grace_period": 2.0, **overrides})
+    server = DtgServer(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        yield server
+        server.stop()
+
+
+async def send(port: int, packet: bytes) -> bytes:
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(packet)
+            answer = b""
+            while len(answer) < 2 and (chunk := await stream.receive_some(2)):
+                answer += chunk
+            return answer
+
+
+def obd(modem: str) -> ObdRealtime:
+    bodies = [ObdBody(5, 2000, KEY_ON + timedelta(seconds=s), 60 + s, 2100, 129.05 + s / 1e4, 35.15, 180,
+                      1.25, 900.5, 3.5, SensorState.OFF, 13.8, 9.1) for s in range(30)]
+    return ObdRealtime(modem, 1, KEY_ON, bodies)
+
+
+def mdt(modem: str) -> MdtRealtime:
+    bodies = [MdtBody(1, 77, KEY_ON + timedelta(seconds=s), 30, 126.7, 37.45 + s / 1e4, 0, -18.5,
+                      SensorState.ABSENT, 12.6) for s in range(20)]
+    return MdtRealtime(modem, 1, KEY_ON, bodies)
+
+
+def expected_messages(packets: list[Any], received_ms: dict[bytes, int]) -> list[tuple[str, dict[str, Any], bool]]:
+    """What the mapping says these packets publish, terminal by terminal, in order."""
+    states: dict[str, Any] = {}
+    out = []
+    for sent in packets:
+        raw = encode(sent)
+        record = decode(raw)  # what the server stored and mapped
+        messages, states[record.modem] = map_record(record, states.get(record.modem), packet_id=digest(raw).hex(),
+                                                    received_ms=received_ms.get(raw))
+        out.extend((m.topic, m.payload, m.retain) for m in messages)
+    return out
+
+
+async def test_every_kind_reaches_the_subscriber_in_order(tmp_path: Path, broker: Mosquitto) -> None:
+    bus, truck, van = "01011112222", "01033334444", "01055556666"
+    sequence = [
+        basic_info(bus), dtg(bus, minute=0), dtg(bus, minute=1), key_off(bus, battery_v=11.2),
+        obd(truck), key_off(truck, at=KEY_ON + timedelta(minutes=5)),
+        mdt(van),
+    ]
+    with Subscriber(broker, "v1/sensors/#") as subscriber:
+        async with server_with_broker(tmp_path, broker) as server:
+            assert server.port
+            for record in sequence:
+                assert await send(server.port, encode(record)) == OK
+            # basic info's ts is the receive time: take it from the store to predict the payload
+            stored = list(server.store.packets())
+            received_ms = {p.raw: int(p.received_at * 1000) for p in stored}
+            expected = expected_messages(sequence, received_ms)
+            await subscriber.wait_count(len(expected))
+            await trio.sleep(0.3)  # nothing more may arrive
+    got = [(m.topic, json.loads(m.payload), m.retain) for m in subscriber.messages]
+    assert len(got) == len(expected)
+    for modem in (bus, truck, van):  # per terminal, exactly the mapped messages, in order
+        assert [g[:2] for g in got if f"/{modem}/" in g[0]] == [e[:2] for e in expected if f"/{modem}/" in e[0]]
+
+    by_type: dict[tuple[str, int | None], list[dict[str, Any]]] = defaultdict(list)
+    for topic, payload, _ in got:
+        by_type[(topic.split("/")[2], payload.get("ty"))].append(payload)
+    tid = int(KEY_ON.timestamp())
+    bus_microtrips = by_type[(bus, 2)]
+    assert [e["tid"] for e in bus_microtrips[0]["pld"]] == [tid] * 60
+    first = bus_microtrips[0]["pld"][0]
+    assert first["clt"] == int(KEY_ON.astimezone(KST).timestamp() * 1000)
+    assert (first["lat"], first["lon"], first["sp"]) == (37.5, 127.0, 40)
+    assert first["tmp"] == "4.5,"  # sensor B absent: left out, A keeps its place
+    trip = by_type[(bus, 1)]
+    assert len(trip) == 1 and trip[0]["pld"]["tid"] == tid and trip[0]["pld"]["hsts"] == 40
+    assert trip[0]["pld"]["fwv"] == "1.0.2"
+    assert [p["pld"]["wbv"] for p in by_type[(bus, 23)]] == [11.2]  # below 11.5 V
+    assert by_type[(truck, 23)] == []
+    # basic info → retained attributes (the subscriber saw it live, so retain flag is off in delivery)
+    attributes = [g for g in got if g[0] == f"v1/sensors/{bus}/attributes"]
+    assert len(attributes) == 1 and attributes[0][1]["vid"] == "서울33가1234"
+    ids = [payload["id"] for _, payload, _ in got]
+    assert len(set(ids)) == len(ids)
+
+
+async def test_broker_killed_under_load_loses_nothing_and_keeps_order(tmp_path: Path, broker: Mosquitto) -> None:
+    modems = [f"0107777{n:04d}" for n in range(4)]
+    answered: list[str] = []  # packet ids answered 0
+    with Subscriber(broker, "v1/sensors/#") as subscriber:
+        async with server_with_broker(tmp_path, broker) as server:
+            port = server.port
+            assert port
+
+            async def terminal(modem: str) -> None:
+                for minute in range(12):
+                    raw = encode(dtg(modem, minute=minute, bodies=10))
+                    assert await send(port, raw) == OK
+                    answered.append(digest(raw).hex())
+                    await trio.sleep(0.02)
+
+            async with trio.open_nursery() as nursery:
+                for modem in modems:
+                    nursery.start_soon(terminal, modem)
+                with trio.fail_after(20):
+                    while len(answered) < 12:
+                        await trio.sleep(0.01)
+                broker.stop()  # killed mid-stream: terminals are still answered 0
+                with trio.fail_after(20):
+                    while len(answered) < 30:
+                        await trio.sleep(0.01)
+                assert server.forwarder is not None and not server.forwarder.connected
+                broker.start()  # same port
+            await subscriber.wait_for(lambda s: {json.loads(m.payload)["id"].split(":")[0] for m in s.messages}
+                                      >= set(answered), timeout_s=40)
+            with trio.fail_after(20):
+                while server.store.backlog():
+                    await trio.sleep(0.05)
+    payloads = [json.loads(m.payload) for m in subscriber.messages]
+    # duplicates only as QoS 1 allows: an identical id carries an identical message
+    by_id: dict[str, dict[str, Any]] = {}
+    for p in payloads:
+        assert by_id.setdefault(p["id"], p) == p
+    # per terminal, first deliveries are in the order the terminal sent them, and all are there
+    for modem in modems:
+        firsts = list(dict.fromkeys(p["id"] for m, p in zip(subscriber.messages, payloads, strict=True)
+                                    if m.topic == f"v1/sensors/{modem}/tre"))
+        times = [by_id[i]["pld"][0]["clt"] for i in firsts]
+        assert times == sorted(times) and len(times) == 12
+
+
+async def test_backlog_high_water_answers_4_while_the_broker_is_down(tmp_path: Path, broker: Mosquitto) -> None:
+    broker.stop()
+    async with server_with_broker(tmp_path, broker, outbox_high_water=3) as server:
+        assert server.port
+        answers = [await send(server.port, encode(dtg(minute=m, bodies=5))) for m in range(5)]
+        assert answers == [OK, OK, OK, OVERLOADED, OVERLOADED]  # one message per packet: 3 fill it
+        assert server.store.backlog() == 3
+        broker.start()
+        with trio.fail_after(30):
+            while server.store.backlog():
+                await trio.sleep(0.05)
+        assert await send(server.port, encode(dtg(minute=3, bodies=5))) == OK
+        assert [p.raw for p in server.store.packets()] == [encode(dtg(minute=m, bodies=5)) for m in range(4)]
+
+
+async def test_replay_republishes_the_store(tmp_path: Path, broker: Mosquitto) -> None:
+    sequence = [basic_info(), dtg(minute=0), dtg(minute=1), key_off()]
+    async with server_with_broker(tmp_path, broker, mqtt_url=None) as server:  # store only
+        assert server.port
+        for record in sequence:
+            assert await send(server.port, encode(record)) == OK
+    with Subscriber(broker, "v1/sensors/#", client_id="replay-watcher") as subscriber:
+        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(
+            main, ["replay", "--data-dir", str(tmp_path / "data"), "--mqtt", broker.url]))
+        assert result.exit_code == 0, result.output
+        count = int(result.output.split()[1])
+        await subscriber.wait_count(count)
+    # the trip: 2 microtrips, the Trip, the parking microtrip, plus the attributes
+    types = [json.loads(m.payload).get("ty") for m in subscriber.messages]
+    assert types == [None, 2, 2, 1, 2]
+    # --since after the last packet: nothing to publish, but a clean exit
+    result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(
+        main, ["replay", "--data-dir", str(tmp_path / "data"), "--mqtt", broker.url,
+               "--since", "2099-01-01T00:00:00+09:00"]))
+    assert result.exit_code == 0 and result.output.startswith("replayed 0 ")
+
+
+def test_replay_without_a_store_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["replay", "--data-dir", str(tmp_path), "--mqtt", "mqtt://127.0.0.1:1"])
+    assert result.exit_code == 1 and "no store" in result.output
