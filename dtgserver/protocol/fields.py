@@ -251,8 +251,12 @@ class Scaled(Field):
     def encode(self, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{value!r} is not a number the wire can carry")
         raw = round(value * self.scale)
-        if raw / self.scale != value:
+        # Float noise from arithmetic (129.0501 computed as 129.05010000000001) is not precision
+        # the caller meant; a value between two wire steps (12.34 at ×10) is, and is refused.
+        if abs(raw / self.scale - value) > 1e-9 * max(1.0, abs(value)):
             raise ValueError(f"{value!r} is not a multiple of 1/{self.scale} {self.unit}")
         return raw
 
