@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dtgserver.bridge import Message, TripState, map_record
 from dtgserver.bridge.mapping import MAX_PAYLOAD_BYTES, to_ms
@@ -27,6 +29,7 @@ from dtgserver.protocol import (
     ObdBody,
     ObdRealtime,
     Packet,
+    ProtocolError,
     SensorState,
     StatusLog,
     decode,
@@ -405,3 +408,43 @@ def test_docs_examples_are_the_mappings_output() -> None:
     documented = {name: json.loads(block) for name, block in
                   re.findall(r"<!-- example: (\w+) -->\s*```json\n(.*?)```", text, re.S)}
     assert documented == example_messages()
+
+
+# -- any packet the framer accepts maps without error ------------------------------------------------------------
+
+MODEM_BYTES = MODEM.encode()
+
+
+@st.composite
+def wire_packets(draw: st.DrawFn) -> bytes:
+    """A frame with a valid header and arbitrary field bytes: bad times, odd flags, any numbers."""
+    kind = draw(st.sampled_from(["dtg", "obd", "mdt", "key_off", "basic_info"]))
+    if kind == "key_off":
+        return b"\x04" + MODEM_BYTES + draw(st.binary(min_size=24, max_size=24))
+    if kind == "basic_info":
+        return b"\x01" + MODEM_BYTES + draw(st.binary(min_size=89, max_size=89))
+    protocol_id, body_size = {"dtg": (0x03, 51), "obd": (0x06, 42), "mdt": (0x07, 30)}[kind]
+    count = draw(st.integers(1, 4))
+    key_on = draw(st.one_of(st.binary(min_size=7, max_size=7),
+                            st.just(encode(dtg(dtg_body(0)))[16:23])))  # a real KEY ON half the time
+    return (bytes([protocol_id]) + MODEM_BYTES + b"\x00\x01" + count.to_bytes(2, "big") + key_on
+            + draw(st.binary(min_size=count * body_size, max_size=count * body_size)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(wire_packets(), min_size=1, max_size=6), st.sampled_from(sorted(PROFILES)))
+def test_any_decodable_packet_sequence_maps_to_valid_messages(frames: list[bytes], profile: str) -> None:
+    state: TripState | None = None
+    for n, frame in enumerate(frames):
+        try:
+            record = decode(frame)
+        except ProtocolError:
+            continue
+        messages, state = map_record(record, state, packet_id=f"{n:032x}", profile=profile, max_payload_bytes=2048)
+        ids = [m.payload["id"] for m in messages]
+        assert len(set(ids)) == len(ids)
+        for message in messages:
+            assert len(message.encoded()) < 2048
+            assert message.topic.startswith(f"v1/sensors/{MODEM}/")
+        if state is not None:
+            assert TripState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
