@@ -176,7 +176,8 @@ class ProtocolId(Field):
 
     def decode(self, raw: int) -> int:
         if raw not in self.accepted:
-            raise ProtocolError(f"protocol ID 0x{raw:02X} is not one of {', '.join(f'0x{a:02X}' for a in self.accepted)}", 0)
+            accepted = ", ".join(f"0x{a:02X}" for a in self.accepted)
+            raise ProtocolError(f"protocol ID 0x{raw:02X} is not one of {accepted}", 0)
         return raw
 
     def encode(self, value: Any) -> int:
@@ -217,7 +218,7 @@ class Flag(Field):
     def encode(self, value: Any) -> int:
         if isinstance(value, bool):
             return int(value)
-        return super().encode(value)
+        return int(super().encode(value))
 
     def check(self, value: Any) -> str | None:
         return None if isinstance(value, bool) else f"{value!r} is neither 0 nor 1"
@@ -245,7 +246,7 @@ class Scaled(Field):
         return (f"({tmp}w if type({tmp} := {attr}) is float and ({tmp}w := {bind(round)}({tmp} * {self.scale}))"
                 f" / {self.scale} == {tmp} else {conv}({tmp}))")
 
-    def decode(self, raw: int) -> float:
+    def decode(self, raw: int) -> Any:
         return raw / self.scale
 
     def encode(self, value: Any) -> int:

@@ -95,7 +95,8 @@ class Received:
     offset: int
 
 
-def frame_length(buf: bytes | bytearray, *, role: Role = Role.ANY, max_body_count: int = DEFAULT_MAX_BODY_COUNT) -> int | None:
+def frame_length(buf: bytes | bytearray, *, role: Role = Role.ANY,
+                 max_body_count: int = DEFAULT_MAX_BODY_COUNT) -> int | None:
     """The length of the frame starting at buf[0], or None while the header is incomplete."""
     if not buf:
         return None
@@ -123,7 +124,8 @@ def encode(record: Packet) -> bytes:
     return CODECS[type(record)].encode(record)
 
 
-def iter_packets(data: bytes, *, role: Role = Role.ANY, max_body_count: int = DEFAULT_MAX_BODY_COUNT) -> Iterator[Received]:
+def iter_packets(data: bytes, *, role: Role = Role.ANY,
+                 max_body_count: int = DEFAULT_MAX_BODY_COUNT) -> Iterator[Received]:
     """Every packet in `data` (back to back); ProtocolError at the first bad or truncated one."""
     conn = Connection(role, max_body_count=max_body_count)
     conn.receive_data(data)
@@ -163,7 +165,7 @@ class Connection:
         """Stream offset of the next packet's first byte."""
         return self._offset
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         if data:
             if self._eof:
                 raise ProtocolError("data after end of stream", self._offset + len(self._buffer))

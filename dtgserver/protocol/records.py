@@ -39,6 +39,8 @@ class Packet(Record):
     __slots__ = ()
     KIND: ClassVar[str]
     PROTOCOL_ID: ClassVar[int]
+    if TYPE_CHECKING:
+        modem: str  # every packet but the server's own Response names its terminal
 
     @property
     def protocol_id(self) -> int:
@@ -218,7 +220,7 @@ class StatusLog(Packet):
     modem: str
     sent_time: Time
     log: str
-    protocol_id: int = attrs.field(default=0x63, kw_only=True)  # type: ignore[assignment]
+    protocol_id: int = attrs.field(default=0x63, kw_only=True)
 
     @property
     def log_size(self) -> int:
@@ -235,7 +237,7 @@ class Response(Packet):
     result: int
 
     @property
-    def modem(self) -> None:
+    def modem(self) -> None:  # type: ignore[override]  # the server's answer names no terminal
         return None
 
 

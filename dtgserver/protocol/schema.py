@@ -210,7 +210,9 @@ SCHEMAS: dict[type[Packet], construct.Struct] = {
     StatusLog: STATUS_LOG,
     Response: RESPONSE,
 }
-for _record, _schema in [*SCHEMAS.items(), (DtgBody, DTG_BODY), (ObdBody, OBD_BODY), (MdtBody, MDT_BODY)]:
+_bound: list[tuple[type[Record], construct.Struct]] = [*SCHEMAS.items(), (DtgBody, DTG_BODY), (ObdBody, OBD_BODY),
+                                                        (MdtBody, MDT_BODY)]
+for _record, _schema in _bound:
     _record.SCHEMA = _schema
 
 CODECS: dict[type[Packet], StructCodec] = {record: StructCodec(schema, record) for record, schema in SCHEMAS.items()}

@@ -69,7 +69,7 @@ def _fields_from_json(cls: type[Record], obj: Any, path: str) -> Record:
     verbatim = obj.get("verbatim") or {}
     if not isinstance(verbatim, Mapping):
         raise JsonError(f"{path}verbatim: expected an object of hex strings")
-    record_fields = {f.name for f in attrs.fields(cls)}
+    record_fields = {f.name for f in attrs.fields(cls)}  # type: ignore[arg-type]  # every Record is attrs
     values: dict[str, Any] = {}
     for name, adapter in schema_fields(cls.SCHEMA):
         if name not in record_fields:
