@@ -63,7 +63,7 @@ def _fail(message: str) -> None:
 @click.option("--input-format", type=click.Choice(["auto", "hex", "binary"]), default="auto",
               help="How to read --file: guess, or force hex text or raw binary.")
 @click.option("--format", "output_format", type=click.Choice(["json", "table"]), default="json",
-              help="json: one JSON object per packet (JSON lines); table: each field with offset, raw hex, value, unit.")
+              help="json: one JSON object per packet (JSON lines); table: each field, offset, raw hex, value, unit.")
 @click.option("--max-body-count", type=click.IntRange(1, 32767), default=DEFAULT_MAX_BODY_COUNT,
               help="Reject realtime packets declaring more bodies than this.")
 def decode(hex_packets: tuple[str, ...], files: tuple[IO[bytes], ...], input_format: str, output_format: str,
