@@ -139,8 +139,13 @@ def _write_durably(path: Path, text: str) -> Path:
             n += 1
             candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
     try:
-        os.write(fd, text.encode("utf-8"))
+        data = memoryview(text.encode("utf-8"))
+        while data:  # a write can be short (a full disk, a file size limit): the rest, or an error
+            data = data[os.write(fd, data):]
         os.fsync(fd)
+    except BaseException:
+        candidate.unlink(missing_ok=True)  # the commit fails with this error: leave no half log behind
+        raise
     finally:
         os.close(fd)
     dir_fd = os.open(candidate.parent, os.O_RDONLY)
