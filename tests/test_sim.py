@@ -36,6 +36,7 @@ from dtgserver.protocol import (
     decode,
     encode,
 )
+from dtgserver.sim.engine import LoadEngine
 from dtgserver.sim.load import PacketPool, SimConfig, apportion, make_identities, parse_mix
 from dtgserver.sim.session import Link, Stats
 from dtgserver.sim.terminal import Policy, SimClock, Terminal
@@ -44,6 +45,7 @@ from dtgserver.sim.vehicle import LAT_MAX, LAT_MIN, LON_MAX, LON_MIN, make_ident
 START_S = datetime(2026, 11, 20, 9, 0, tzinfo=KST).timestamp()
 OK, FORMAT_ERROR, UNKNOWN, MAINTENANCE, OVERLOADED = (bytes([0x09, r]) for r in range(5))
 DROP = None  # the scripted server reads the packet and never answers
+HANG_UP = b""  # the scripted server reads the packet and closes the connection without answering
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -77,8 +79,8 @@ def angle_between(a: float, b: float) -> float:
 class ScriptedServer:
     """A TCP server on 127.0.0.1 that records every packet and answers from a script.
 
-    `script(n, received)` gives the answer bytes for the n-th packet (0-based), or DROP to read it
-    and say nothing until the client hangs up.
+    `script(n, received)` gives the answer bytes for the n-th packet (0-based), DROP to read it
+    and say nothing until the client hangs up, or HANG_UP to close at once without answering.
     """
 
     def __init__(self, script: Callable[[int, Received], bytes | None]):
@@ -98,6 +100,8 @@ class ScriptedServer:
                         if answer is DROP:
                             while await stream.receive_some(64):
                                 pass
+                            return
+                        if answer == HANG_UP:
                             return
                         await stream.send_all(answer)
                     elif event is CLOSED:
@@ -411,6 +415,32 @@ async def test_a_refused_connection_counts_as_a_connection_error() -> None:
     await terminal.flush(SimClock(START_S + 100, SCALE), Link(socket.AF_INET, ("127.0.0.1", port), 0.3).exchange,
                          stats)
     assert stats.connection_errors == 4 and stats.backoffs == 1 and stats.timeouts == 0
+
+
+# -- the load modes' engine ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+async def test_load_engine_counts_every_kind_of_answer(mode: str) -> None:
+    answers = [OK, MAINTENANCE, DROP, HANG_UP, b"\x05\x00", b"\x09\x07"]
+    config = SimConfig(terminals=3, mix=parse_mix("dtg=1,mdt=1"))
+    pool = PacketPool(make_identities(config, 4), 4, start_s=START_S, drives_per_kind=1, minutes_per_drive=2)
+    stats = Stats()
+    async with scripted(lambda n, r: answers[n % len(answers)]) as server:
+        engine = LoadEngine(socket.AF_INET, ("127.0.0.1", server.port), 0.3, stats, pool.next_packet)
+        run = partial(engine.run_closed, 4, 1.0) if mode == "closed" else partial(engine.run_open, 30, 1.0)
+        with trio.fail_after(20):
+            await trio.to_thread.run_sync(run)
+    n = len(server.received)
+    expected = Counter(i % len(answers) for i in range(n))
+    assert stats.sessions == n > len(answers)
+    assert (stats.results[0], stats.results[3]) == (expected[0], expected[1])
+    assert stats.timeouts == expected[2]
+    assert stats.connection_errors == expected[3] and stats.errors_seen["closed without answering"] == expected[3]
+    assert stats.bad_answers == expected[4] + expected[5]
+    assert stats.errors_seen["unknown result code 7"] == expected[5]
+    assert len(stats.latencies_s) == expected[0] + expected[1]
+    assert stats.bodies == 60 * n and set(stats.packets_by_kind) == {"dtg", "mdt"}
 
 
 # -- `dtgserver simulate` ----------------------------------------------------------------------

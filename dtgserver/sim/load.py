@@ -19,12 +19,14 @@ import resource
 import time
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import attrs
 import trio
 
 from ..protocol import KST, encode
+from .engine import LoadEngine
 from .session import CpuTime, Link, Stats, resolve
 from .terminal import REALTIME, Policy, SimClock, Terminal
 from .vehicle import KINDS, Identity, Vehicle, make_identity
@@ -215,10 +217,8 @@ async def run(config: SimConfig, progress: Progress | None = None) -> dict[str, 
             start_s = wall_start - config.duration_s * config.time_scale
             policy = attrs.evolve(config.policy, answer_timeout_s=config.answer_timeout_s)
             backlog = await _cadence(config, identities, seed, start_s, policy, link, stats)
-        elif config.mode == "open_loop":
-            await _open_loop(config, pool, link, stats)
         else:
-            await _closed_loop(config, pool, link, stats)
+            await _load(config, pool, link, stats)
         nursery.cancel_scope.cancel()
     elapsed = trio.current_time() - start
     window = min(elapsed, config.duration_s)
@@ -257,49 +257,19 @@ async def _cadence(config: SimConfig, identities: list[Identity], seed: int, sta
     return sum(len(t.backlog) for t in terminals)
 
 
-async def _open_loop(config: SimConfig, pool: PacketPool, link: Link, stats: Stats) -> None:
-    assert config.max_rate is not None
-    rate = config.max_rate
-    in_flight = 0
-
-    async def session(packet: bytes, kind: str, body_count: int) -> None:
-        nonlocal in_flight
-        try:
-            stats.record(kind, body_count, await link.exchange(packet))
-        finally:
-            in_flight -= 1
-
-    t0 = trio.current_time()
-    end = t0 + config.duration_s
-    started = 0
-    async with trio.open_nursery() as nursery:
-        while (now := trio.current_time()) < end:
-            due = int((now - t0) * rate) + 1
-            while started < due:  # catch up after a late wake-up: the rate is kept, not the spacing
-                started += 1
-                if in_flight >= config.max_in_flight:
-                    stats.skipped_sessions += 1
-                    continue
-                in_flight += 1
-                nursery.start_soon(session, *pool.next_packet())
-            await trio.sleep_until(min(end, t0 + started / rate))
-
-
-async def _closed_loop(config: SimConfig, pool: PacketPool, link: Link, stats: Stats) -> None:
-    assert config.concurrency is not None
-    end = trio.current_time() + config.duration_s
-
-    async def worker() -> None:
-        while trio.current_time() < end:
-            packet, kind, body_count = pool.next_packet()
-            answer = await link.exchange(packet)
-            stats.record(kind, body_count, answer)
-            if answer.result is None:
-                await trio.sleep(0.01)  # a refused connection answers at once: do not spin on it
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(config.concurrency):
-            nursery.start_soon(worker)
+async def _load(config: SimConfig, pool: PacketPool, link: Link, stats: Stats) -> None:
+    """Open or closed loop, on the cheap engine in a worker thread (the progress line stays live)."""
+    engine = LoadEngine(link.family, link.address, config.answer_timeout_s, stats, pool.next_packet,
+                        max_in_flight=config.max_in_flight)
+    if config.max_rate is not None:
+        work = partial(engine.run_open, config.max_rate, config.duration_s)
+    else:
+        assert config.concurrency is not None
+        work = partial(engine.run_closed, config.concurrency, config.duration_s)
+    try:
+        await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+    finally:
+        engine.stop()
 
 
 async def _report_progress(stats: Stats, start: float, progress: Progress) -> None:
