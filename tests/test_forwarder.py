@@ -255,6 +255,31 @@ async def test_cancellation_leaves_no_paho_thread_running(broker: Mosquitto) -> 
     assert not forwarder.connected
 
 
+async def test_shutdown_is_prompt_even_when_the_broker_stopped_reading(broker: Mosquitto) -> None:
+    """A paused broker and more unacknowledged data than the socket buffers hold: DISCONNECT cannot
+    be written, and paho alone would wait for its keepalive (60 s here)."""
+    outbox = MemoryOutbox()
+    forwarder = make_forwarder(outbox, broker.url, window=400, keepalive_s=60)
+    payload = {"pld": "x" * 60_000}
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(forwarder.run)
+            await wait_until(lambda: forwarder.connected)
+            broker.pause()
+            for n in range(400):  # 24 MB
+                outbox.add(MODEMS[0], payload | {"id": f"row{n + 1}"})
+            await wait_until(lambda: forwarder.published == 400)
+            await trio.sleep(0.5)
+            cancelled_at = trio.current_time()
+            nursery.cancel_scope.cancel()
+        # a bound, not a measurement: paho on its own would need more than the 60 s keepalive
+        assert trio.current_time() - cancelled_at < 30
+    finally:
+        broker.resume()
+    assert forwarder_threads() == []
+    assert outbox.delivered == []
+
+
 async def test_acks_received_before_shutdown_are_saved(broker: Mosquitto) -> None:
     """Cancellation right after the PUBACKs: the final flush still marks them delivered."""
     outbox = MemoryOutbox()

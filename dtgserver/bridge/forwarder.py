@@ -116,6 +116,7 @@ class Forwarder:
         connect_timeout_s: float = 10 * SECONDS,
         backoff_initial_s: float = 0.5 * SECONDS,
         backoff_max_s: float = 30 * SECONDS,
+        close_timeout_s: float = 2 * SECONDS,
     ):
         self.outbox = outbox
         self.broker = BrokerUrl.parse(url)
@@ -135,6 +136,7 @@ class Forwarder:
         self.connect_timeout_s = connect_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.close_timeout_s = close_timeout_s
         # metrics
         self.published = 0
         self.acknowledged = 0
@@ -219,10 +221,28 @@ class Forwarder:
                 nursery.cancel_scope.cancel()
         finally:
             self.connected = False
-            session.client.disconnect()  # a no-op when the connection is already gone
             if started:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(session.client.loop_stop)
+                    await self._close(session)
+            else:
+                session.client.disconnect()  # closes the socket of a connect that came back late
+
+    async def _close(self, session: _Session) -> None:
+        """Disconnect and join paho's thread, promptly even when the broker has stopped reading."""
+        session.client.disconnect()  # queues DISCONNECT; paho's thread closes the socket once it is written
+        with trio.move_on_after(self.close_timeout_s):
+            await session.lost.wait()
+        sock = session.client.socket()
+        if not session.lost.is_set() and sock is not None:
+            # A stalled broker with a full send buffer: DISCONNECT cannot be written, and paho would
+            # wait for its keepalive. Shutting the descriptor down wakes its select with EOF. The
+            # plain socket's method, so an SSL wrapper's state is left to the thread that uses it.
+            log.warning("broker %s does not take our DISCONNECT; closing the connection", self.broker)
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # type: ignore[arg-type]
+            except OSError:
+                pass  # already closed by paho meanwhile
+        await trio.to_thread.run_sync(session.client.loop_stop)
 
     def _new_client(self, session: _Session) -> mqtt.Client:
         # A clean session per connection: what the broker had not acked is ours to resend, in order.
