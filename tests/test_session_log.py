@@ -1,0 +1,199 @@
+"""The structured session log: one line per connection on "dtgserver.session", over real TCP.
+
+A line reads `session peer=… modem=… kind=… bodies=… result=… duration_ms=… end=…`; whatever
+came from the device is escaped so that one session is always one printable line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from packets import basic_info, dtg_bytes, key_off
+from test_server import running
+
+from dtgserver import logs
+from dtgserver.protocol import encode
+from dtgserver.server.app import Session, printable
+
+FIELDS = ["peer", "modem", "kind", "bodies", "result", "duration_ms", "end"]
+
+
+@pytest.fixture(autouse=True)
+def session_records(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Session lines reach caplog whatever an earlier logs.configure() left behind; restored after."""
+    logger = logging.getLogger("dtgserver")
+    saved = logger.level, list(logger.handlers), logger.propagate
+    logger.setLevel(logging.NOTSET)
+    logger.handlers[:] = []
+    logger.propagate = True
+    caplog.set_level(logging.INFO, logger="dtgserver.session")
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+
+
+def parse(line: str) -> dict[str, str]:
+    """`session k=v k=v ... end=<rest of the line>` → {k: v}, the keys in the documented order."""
+    head, _, end = line.partition(" end=")
+    words = head.split(" ")
+    assert words[0] == "session"
+    fields = dict(word.split("=", 1) for word in words[1:])
+    fields["end"] = end
+    assert list(fields) == FIELDS, line
+    return fields
+
+
+def session_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, str]]:
+    records = [r for r in caplog.records if r.name == "dtgserver.session"]
+    assert all(r.levelno == logging.INFO for r in records)
+    return [parse(r.getMessage()) for r in records]
+
+
+async def connect(port: int) -> tuple[trio.SocketStream, str]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    host, local_port = stream.socket.getsockname()[:2]
+    return stream, f"{host}:{local_port}"
+
+
+async def read_all(stream: trio.SocketStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size and (chunk := await stream.receive_some(size)):
+        data += chunk
+    return data
+
+
+async def test_one_line_per_session_with_every_field(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with running(tmp_path) as server:
+        assert server.port
+        with trio.fail_after(10):
+            stream, peer = await connect(server.port)
+            async with stream:
+                await stream.send_all(encode(basic_info()) + dtg_bytes(bodies=60) + encode(key_off()))
+                assert await read_all(stream, 6) == b"\x09\x00" * 3
+                await trio.sleep(0.1)  # the session lasts at least this long
+    (line,) = session_lines(caplog)
+    assert line["peer"] == peer
+    assert line["modem"] == "01012345678"
+    assert line["kind"] == "basic_info,dtg,key_off"
+    assert line["bodies"] == "60"
+    assert line["result"] == "0,0,0"
+    assert float(line["duration_ms"]) >= 100.0
+    assert line["end"] == "closed"
+
+
+async def test_each_connection_its_own_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    peers = []
+    async with running(tmp_path) as server:
+        assert server.port
+        with trio.fail_after(10):
+            for minute in range(3):
+                stream, peer = await connect(server.port)
+                peers.append(peer)
+                async with stream:
+                    await stream.send_all(dtg_bytes(f"0101234567{minute}", minute=minute, bodies=2))
+                    assert await read_all(stream, 2) == b"\x09\x00"
+    lines = session_lines(caplog)
+    assert sorted(line["peer"] for line in lines) == sorted(peers)
+    assert sorted(line["modem"] for line in lines) == ["01012345670", "01012345671", "01012345672"]
+    assert {(line["kind"], line["bodies"], line["result"]) for line in lines} == {("dtg", "2", "0")}
+
+
+async def test_format_error_session(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with running(tmp_path) as server:
+        assert server.port
+        with trio.fail_after(10):
+            stream, peer = await connect(server.port)
+            async with stream:
+                await stream.send_all(dtg_bytes(bodies=1) + b"\x05" + bytes(40))
+                assert await read_all(stream, 10) == b"\x09\x00\x09\x01"  # then closed
+    (line,) = session_lines(caplog)
+    assert (line["peer"], line["modem"], line["kind"], line["bodies"]) == (peer, "01012345678", "dtg", "1")
+    assert line["result"] == "0,1"
+    offset = len(dtg_bytes(bodies=1))  # counted from the start of the connection's stream
+    assert line["end"] == f"format error at byte {offset}: unknown protocol ID 0x05"
+
+
+async def test_half_a_packet_then_idle(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with running(tmp_path, idle_timeout=0.2) as server:
+        assert server.port
+        with trio.fail_after(10):
+            stream, _ = await connect(server.port)
+            async with stream:
+                await stream.send_all(dtg_bytes()[:100])
+                assert await read_all(stream, 2) == b""  # closed, unanswered
+    (line,) = session_lines(caplog)
+    assert (line["modem"], line["kind"], line["bodies"], line["result"]) == ("-", "-", "0", "-")
+    assert line["end"] == "idle timeout, 100 bytes of a packet dropped"
+
+
+async def test_device_bytes_cannot_break_the_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    packet = bytearray(dtg_bytes(bodies=1))
+    packet[1:12] = b"\x1b[2J\n\r\x00\x85\\ab"  # a modem number made of terminal escapes and line breaks
+    async with running(tmp_path) as server:
+        assert server.port
+        with trio.fail_after(10):
+            stream, _ = await connect(server.port)
+            async with stream:
+                await stream.send_all(bytes(packet))
+                assert await read_all(stream, 4) == b"\x09\x01"
+    (record,) = [r for r in caplog.records if r.name == "dtgserver.session"]
+    message = record.getMessage()
+    assert message.isprintable() and "\x1b" not in message and "\n" not in message
+    line = parse(message)
+    assert line["result"] == "1" and line["modem"] == "-"
+    # The error quotes the bytes (repr), and the log escapes that once more (a backslash is \\):
+    # unescaped once, the line gives back the error message exactly.
+    expected = "format error at byte 1: modem number b'\\x1b[2J\\n\\r\\x00\\x85\\\\ab' is not digits"
+    assert line["end"].encode("ascii").decode("unicode_escape") == expected
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("closed", "closed"),
+    ("차량 로그 ok", "차량 로그 ok"),  # printable text stays readable, Hangul included
+    ("a\nb", r"a\nb"),
+    ("\x1b[31mred", r"\x1b[31mred"),
+    ("nul\x00", r"nul\x00"),
+    ("c1\x85 del\x7f", r"c1\x85 del\x7f"),
+    ("line\u2028sep", r"line\u2028sep"),
+    ("back\\slash", r"back\\slash"),  # escaped too, so an escape in the line is never ambiguous
+])
+def test_printable_escapes_control_characters(text: str, shown: str) -> None:
+    assert printable(text) == shown
+    assert printable(text).isprintable()
+
+
+def test_session_line_escapes_its_end() -> None:
+    session = Session("127.0.0.1:5000", "01012345678", ["dtg"], 3, [0, 1], "format error \x1b]0;pwned\x07\n")
+    line = session.line(0.0125)
+    assert line == (r"session peer=127.0.0.1:5000 modem=01012345678 kind=dtg bodies=3 result=0,1 duration_ms=12.5 "
+                    r"end=format error \x1b]0;pwned\x07\n")
+    assert parse(line)["duration_ms"] == "12.5"
+
+
+async def one_session(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        assert server.port
+        with trio.fail_after(10):
+            stream, _ = await connect(server.port)
+            async with stream:
+                await stream.send_all(dtg_bytes(bodies=1))
+                assert await read_all(stream, 2) == b"\x09\x00"
+
+
+@pytest.mark.parametrize(("verbosity", "level", "lines"), [(-1, logging.WARNING, 0), (0, logging.INFO, 1),
+                                                           (1, logging.DEBUG, 1), (2, logging.DEBUG, 1)])
+async def test_quiet_suppresses_session_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture, verbosity: int,
+                                              level: int, lines: int) -> None:
+    logs.configure(verbosity)  # what `serve -q` / `serve` / `serve -v` do
+    logger = logging.getLogger("dtgserver")
+    assert logger.level == level and logger.propagate is False
+    logger.addHandler(caplog.handler)  # the configured logger no longer propagates to caplog's
+    caplog.handler.setLevel(logging.NOTSET)
+    await one_session(tmp_path)
+    assert len([r for r in caplog.records if r.name == "dtgserver.session"]) == lines
+    assert logging.getLogger("dtgserver.session").isEnabledFor(logging.INFO) == (lines == 1)
