@@ -46,7 +46,8 @@ class Metrics:
             f"dtg_rejected_connections_total {self.rejected_connections}",
         ]
         for name, read in sorted(self.gauges.items()):
-            lines.append(f"dtg_{name} {read():g}")
+            value = read()  # every digit: ':g' kept six, so counters past 999999 stopped moving
+            lines.append(f"dtg_{name} {int(value) if isinstance(value, int) else repr(float(value))}")
         return "\n".join(lines) + "\n"
 
 
