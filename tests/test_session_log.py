@@ -197,3 +197,19 @@ async def test_quiet_suppresses_session_lines(tmp_path: Path, caplog: pytest.Log
     await one_session(tmp_path)
     assert len([r for r in caplog.records if r.name == "dtgserver.session"]) == lines
     assert logging.getLogger("dtgserver.session").isEnabledFor(logging.INFO) == (lines == 1)
+
+
+# -- metrics: the other half of observability ----------------------------------------------------
+
+
+def test_metrics_keep_every_digit() -> None:
+    from dtgserver.server.metrics import Metrics
+
+    metrics = Metrics(gauges={"committed_packets_total": lambda: 1_234_567, "commit_seconds_sum": lambda: 1234.000125,
+                              "mqtt_connected": lambda: True})
+    metrics.packets["dtg"] = 10_000_001
+    text = metrics.render().splitlines()
+    assert "dtg_committed_packets_total 1234567" in text  # not 1.23457e+06: a counter must keep moving
+    assert "dtg_commit_seconds_sum 1234.000125" in text
+    assert "dtg_mqtt_connected 1" in text
+    assert 'dtg_packets_total{kind="dtg"} 10000001' in text
