@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import re
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import load_sample
+from conftest import REALISTIC_SAMPLES, Sample, load_sample
+from hypothesis import given, settings
+from strategies import packets
 
 from dtgserver.protocol import (
     KST,
@@ -173,3 +176,28 @@ def test_values_beyond_the_wire_type_name_their_body() -> None:
     dtg["bodies"][7]["rpm"] = 99999  # a short on the wire
     with pytest.raises(JsonError, match=r"^bodies\[7\]\.rpm: 99999 does not fit its wire type"):
         from_json(dtg)
+
+
+ISO_KST = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d?[1-9])?\+09:00")
+TIME_KEYS = ("time", "key_on_time", "sent_time", "key_off_time")
+
+
+def time_strings(obj: dict[str, Any]) -> list[str]:
+    parts = [obj, *obj.get("bodies", [])]
+    return [part[k] for part in parts for k in TIME_KEYS if part.get(k) is not None]
+
+
+@pytest.mark.parametrize("sample", REALISTIC_SAMPLES, ids=str)
+def test_every_time_is_iso_8601_kst(sample: Sample) -> None:
+    times = time_strings(to_json(decode(sample.data)))
+    assert times or sample.expected["kind"] in ("basic_info", "response")
+    for text in times:
+        assert ISO_KST.fullmatch(text), text  # offset always; 1 or 2 fraction digits, never trailing 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(packets())
+def test_generated_times_are_iso_8601_kst(record: Packet) -> None:
+    for text in time_strings(to_json(record)):
+        assert ISO_KST.fullmatch(text), text
+        assert datetime.fromisoformat(text).utcoffset() == timedelta(hours=9)
