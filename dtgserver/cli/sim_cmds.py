@@ -67,10 +67,15 @@ def simulate(host: str, port: int, terminals: int, duration: float, mix: Mix, ti
     except OSError as error:
         click.echo(f"dtgserver: error: {error}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BaseExceptionGroup) as error:  # a second Ctrl-C: no report
+        if isinstance(error, BaseExceptionGroup) and error.subgroup(KeyboardInterrupt) is None:
+            raise
         click.echo("\ndtgserver: interrupted", err=True)
         sys.exit(130)
     click.echo(json.dumps(summary, ensure_ascii=False) if as_json else format_summary(summary))
+    if summary["interrupted"]:
+        click.echo("dtgserver: interrupted: the report covers the run up to Ctrl-C", err=True)
+        sys.exit(130)
     if summary["bad_answers"]:
         click.echo(f"dtgserver: error: {summary['bad_answers']} answers were not 0x09 + a known result code",
                    err=True)

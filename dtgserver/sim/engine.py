@@ -24,6 +24,7 @@ from .session import RESULT_NAMES, Answer, Outcome, Stats
 
 NextPacket = Callable[[], tuple[bytes, str, int]]
 REFUSED_PAUSE_S = 0.01  # closed loop: after a refused connection, do not spin on it
+MAX_POLL_S = 0.1  # how soon a loop sees stop()
 
 
 class _Session:
@@ -140,7 +141,7 @@ class LoadEngine:
         self.by_deadline.append(session)
 
     def _poll(self, timeout: float) -> None:
-        for key, events in self.selector.select(timeout):
+        for key, events in self.selector.select(min(timeout, MAX_POLL_S)):
             session: _Session = key.data
             if session.done:
                 continue

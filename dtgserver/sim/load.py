@@ -8,7 +8,8 @@
 
 The two load modes send realtime packets pre-rendered from the driving model at start-up
 (`PacketPool`); each session re-addresses and re-times one (a join of pre-encoded pieces), so
-every packet is new data to the server while the generator stays cheap.
+every packet is new data to the server while the generator stays cheap, and they run on the
+selector engine in `engine` rather than a Trio task per session.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import math
 import random
 import resource
+import signal
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -208,17 +211,20 @@ async def run(config: SimConfig, progress: Progress | None = None) -> dict[str, 
         pool = PacketPool(identities, seed, start_s=wall_start - 7 * 86_400)
     cpu_start = CpuTime.now()
     start = trio.current_time()
+    stopper = Stopper()
 
     async with trio.open_nursery() as nursery:
         if progress is not None:
             nursery.start_soon(_report_progress, stats, start, progress)
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            nursery.start_soon(_stop_on_interrupt, stopper)
         if pool is None:
             # The simulated clock starts in the past and reaches the present as the run ends.
             start_s = wall_start - config.duration_s * config.time_scale
             policy = attrs.evolve(config.policy, answer_timeout_s=config.answer_timeout_s)
-            backlog = await _cadence(config, identities, seed, start_s, policy, link, stats)
+            backlog = await _cadence(config, identities, seed, start_s, policy, link, stats, stopper)
         else:
-            await _load(config, pool, link, stats)
+            await _load(config, pool, link, stats, stopper)
         nursery.cancel_scope.cancel()
     elapsed = trio.current_time() - start
     window = min(elapsed, config.duration_s)
@@ -226,6 +232,7 @@ async def run(config: SimConfig, progress: Progress | None = None) -> dict[str, 
     if progress is not None:
         progress("")
     run_info: dict[str, Any] = {
+        "interrupted": stopper.stopped,
         "mode": config.mode, "host": config.host, "port": config.port, "terminals": config.terminals,
         "mix": dict(config.mix), "seed": seed, "duration_s": config.duration_s,
         "answer_timeout_s": config.answer_timeout_s,
@@ -242,22 +249,50 @@ async def run(config: SimConfig, progress: Progress | None = None) -> dict[str, 
     return summary
 
 
+class Stopper:
+    """Ends a run early (Ctrl-C): calls what each mode registered, once."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._callbacks: list[Callable[[], object]] = []
+
+    def on_stop(self, callback: Callable[[], object]) -> None:
+        self._callbacks.append(callback)
+        if self.stopped:
+            callback()
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            for callback in self._callbacks:
+                callback()
+
+
+async def _stop_on_interrupt(stopper: Stopper) -> None:
+    """The first Ctrl-C ends the run with a report of what was done; a second one aborts."""
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async for _ in signals:
+            stopper.stop()
+            return
+
+
 async def _cadence(config: SimConfig, identities: list[Identity], seed: int, start_s: float, policy: Policy,
-                   link: Link, stats: Stats) -> int:
+                   link: Link, stats: Stats, stopper: Stopper) -> int:
     """Run the fleet; the number of packets still in the terminals' backlogs at the end."""
     clock = SimClock(start_s, config.time_scale)
     terminals = [Terminal(identity, random.Random(f"{seed}/{i}/drive"), start_s, policy)
                  for i, identity in enumerate(identities)]
     until_s = start_s + config.duration_s * config.time_scale
     # Terminals stop starting sessions at the end; one that is mid-session gets its answer timeout.
-    with trio.move_on_after(config.duration_s + config.answer_timeout_s + 1):
+    with trio.move_on_after(config.duration_s + config.answer_timeout_s + 1) as scope:
+        stopper.on_stop(scope.cancel)
         async with trio.open_nursery() as nursery:
             for terminal in terminals:
                 nursery.start_soon(terminal.run, clock, link, stats, until_s)
     return sum(len(t.backlog) for t in terminals)
 
 
-async def _load(config: SimConfig, pool: PacketPool, link: Link, stats: Stats) -> None:
+async def _load(config: SimConfig, pool: PacketPool, link: Link, stats: Stats, stopper: Stopper) -> None:
     """Open or closed loop, on the cheap engine in a worker thread (the progress line stays live)."""
     engine = LoadEngine(link.family, link.address, config.answer_timeout_s, stats, pool.next_packet,
                         max_in_flight=config.max_in_flight)
@@ -266,6 +301,7 @@ async def _load(config: SimConfig, pool: PacketPool, link: Link, stats: Stats) -
     else:
         assert config.concurrency is not None
         work = partial(engine.run_closed, config.concurrency, config.duration_s)
+    stopper.on_stop(engine.stop)
     try:
         await trio.to_thread.run_sync(work, abandon_on_cancel=True)
     finally:
