@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sqlite3
 import sys
@@ -211,17 +212,19 @@ def maintenance(switch: str, data_dir: Path) -> None:
     click.echo(f"maintenance {switch}")
 
 
-def _parse_time(value: str | None) -> float | None:
+def _parse_time(value: str | None, option: str) -> float | None:
     if value is None:
         return None
     try:
-        return float(value)
+        seconds = float(value)
+        if math.isfinite(seconds):  # 'nan' would match nothing and 'inf' everything, silently
+            return seconds
     except ValueError:
         pass
     try:
         t = datetime.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r} is neither ISO 8601 nor Unix seconds") from None
+        raise click.BadParameter(f"{value!r} is neither ISO 8601 nor Unix seconds", param_hint=option) from None
     return (t if t.tzinfo else t.replace(tzinfo=KST)).timestamp()
 
 
@@ -240,7 +243,8 @@ def export(data_dir: Path, modem: str | None, since: str | None, until: str | No
     if not shard_paths(data_dir):
         click.echo(f"dtgserver: error: no store in {data_dir}", err=True)
         sys.exit(1)
-    packets = read_stored(data_dir, modem=modem, since=_parse_time(since), until=_parse_time(until))
+    packets = read_stored(data_dir, modem=modem, since=_parse_time(since, "--since"),
+                          until=_parse_time(until, "--until"))
     if output_format == "geojson":
         click.echo(json.dumps(geojson(packets), ensure_ascii=False))
     else:
