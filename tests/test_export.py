@@ -160,13 +160,14 @@ async def test_iso_without_offset_is_kst_not_utc(tmp_path: Path) -> None:
     assert len(lines(export(tmp_path, "--until", "2000-01-01"))) == 0
 
 
-@pytest.mark.parametrize("bad", ["yesterday", "2026-13-01", "21/11/2026", ""])
-async def test_bad_time_is_a_clear_error(tmp_path: Path, bad: str) -> None:
+@pytest.mark.parametrize("bad", ["yesterday", "2026-13-01", "21/11/2026", "", "nan", "inf", "-inf", "1e999"])
+@pytest.mark.parametrize("option", ["--since", "--until"])
+async def test_bad_time_is_a_clear_error(tmp_path: Path, bad: str, option: str) -> None:
     await fill(tmp_path, [encode(THREE[0])])
-    result = export(tmp_path, "--since", bad)
+    result = export(tmp_path, option, bad)
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)
-    assert "is neither ISO 8601 nor Unix seconds" in result.stderr
+    assert f"Invalid value for {option}: {bad!r} is neither ISO 8601 nor Unix seconds" in result.stderr
     assert result.stdout == ""
 
 
