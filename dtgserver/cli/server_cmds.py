@@ -46,6 +46,15 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     return value
 
 
+def _workers(ctx: click.Context, param: click.Parameter, value: str | int) -> int:
+    from ..server.workers import worker_count
+
+    try:
+        return worker_count(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a positive number nor 'auto'", ctx=ctx, param=param) from None
+
+
 def data_dir_option(f: Any) -> Any:
     return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dtg-data"),
                         envvar="DTGSERVER_DATA_DIR", show_envvar=True, help=DATA_DIR_HELP)(f)
@@ -88,9 +97,12 @@ def _env(name: str) -> dict[str, Any]:
               help="KEY OFF battery below this raises a Battery Warning event (0 disables).")
 @click.option("--outbox-high-water", type=click.IntRange(1), default=100_000, **_env("OUTBOX_HIGH_WATER"),
               help="Undelivered MQTT messages above which new packets are answered 4.")
+@click.option("--workers", default="1", callback=_workers, **_env("WORKERS"),
+              help="Server processes on the one port (SO_REUSEPORT), a shard each; auto = one per CPU. "
+                   "A data dir keeps the number it was first served with.")
 @click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="More logging (-v: debug).")
 @click.option("-q", "--quiet", is_flag=True, **_env("QUIET"), help="Warnings only (no line per session).")
-def serve(verbose: int, quiet: bool, **options: Any) -> None:
+def serve(verbose: int, quiet: bool, workers: int, **options: Any) -> None:
     """Accept terminal connections, store every packet durably, answer 0x09 <result>.
 
     An answer of 0 is sent only after the packet is committed to disk (SQLite WAL, synchronous=FULL).
@@ -99,14 +111,22 @@ def serve(verbose: int, quiet: bool, **options: Any) -> None:
     """
     from .. import logs
     from ..server.app import serve as run_server
+    from ..server.workers import serve_workers
+    from ..store.packets import ShardCountMismatch
 
-    logs.configure(-1 if quiet else verbose)
+    verbosity = -1 if quiet else verbose
+    logs.configure(verbosity)
     config = ServerConfig(**options)
+    exit_code = 0
     try:
-        trio.run(run_server, config)
-    except* (OSError, sqlite3.Error) as group:  # nurseries wrap errors in groups: say the first one
+        if workers == 1:
+            trio.run(run_server, config)
+        else:
+            exit_code = trio.run(serve_workers, config, workers, verbosity)
+    except* (OSError, sqlite3.Error, ShardCountMismatch) as group:  # nurseries wrap errors in groups: say the first one
         click.echo(f"dtgserver: error: {_first_error(group)}", err=True)
         sys.exit(1)
+    sys.exit(exit_code)
 
 
 def _first_error(error: BaseException) -> BaseException:

@@ -88,6 +88,24 @@ class Control:
     def set_registry_enforced(self, on: bool) -> None:
         self._set("registry", "on" if on else "off")
 
+    def claim_shard_count(self, shards: int, found: int) -> int | None:
+        """Record that DIR's packets are spread over `shards` shards; the number recorded before, if another.
+
+        `found` counts the shard files already in DIR, for a data dir that predates the record.
+        Check and record are one transaction, so workers starting together agree.
+        """
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            recorded = self._get("shards")
+            before = int(recorded) if recorded is not None else (found or None)
+            if before is None or before == shards:
+                self._set("shards", str(shards))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return before if before != shards else None
+
     # -- registry ---------------------------------------------------------------------------
     def add_device(self, modem: str, note: str = "", status: DeviceStatus = DeviceStatus.ACTIVE) -> None:
         self.db.execute(

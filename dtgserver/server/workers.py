@@ -1,0 +1,262 @@
+"""`serve --workers N`: N server processes sharing one port (SO_REUSEPORT) and the supervisor keeping them up.
+
+Each worker binds its own listening socket to the same address with SO_REUSEPORT, so the kernel
+spreads new connections over the workers without a shared accept queue. Worker i opens every
+shard (a terminal's data lives in the shard its modem hashes to, whoever accepted it) and runs
+the MQTT forwarder of shard i only. The supervisor starts the workers as separate Python
+processes, restarts one that dies (with a growing delay, reset after it has run a while), and on
+SIGTERM or SIGINT passes SIGTERM on to every worker and waits for their graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import attrs
+import trio
+
+from ..store import Control
+from .app import check_shard_count, serve
+from .config import ServerConfig
+
+log = logging.getLogger("dtgserver.workers")
+
+SECONDS = 1.0
+LISTEN_BACKLOG = 65535  # the kernel clips it to net.core.somaxconn
+
+
+def worker_count(value: str | int) -> int:
+    """`auto` → the CPUs this process may run on; otherwise a positive integer (ValueError if not)."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    count = int(value)
+    if count < 1:
+        raise ValueError(f"workers must be at least 1, got {count}")
+    return count
+
+
+def _address(host: str, port: int) -> tuple[int, Any]:
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    return int(family), address
+
+
+async def reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+    """A listening socket that other processes may bind to the same address too (SO_REUSEPORT).
+
+    trio.open_tcp_listeners does not set SO_REUSEPORT, hence the socket made by hand.
+    """
+    family, address = _address(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bound, not listening: fixes the port number (port 0 → a free one) for the workers to share.
+
+    A socket that does not listen gets no connections, so holding it costs the workers nothing.
+    """
+    family, address = _address(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# -- the worker process ------------------------------------------------------------------------------
+
+
+def _config_to_json(config: ServerConfig) -> dict[str, Any]:
+    return {k: (str(v) if k in ("data_dir", "mqtt_tls_ca") and v is not None else v)
+            for k, v in attrs.asdict(config).items()}
+
+
+def _config_from_json(fields: dict[str, Any]) -> ServerConfig:
+    if fields.get("mqtt_tls_ca") is not None:
+        from pathlib import Path
+
+        fields["mqtt_tls_ca"] = Path(fields["mqtt_tls_ca"])
+    return ServerConfig(**fields)
+
+
+async def _run_worker(config: ServerConfig, shard: int, shards: int, supervisor_pid: int) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_when_orphaned, supervisor_pid)
+        await serve(config, shard=shard, shards=shards, reuse_port=True)
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_when_orphaned(supervisor_pid: int) -> None:
+    """Shut down gracefully when the supervisor is gone (killed, crashed) and nobody would restart us.
+
+    Polled rather than PR_SET_PDEATHSIG: that fires when the *thread* that forked us exits, and
+    trio starts processes from its worker threads, which end when idle.
+    """
+    while os.getppid() == supervisor_pid:
+        await trio.sleep(1)
+    log.error("supervisor %d is gone: stopping", supervisor_pid)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def worker_main(argv: list[str]) -> int:
+    """Entry point of one worker process: `python -m dtgserver.server.workers '<json>'`."""
+    from .. import logs
+
+    spec = json.loads(argv[0])
+    logs.configure(spec["verbosity"])
+    config = _config_from_json(spec["config"])
+    exit_code = 0
+    try:
+        trio.run(_run_worker, config, spec["shard"], spec["shards"], spec["supervisor_pid"])
+    except* OSError as group:  # e.g. the address is taken by a process that did not set SO_REUSEPORT
+        log.error("worker %d: %s", spec["shard"], group.exceptions[0])
+        exit_code = 1
+    return exit_code
+
+
+# -- the supervisor ---------------------------------------------------------------------------------
+
+
+@attrs.define
+class Worker:
+    index: int
+    process: trio.Process | None = None
+    starts: int = 0
+
+
+class Supervisor:
+    """Runs `workers` worker processes until stop(); restarts any that exits while running."""
+
+    def __init__(self, config: ServerConfig, workers: int, *, verbosity: int = 0,
+                 backoff_initial_s: float = 0.5 * SECONDS, backoff_max_s: float = 30 * SECONDS,
+                 stable_s: float = 30 * SECONDS):
+        self.config = config
+        self.workers = [Worker(i) for i in range(workers)]
+        self.verbosity = verbosity
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.stable_s = stable_s
+        self.port: int | None = None
+        self.failed_exits = 0  # workers that exited non-zero during shutdown
+        self._stopping = trio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        control = Control(cfg.data_dir)
+        check_shard_count(control, cfg.data_dir, len(self.workers))  # refuse before any worker starts
+        control.close()
+        reserved = _reserve_port(cfg.host, cfg.port)
+        try:
+            self.port = int(reserved.getsockname()[1])
+            config = attrs.evolve(cfg, port=self.port)
+            async with trio.open_nursery() as nursery:
+                for worker in self.workers:
+                    nursery.start_soon(self._keep_running, worker, config)
+                log.info("%d workers on %s:%d, data in %s", len(self.workers), cfg.host, self.port, cfg.data_dir)
+                task_status.started(self.port)
+                await self._stopping.wait()
+                for worker in self.workers:
+                    _signal(worker, signal.SIGTERM)
+                # A worker that outlives its own grace period by far is stuck: kill it.
+                await trio.sleep(cfg.grace_period + 15 * SECONDS)
+                for worker in self.workers:
+                    if _signal(worker, signal.SIGKILL):
+                        log.error("worker %d did not stop in time: killed", worker.index)
+        finally:
+            reserved.close()
+
+    async def _keep_running(self, worker: Worker, config: ServerConfig) -> None:
+        delay = self.backoff_initial_s
+        spec = {"config": _config_to_json(config), "shard": worker.index, "shards": len(self.workers),
+                "verbosity": self.verbosity, "supervisor_pid": os.getpid()}
+        command = [sys.executable, "-m", "dtgserver.server.workers", json.dumps(spec)]
+        while not self._stopping.is_set():
+            started = trio.current_time()
+            # a session of its own: a Ctrl-C on the terminal reaches the supervisor only, which passes it on
+            process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, start_new_session=True)
+            worker.process, worker.starts = process, worker.starts + 1
+            log.info("worker %d started (pid %d)", worker.index, process.pid)
+            with trio.CancelScope(shield=True):  # the nursery ends only when its workers have exited
+                returncode = await process.wait()
+            if self._stopping.is_set():
+                if returncode != 0:
+                    self.failed_exits += 1
+                    log.error("worker %d exited with %s while stopping", worker.index, _describe(returncode))
+                return
+            if trio.current_time() - started >= self.stable_s:
+                delay = self.backoff_initial_s
+            log.error("worker %d (pid %d) exited with %s; restarting in %.1f s", worker.index, process.pid,
+                      _describe(returncode), delay)
+            with trio.move_on_after(delay):
+                await self._stopping.wait()
+            delay = min(delay * 2, self.backoff_max_s)
+
+
+def _signal(worker: Worker, signum: int) -> bool:
+    process = worker.process
+    if process is None or process.returncode is not None:
+        return False
+    try:
+        process.send_signal(signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _describe(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"code {returncode}"
+
+
+async def serve_workers(config: ServerConfig, workers: int, verbosity: int = 0,
+                        *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> int:
+    """Supervise `workers` processes until SIGINT or SIGTERM; 0 when every worker stopped cleanly."""
+    supervisor = Supervisor(config, workers, verbosity=verbosity)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(supervisor.run)
+            task_status.started(port)
+            async for signum in signals:
+                log.info("%s: stopping %d workers", signal.Signals(signum).name, workers)
+                supervisor.stop()
+                break
+            # run() returns once every worker has exited; its kill timer must not hold us up
+            await _all_exited(supervisor)
+            nursery.cancel_scope.cancel()
+    return 1 if supervisor.failed_exits else 0
+
+
+async def _all_exited(supervisor: Supervisor) -> None:
+    while any(w.process is not None and w.process.returncode is None for w in supervisor.workers):
+        await trio.sleep(0.05)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))

@@ -1,0 +1,310 @@
+"""`serve --workers N`: one port, N processes, a terminal's data in one shard, restarts, shutdown.
+
+The store tests open two PacketStores on one shard file, which is what two worker processes do
+(SQLite locks the same way between connections of one process as between processes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from packets import dtg_bytes, key_off
+
+from dtgserver.bridge.mapping import map_record
+from dtgserver.protocol import Connection, Received, Result, Role, encode
+from dtgserver.server.app import DtgServer
+from dtgserver.server.config import ServerConfig
+from dtgserver.store import PacketStore, read_stored
+from dtgserver.store.packets import ShardCountMismatch, shard_of
+
+OK = b"\x09\x00"
+EXPECTED_SHARDS = [0, 1, 2, 2]  # zlib.crc32(b"01012345678") % 2, 3, 4, 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def received(raw: bytes) -> Received:
+    conn = Connection(Role.SERVER)
+    conn.receive_data(raw)
+    event = conn.next_event()
+    assert isinstance(event, Received)
+    return event
+
+
+def mapper(record: Any, state: Any, *, packet_id: str, **received: Any) -> Any:
+    return map_record(record, state, packet_id=packet_id, **received)
+
+
+# -- the shared shard, in process -------------------------------------------------------------
+
+
+def outbox(path: Path) -> list[tuple[int, str, bytes]]:
+    db = sqlite3.connect(path)
+    try:
+        return [(i, t, bytes(p)) for i, t, p in db.execute("SELECT id, topic, payload FROM outbox ORDER BY id")]
+    finally:
+        db.close()
+
+
+def trip_packets(modem: str) -> list[bytes]:
+    """A trip whose messages depend on the state carried between packets (start, minutes, KEY OFF)."""
+    return [dtg_bytes(modem, minute=m, bodies=5) for m in range(3)] + [encode(key_off(modem))]
+
+
+async def test_two_writers_of_one_shard_produce_the_messages_of_one(tmp_path: Path) -> None:
+    """Trip state is read inside each writer's transaction, never from a cache another process made stale."""
+    packets = trip_packets("01055550000")
+    alone = PacketStore(tmp_path / "one", mapper=mapper, forward=True)
+    first = PacketStore(tmp_path / "two", mapper=mapper, forward=True, shared=True)
+    second = PacketStore(tmp_path / "two", mapper=mapper, forward=True, shared=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            for store in (alone, first, second):
+                await nursery.start(store.run)
+            for n, raw in enumerate(packets):
+                assert await alone.submit(received(raw), "peer") is Result.OK
+                # alternate writers: each packet's state was written by the other one
+                assert await (first, second)[n % 2].submit(received(raw), "peer") is Result.OK
+            nursery.cancel_scope.cancel()
+    finally:
+        for store in (alone, first, second):
+            store.close()
+    expected = [(t, p) for _, t, p in outbox(tmp_path / "one" / "store-0.db")]
+    assert len(expected) > len(packets)  # trip start/end messages, not only one per packet
+    assert [(t, p) for _, t, p in outbox(tmp_path / "two" / "store-0.db")] == expected
+
+
+async def test_forwarders_fetch_sees_rows_another_process_committed(tmp_path: Path) -> None:
+    forwarding = PacketStore(tmp_path, mapper=mapper, forward=True, shared=True, poll_s=0.05)
+    other = PacketStore(tmp_path, mapper=mapper, forward=True, shared=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            for store in (forwarding, other):
+                await nursery.start(store.run)
+            fetched: list[Any] = []
+
+            async def fetch() -> None:
+                fetched.extend(await forwarding.fetch(0, 100))
+
+            nursery.start_soon(fetch)
+            await trio.sleep(0.1)  # the fetch found nothing and waits
+            assert await other.submit(received(dtg_bytes("01055550001", bodies=5)), "peer") is Result.OK
+            with trio.fail_after(5):
+                while not fetched:
+                    await trio.sleep(0.01)
+            assert {row.modem for row in fetched} == {"01055550001"}
+            with trio.fail_after(5):  # the backlog is re-counted from the database
+                while forwarding.backlog() != len(fetched):
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    finally:
+        forwarding.close()
+        other.close()
+
+
+async def test_outbox_ids_not_reused_after_the_outbox_drained(tmp_path: Path) -> None:
+    """The forwarder fetches after the highest id it saw: a drained outbox must not start again at 1."""
+    store = PacketStore(tmp_path, mapper=mapper, forward=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            assert await store.submit(received(dtg_bytes("01055550002", bodies=5)), "peer") is Result.OK
+            rows = await store.fetch(0, 100)
+            await store.mark_delivered([r.id for r in rows])
+            assert store.backlog() == 0
+            assert await store.submit(received(dtg_bytes("01055550002", minute=1, bodies=5)), "peer") is Result.OK
+            with trio.fail_after(5):
+                later = await store.fetch(max(r.id for r in rows), 100)
+            assert later and min(r.id for r in later) > max(r.id for r in rows)
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+def test_shard_of_is_stable_and_spreads() -> None:
+    modems = [f"0101234{n:04d}" for n in range(1000)]
+    assert all(shard_of(m, 1) == 0 for m in modems)
+    counts = [sum(1 for m in modems if shard_of(m, 2) == s) for s in range(2)]
+    assert min(counts) > 400
+    # zlib.crc32, not the salted hash(): what every worker process and every restart computes
+    assert [shard_of("01012345678", n) for n in (2, 3, 4, 8)] == EXPECTED_SHARDS
+
+
+async def test_a_data_dir_keeps_its_shard_count(tmp_path: Path) -> None:
+    DtgServer(ServerConfig(data_dir=tmp_path), shards=2).control.close()
+    with pytest.raises(ShardCountMismatch, match=r"2 shard.*--workers 2"):
+        DtgServer(ServerConfig(data_dir=tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "dtgserver", "serve", "--port", "0", "--data-dir", str(tmp_path), "--workers", "3"],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "re-sharding" in result.stderr or "moving it is not supported" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_a_data_dir_from_one_process_cannot_be_split(tmp_path: Path) -> None:
+    (tmp_path / "store-0.db").touch()  # served before the count was recorded: one shard
+    with pytest.raises(ShardCountMismatch):
+        DtgServer(ServerConfig(data_dir=tmp_path), shards=2)
+
+
+# -- real worker processes ---------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """The worker processes: listed under the thread that started them (trio starts processes from threads)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(p) for p in f.read().split())
+        except FileNotFoundError:  # the thread ended
+            pass
+    return sorted(found)
+
+
+async def start_workers(data_dir: Path, port: int, workers: int = 2) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dtgserver", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(data_dir), "--workers", str(workers), "--grace-period", "2", "-q"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    with trio.fail_after(30):
+        while len(children(process.pid)) < workers or not all(listening(p, port) for p in children(process.pid)):
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            await trio.sleep(0.05)
+    return process
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on 127.0.0.1:port (from /proc, no connection made)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        return False
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.split(":")[1], 16) == port and f"socket:[{inode}]" in inodes:
+                return True
+    return False
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=30)
+    finally:
+        if process.stderr:
+            process.stderr.close()
+
+
+async def send(port: int, packet: bytes, timeout_s: float = 10) -> bytes:
+    with trio.fail_after(timeout_s):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(packet)
+            answer = b""
+            while len(answer) < 2 and (chunk := await stream.receive_some(2)):
+                answer += chunk
+            return answer
+
+
+@pytest.mark.slow
+async def test_packets_of_many_modems_stored_once_each_terminal_in_its_shard(tmp_path: Path) -> None:
+    port = free_port()
+    process = await start_workers(tmp_path, port)
+    modems = [f"0107777{n:04d}" for n in range(40)]
+    packets = [dtg_bytes(m, minute=minute, bodies=3) for m in modems for minute in range(3)]
+    answers: list[bytes] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            limit = trio.CapacityLimiter(20)
+
+            async def one(raw: bytes) -> None:
+                async with limit:
+                    answers.append(await send(port, raw))
+
+            for raw in packets + packets[::7]:  # and some resends, which go to whichever worker
+                nursery.start_soon(one, raw)
+    finally:
+        assert stop(process) == 0
+    assert answers == [OK] * (len(packets) + len(packets[::7]))
+    by_shard: dict[int, list[tuple[str, bytes]]] = {}
+    for shard in (0, 1):
+        db = sqlite3.connect(tmp_path / f"store-{shard}.db")
+        try:
+            by_shard[shard] = [(m, bytes(r)) for m, r in db.execute("SELECT modem, raw FROM packets")]
+        finally:
+            db.close()
+    assert all(by_shard[0]) and by_shard[1], "both shards hold terminals"
+    for shard, rows in by_shard.items():
+        assert all(shard_of(modem, 2) == shard for modem, _ in rows)
+    stored = [raw for rows in by_shard.values() for _, raw in rows]
+    assert sorted(stored) == sorted(packets)  # every packet exactly once
+    assert sorted(p.raw for p in read_stored(tmp_path)) == sorted(packets)  # export sees both shards
+
+
+@pytest.mark.slow
+async def test_a_killed_worker_is_restarted_and_serves(tmp_path: Path) -> None:
+    port = free_port()
+    process = await start_workers(tmp_path, port)
+    try:
+        victim, survivor = children(process.pid)
+        os.kill(victim, signal.SIGKILL)
+        with trio.fail_after(30):
+            while True:
+                now = children(process.pid)
+                replacement = [p for p in now if p not in (victim, survivor)]
+                if replacement and listening(replacement[0], port):
+                    break
+                await trio.sleep(0.05)
+        assert survivor in now
+        # With the survivor frozen, only the replacement can answer: some connections must be answered.
+        os.kill(survivor, signal.SIGSTOP)
+        answered: list[bytes] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                async def one(n: int) -> None:
+                    try:
+                        answered.append(await send(port, dtg_bytes(f"0108888{n:04d}", bodies=2), timeout_s=3))
+                    except trio.TooSlowError:
+                        pass  # queued at the frozen survivor
+
+                for n in range(20):
+                    nursery.start_soon(one, n)
+        finally:
+            os.kill(survivor, signal.SIGCONT)
+        assert answered and all(a == OK for a in answered)
+        assert await send(port, dtg_bytes("01088889999", bodies=2)) == OK
+    finally:
+        assert stop(process) == 0
+
+
+@pytest.mark.slow
+async def test_sigterm_stops_every_worker_and_exits_0(tmp_path: Path) -> None:
+    port = free_port()
+    process = await start_workers(tmp_path, port)
+    workers = children(process.pid)
+    assert len(workers) == 2
+    assert await send(port, dtg_bytes("01099990000", bodies=2)) == OK
+    assert stop(process) == 0
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    with pytest.raises(OSError):
+        await send(port, dtg_bytes("01099990001", bodies=2), timeout_s=2)
+
