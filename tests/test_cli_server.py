@@ -214,3 +214,75 @@ def test_serve_data_dir_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     message = refused(run("serve", "--port", "0", "--data-dir", tmp_path / "file"), code=2)
     assert "is a file" in message
+
+
+# -- docs/server.md says what the code does -----------------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "server.md"
+
+
+def option_rows() -> dict[str, str]:
+    rows = {}
+    for line in DOCS.read_text("utf-8").splitlines():
+        if match := re.match(r"\| `(--[a-z-]+)[^`]*`", line) or re.match(r"\| `-[a-z]`, `(--[a-z-]+)`", line):
+            rows[match.group(1)] = line
+    return rows
+
+
+def test_docs_list_every_serve_option_with_variable_and_default() -> None:
+    rows = option_rows()
+    for option in serve_command.params:
+        long_name = next(o for o in option.opts if o.startswith("--"))
+        assert long_name in rows, f"{long_name} is not in the options table of docs/server.md"
+        row = rows[long_name]
+        assert f"`{option.envvar}`" in row, (long_name, option.envvar)
+        default = option.default
+        if default is not None and isinstance(default, str | int | float | Path) and not isinstance(default, bool):
+            shown = '""' if default == "" else str(default)
+            assert f"`{shown}`" in row, (long_name, shown)
+
+
+def test_docs_schema_is_the_code_schema() -> None:
+    from dtgserver.store.control import CONTROL_SCHEMA
+    from dtgserver.store.packets import PACKET_SCHEMA
+
+    text = DOCS.read_text("utf-8")
+    for schema in (PACKET_SCHEMA, CONTROL_SCHEMA):
+        for statement in filter(None, (s.strip() for s in schema.split(";"))):
+            assert statement + ";" in text, f"docs/server.md lacks, verbatim:\n{statement}"
+
+
+async def test_docs_list_every_metric(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:  # without --mqtt: no forwarder metrics
+        assert server.port
+        assert await exchange(server.port, dtg_bytes(), b"\x05\x00") == OK + bytes([9, 1])
+    rendered = {re.split(r"[{ ]", line)[0] for line in server.metrics.render().splitlines()
+                if line and not line.startswith("#")}
+    documented = set(re.findall(r"^\| `(dtg_[a-z_]+)", DOCS.read_text("utf-8"), re.MULTILINE))
+    forwarder = {"dtg_mqtt_published_total", "dtg_mqtt_acknowledged_total", "dtg_mqtt_reconnects_total",
+                 "dtg_mqtt_connected"}  # only with --mqtt
+    assert rendered - documented == set()
+    assert documented - rendered == forwarder
+
+
+def test_docs_name_tests_that_exist() -> None:
+    tests = Path(__file__).resolve().parent
+    text = DOCS.read_text("utf-8")
+    named = re.findall(r"tests/(test_\w+\.py)(?:::(test_\w+))?", text)
+    assert len(named) >= 20
+    for file, test in named:
+        assert (tests / file).is_file(), file
+        if test:
+            assert re.search(rf"def {test}\(", (tests / file).read_text("utf-8")), f"{file}::{test}"
+
+
+def test_docs_session_line_is_the_code_format() -> None:
+    from dtgserver.server.app import Session
+
+    text = DOCS.read_text("utf-8")
+    example = next(line for line in text.splitlines() if " INFO dtgserver.session " in line)
+    line = Session("10.1.2.3:40112", "01012345678", ["basic_info", "dtg", "key_off"], 60, [0, 0, 0]).line(0.0184)
+    assert example.endswith(" INFO dtgserver.session " + line)
+    app_source = (Path(__file__).resolve().parent.parent / "dtgserver" / "server" / "app.py").read_text("utf-8")
+    for end in re.findall(r'session\.end = f?"([a-z ]+)', app_source):
+        assert f"`{end.strip()}" in text, end
