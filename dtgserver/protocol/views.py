@@ -10,6 +10,7 @@ from typing import Any
 import attrs
 
 from .codec import schema_fields
+from .errors import ProtocolError
 from .fields import Code, Field, LogText
 from .records import BY_KIND, Packet, Record
 from .schema import Bodies
@@ -50,7 +51,8 @@ def from_json(obj: Any) -> Packet:
     """The record a JSON object describes; JsonError naming the key when it does not fit."""
     if not isinstance(obj, Mapping):
         raise JsonError(f"expected a JSON object, got {type(obj).__name__}")
-    cls = BY_KIND.get(obj.get("kind"))  # type: ignore[arg-type]
+    kind = obj.get("kind")
+    cls = BY_KIND.get(kind) if isinstance(kind, str) else None  # a dict or list here is not hashable
     if cls is None:
         raise JsonError(f"kind must be one of {', '.join(BY_KIND)}, got {obj.get('kind')!r}")
     record = _fields_from_json(cls, obj, "")
@@ -97,6 +99,8 @@ def _fields_from_json(cls: type[Record], obj: Any, path: str) -> Record:
             raise
         except (ValueError, TypeError) as e:
             raise JsonError(f"{path}{name}: {e}") from None
+        except ProtocolError as e:  # verbatim bytes the decoder refuses (a modem that is not digits)
+            raise JsonError(f"{path}{name}: verbatim {e.message}") from None
     return cls(**values)
 
 
