@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from conftest import REALISTIC_SAMPLES, Sample, load_sample
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from strategies import packets
 
 from dtgserver.protocol import (
@@ -201,3 +202,37 @@ def test_generated_times_are_iso_8601_kst(record: Packet) -> None:
     for text in time_strings(to_json(record)):
         assert ISO_KST.fullmatch(text), text
         assert datetime.fromisoformat(text).utcoffset() == timedelta(hours=9)
+
+
+def test_verbatim_the_decoder_refuses_is_a_json_error() -> None:
+    obj = to_json(decode(load_sample("key_off_pyeongtaek").data))
+    obj["verbatim"] = {"modem": b"../../etc/p".hex()}
+    bad(obj, r"modem: verbatim modem number b'../../etc/p' is not digits")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(packets(), st.data())
+def test_any_json_value_in_any_key_is_a_json_error_or_a_sendable_packet(record: Packet, data: st.DataObject) -> None:
+    obj = to_json(record)
+    target = obj
+    if "bodies" in obj and data.draw(st.booleans()):
+        target = obj["bodies"][data.draw(st.integers(0, len(obj["bodies"]) - 1))]
+    keys = [*sorted(target), "verbatim"]
+    key = data.draw(st.sampled_from(keys))
+    if data.draw(st.booleans()) and key != "kind":
+        target.pop(key, None)
+    else:
+        target[key] = data.draw(JSON_VALUES | st.dictionaries(st.sampled_from(keys), st.text("0123456789abcdef#",
+                                                                                                  max_size=24)))
+    try:
+        changed = from_json(obj)
+    except JsonError:
+        return
+    encode(changed)  # from_json promises a packet that can be sent
