@@ -265,11 +265,15 @@ def export(data_dir: Path, modem: str | None, since: str | None, until: str | No
         sys.exit(1)
     packets = read_stored(data_dir, modem=modem, since=_parse_time(since, "--since"),
                           until=_parse_time(until, "--until"))
-    if output_format == "geojson":
-        click.echo(json.dumps(geojson(packets), ensure_ascii=False))
-    else:
-        for obj in jsonl(packets):
-            click.echo(json.dumps(obj, ensure_ascii=False))
+    try:
+        if output_format == "geojson":
+            click.echo(json.dumps(geojson(packets), ensure_ascii=False))
+        else:
+            for obj in jsonl(packets):
+                click.echo(json.dumps(obj, ensure_ascii=False))
+    except sqlite3.Error as e:
+        click.echo(f"dtgserver: error: cannot read the store in {data_dir}: {e}", err=True)
+        sys.exit(1)
 
 
 COMMANDS = [serve, devices, maintenance, export]

@@ -421,7 +421,9 @@ def decode_stored(packet: StoredPacket) -> Any:
 
 
 def shard_paths(data_dir: Path) -> list[Path]:
-    return sorted(Path(data_dir).glob("store-*.db"), key=lambda p: int(p.stem.split("-")[1]))
+    """DIR's packet shards in shard order: store-<digits>.db only (a store-old.db is not one of ours)."""
+    shards = [p for p in Path(data_dir).glob("store-*.db") if p.stem[6:].isascii() and p.stem[6:].isdigit()]
+    return sorted(shards, key=lambda p: int(p.stem[6:]))
 
 
 def read_stored(data_dir: Path, *, modem: str | None = None, since: float | None = None,
