@@ -187,6 +187,24 @@ def test_data_dir_without_a_store_is_a_clear_error(tmp_path: Path, fmt: str) -> 
     assert result.stdout == ""
 
 
+def test_a_broken_store_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "store-0.db").write_bytes(b"not a database, " * 512)
+    result = export(tmp_path)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stderr == f"dtgserver: error: cannot read the store in {tmp_path}: file is not a database\n"
+
+
+async def test_files_that_are_no_shards_are_ignored(tmp_path: Path) -> None:
+    await fill(tmp_path, [encode(THREE[0])])
+    (tmp_path / "store-old.db").write_bytes(b"a copy someone left here")
+    (tmp_path / "store-0-backup.db").write_bytes(b"another")
+    assert [o["modem"] for o in lines(export(tmp_path))] == [A]
+    async with running(tmp_path) as server:  # the server's shard count check reads the same list
+        assert server.port
+        assert (await send(server.port, encode(THREE[1])))[0] == OK
+    assert [o["modem"] for o in lines(export(tmp_path))] == [A, B]
+
+
 def test_unknown_format_is_refused(tmp_path: Path) -> None:
     result = export(tmp_path, "--format", "csv")
     assert result.exit_code == 2 and "csv" in result.stderr
