@@ -95,9 +95,9 @@ class DtgServer:
 
         cfg = self.config
 
-        def mapper(record: Any, state: Any, *, packet_id: str, received_ms: int) -> Any:
+        def mapper(record: Any, state: Any, *, packet_id: str, received_ms: int, messages: bool = True) -> Any:
             return map_record(record, state, packet_id=packet_id, profile=cfg.profile,
-                              battery_warning_v=cfg.battery_warning_v, received_ms=received_ms)
+                              battery_warning_v=cfg.battery_warning_v, received_ms=received_ms, messages=messages)
 
         return mapper, cfg.mqtt_url is not None
 
@@ -202,10 +202,12 @@ class DtgServer:
         if metrics.open_connections >= self.config.max_connections:
             metrics.rejected_connections += 1
             session.end = "too many connections"
-            if await self._answer(stream, Result.OVERLOADED, session):
-                await _drain(stream)
-            await trio.aclose_forcefully(stream)
-            self._log_session(session, started)
+            try:
+                if await self._answer(stream, Result.OVERLOADED, session):
+                    await _drain(stream)
+                await trio.aclose_forcefully(stream)
+            finally:  # cancelled at shutdown, the session still gets its line
+                self._log_session(session, started)
             return
         metrics.open_connections += 1
         try:
@@ -214,8 +216,10 @@ class DtgServer:
             session.end = f"connection lost: {e}"
         finally:
             metrics.open_connections -= 1
-            await trio.aclose_forcefully(stream)
-            self._log_session(session, started)
+            try:
+                await trio.aclose_forcefully(stream)
+            finally:  # a session cut by the grace deadline is cancelled here, and still gets its line
+                self._log_session(session, started)
 
     def _log_session(self, session: Session, started: float) -> None:
         last = session.results[-1] if session.results else None
