@@ -34,8 +34,9 @@ def parse_hex_text(data: bytes) -> bytes:
     try:
         return bytes.fromhex(digits.decode("ascii"))
     except ValueError:
-        bad = re.search(rb"[^0-9A-Fa-f]", digits)
-        raise ValueError(f"not hex: {bad.group().decode('latin-1') if bad else '?'!r}") from None
+        # Name the character, not its first UTF-8 byte ('서', not 'ì').
+        bad = re.search(r"[^0-9A-Fa-f]", digits.decode("utf-8", "replace"))
+        raise ValueError(f"not hex: {bad.group() if bad else '?'!r}") from None
 
 
 def looks_like_hex_text(data: bytes) -> bool:
