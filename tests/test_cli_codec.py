@@ -225,3 +225,9 @@ def test_every_valid_fixture_is_decoded_by_the_cli_to_its_json() -> None:
     for sample in VALID_SAMPLES:
         assert json_lines(run("decode", "-f", str(FIXTURES / f"{sample.name}.hex")).stdout) == \
             expected_objects(sample)
+
+
+def test_decode_names_a_non_hex_character_whole() -> None:
+    result = run("decode", "09 서울")
+    assert result.exit_code == 1
+    assert "argument 1: not hex: '서'" in result.stderr
