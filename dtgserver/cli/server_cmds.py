@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
 import sqlite3
 import sys
 import tomllib
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import trio
 
 from ..protocol import DEFAULT_MAX_BODY_COUNT, KST
 from ..server.config import DEFAULT_PORT, ServerConfig
+
+if TYPE_CHECKING:
+    from ..store import Control
 
 DATA_DIR_HELP = "Directory of the databases and status log files."
 
@@ -135,6 +140,22 @@ def _first_error(error: BaseException) -> BaseException:
     return error
 
 
+@contextlib.contextmanager
+def _control(data_dir: Path) -> Iterator[Control]:
+    """DIR/control.db for one command; a data dir that cannot hold it, or a broken file, is a clear error."""
+    from ..store import Control
+
+    try:
+        control = Control(data_dir)
+        try:
+            yield control
+        finally:
+            control.close()
+    except (sqlite3.Error, OSError) as e:
+        click.echo(f"dtgserver: error: {data_dir / 'control.db'}: {e}", err=True)
+        sys.exit(1)
+
+
 @click.group()
 def devices() -> None:
     """The registry of terminals allowed to send (result 2 for others, when enforced)."""
@@ -147,17 +168,14 @@ def devices() -> None:
 @data_dir_option
 def devices_add(modems: tuple[str, ...], note: str, cancelled: bool, data_dir: Path) -> None:
     """Add (or update) terminals by modem number."""
-    from ..store import Control, DeviceStatus
+    from ..store import DeviceStatus
 
     bad = [m for m in modems if not re.fullmatch(r"[0-9]{1,11}", m)]
     if bad:
         raise click.BadParameter(f"modem numbers are 1 to 11 digits: {', '.join(bad)}")
-    control = Control(data_dir)
-    try:
+    with _control(data_dir) as control:
         for modem in modems:
             control.add_device(modem, note, DeviceStatus.CANCELLED if cancelled else DeviceStatus.ACTIVE)
-    finally:
-        control.close()
     click.echo(f"{len(modems)} device(s) {'cancelled' if cancelled else 'active'}")
 
 
@@ -166,13 +184,8 @@ def devices_add(modems: tuple[str, ...], note: str, cancelled: bool, data_dir: P
 @data_dir_option
 def devices_remove(modems: tuple[str, ...], data_dir: Path) -> None:
     """Remove terminals from the registry."""
-    from ..store import Control
-
-    control = Control(data_dir)
-    try:
+    with _control(data_dir) as control:
         missing = [m for m in modems if not control.remove_device(m)]
-    finally:
-        control.close()
     if missing:
         click.echo(f"dtgserver: error: not in the registry: {', '.join(missing)}", err=True)
         sys.exit(1)
@@ -183,13 +196,8 @@ def devices_remove(modems: tuple[str, ...], data_dir: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per device.")
 def devices_list(data_dir: Path, as_json: bool) -> None:
     """List the registry and whether it is enforced."""
-    from ..store import Control
-
-    control = Control(data_dir)
-    try:
+    with _control(data_dir) as control:
         state, entries = control.load(), control.devices()
-    finally:
-        control.close()
     if as_json:
         for d in entries:
             click.echo(json.dumps({"modem": d.modem, "status": d.status.value, "note": d.note}, ensure_ascii=False))
@@ -204,13 +212,8 @@ def devices_list(data_dir: Path, as_json: bool) -> None:
 @data_dir_option
 def devices_enforce(switch: str, data_dir: Path) -> None:
     """Turn the allow-list on (unknown terminals get 2) or off; a running server follows within a second."""
-    from ..store import Control
-
-    control = Control(data_dir)
-    try:
+    with _control(data_dir) as control:
         control.set_registry_enforced(switch == "on")
-    finally:
-        control.close()
     click.echo(f"registry enforcement {switch}")
 
 
@@ -222,13 +225,8 @@ def maintenance(switch: str, data_dir: Path) -> None:
 
     Written to DIR/control.db; a running server on the same data dir follows within a second.
     """
-    from ..store import Control
-
-    control = Control(data_dir)
-    try:
+    with _control(data_dir) as control:
         control.set_maintenance(switch == "on")
-    finally:
-        control.close()
     click.echo(f"maintenance {switch}")
 
 
