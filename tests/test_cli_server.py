@@ -139,6 +139,25 @@ def test_data_dir_from_the_environment(tmp_path: Path) -> None:
     assert list(registry(tmp_path)) == ["01011112222"]
 
 
+BROKEN = b"not a database, " * 512
+
+
+@pytest.mark.parametrize("command", [["devices", "add", "01011112222"], ["devices", "remove", "01011112222"],
+                                     ["devices", "list"], ["devices", "enforce", "on"], ["maintenance", "on"]])
+def test_broken_control_db_is_a_clear_error(tmp_path: Path, command: list[str]) -> None:
+    (tmp_path / "control.db").write_bytes(BROKEN)
+    message = refused(run(*command, "--data-dir", tmp_path))
+    assert message == f"dtgserver: error: {tmp_path / 'control.db'}: file is not a database\n"
+    assert (tmp_path / "control.db").read_bytes() == BROKEN  # left as it was
+
+
+def test_data_dir_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    data_dir = tmp_path / "file" / "dir"
+    message = refused(run("maintenance", "on", "--data-dir", data_dir))
+    assert message.startswith(f"dtgserver: error: {data_dir / 'control.db'}: [Errno 20] Not a directory")
+
+
 # -- maintenance --------------------------------------------------------------------------------
 
 
@@ -205,7 +224,7 @@ def test_serve_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_serve_on_a_file_that_is_not_a_database(tmp_path: Path) -> None:
-    (tmp_path / "store-0.db").write_bytes(b"not a database, " * 512)
+    (tmp_path / "store-0.db").write_bytes(BROKEN)
     message = refused(run("serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", tmp_path, "-q"))
     assert message == "dtgserver: error: file is not a database\n"
 
