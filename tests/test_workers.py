@@ -87,6 +87,35 @@ async def test_two_writers_of_one_shard_produce_the_messages_of_one(tmp_path: Pa
     assert [(t, p) for _, t, p in outbox(tmp_path / "two" / "store-0.db")] == expected
 
 
+def trip_states(path: Path) -> dict[str, str]:
+    db = sqlite3.connect(path)
+    try:
+        return dict(db.execute("SELECT modem, state FROM trip_state"))
+    finally:
+        db.close()
+
+
+async def test_without_mqtt_the_trip_state_is_kept_as_with_it(tmp_path: Path) -> None:
+    """Storing without MQTT skips building messages, not the state forwarding would later need."""
+    packets = trip_packets("01055550003")[:3]  # a trip in progress: no KEY OFF yet
+    stores = [PacketStore(tmp_path / name, mapper=mapper, forward=forward)
+              for name, forward in (("off", False), ("on", True))]
+    try:
+        async with trio.open_nursery() as nursery:
+            for store in stores:
+                await nursery.start(store.run)
+            for raw in packets:
+                for store in stores:
+                    assert await store.submit(received(raw), "peer") is Result.OK
+            nursery.cancel_scope.cancel()
+    finally:
+        for store in stores:
+            store.close()
+    off, on = (trip_states(tmp_path / name / "store-0.db") for name in ("off", "on"))
+    assert off == on and '"speed_count": 15' in off["01055550003"]
+    assert outbox(tmp_path / "off" / "store-0.db") == []
+
+
 async def test_forwarders_fetch_sees_rows_another_process_committed(tmp_path: Path) -> None:
     forwarding = PacketStore(tmp_path, mapper=mapper, forward=True, shared=True, poll_s=0.05)
     other = PacketStore(tmp_path, mapper=mapper, forward=True, shared=True)

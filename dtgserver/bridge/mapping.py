@@ -17,7 +17,7 @@ Rulings (docs/mqtt.md has the full table):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -110,28 +110,30 @@ def to_ms(value: object) -> int | None:
 
 def map_record(record: Packet, state: TripState | None, *, packet_id: str, profile: str = "seed",
                battery_warning_v: float = 11.5, received_ms: int | None = None,
-               max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[list[Message], TripState | None]:
+               max_payload_bytes: int = MAX_PAYLOAD_BYTES, messages: bool = True,
+               ) -> tuple[list[Message], TripState | None]:
     """The messages for one stored packet, in publish order, and the terminal's next trip state.
 
     `packet_id` is the store's stable id of the packet; `received_ms` (the store's receive time)
     is only used where the packet carries no time of its own: the `ts` of basic info.
-    `battery_warning_v` 0 disables Battery Warning events.
+    `battery_warning_v` 0 disables Battery Warning events. `messages=False`: the same next
+    state, without building a realtime packet's microtrips (a server storing without MQTT).
     """
     table = get_profile(profile)
     payloads: list[tuple[str, dict[str, Any], bool]]
     if isinstance(record, Realtime):
-        payloads, state = _realtime(record, state, table, packet_id, max_payload_bytes)
+        payloads, state = _realtime(record, state, table, packet_id, max_payload_bytes, messages)
     elif isinstance(record, KeyOff):
         payloads, state = _key_off(record, state, table, battery_warning_v)
     elif isinstance(record, BasicInfo):
         payloads, state = _basic_info(record, state, received_ms)
     else:  # status log (stored as a file), response: nothing to publish
         return [], state
-    messages = []
+    out = []
     for n, (topic, payload, retain) in enumerate(payloads):
         payload["id"] = f"{packet_id}:{n}"
-        messages.append(Message(topic, payload, retain))
-    return messages, state
+        out.append(Message(topic, payload, retain))
+    return out, state
 
 
 # -- realtime → microtrips (+ diagnostic events) ---------------------------------------------------
@@ -194,7 +196,8 @@ def _element(body: Any, keys: tuple[str, ...], tid: int, first_total_km: int | N
 
 
 def _realtime(record: Realtime, state: TripState | None, table: Profile, packet_id: str,
-              max_payload_bytes: int) -> tuple[list[tuple[str, dict[str, Any], bool]], TripState | None]:
+              max_payload_bytes: int, messages: bool = True,
+              ) -> tuple[list[tuple[str, dict[str, Any], bool]], TripState | None]:
     kind = record.KIND
     key_on_ms = to_ms(record.key_on_time)
     current = state or TripState()
@@ -212,50 +215,78 @@ def _realtime(record: Realtime, state: TripState | None, table: Profile, packet_
     if not stale and tid != current.tid:
         current = current.new_trip(tid, key_on_ms, kind)
 
-    keys = table.microtrip_keys[kind]
-    elements: list[dict[str, Any]] = []
-    events: list[tuple[str, dict[str, Any], bool]] = []
     topic = telemetry_topic(record.modem)
-    for body in record.bodies:
-        if not stale:
-            current = _account(current, body)
-        elements.append(_element(body, keys, tid, None if stale else current.first_total_km, table.string_keys))
-        if not stale and isinstance(body, DtgBody):
-            code = body.status_code
-            if code != current.status_code and code != 0:
+    events: list[tuple[str, dict[str, Any], bool]] = []
+    if not stale:
+        current, changes = _account(current, record.bodies)
+        if messages:
+            for body, code in changes:
                 event = {"tid": tid, "dtcc": f"{code:02d}", "dtck": 0, "dtcs": 1}
                 events.append((topic, _envelope(to_ms(body.time), table.diagnostic_ty, event), False))
-            current = attrs.evolve(current, status_code=code)
+    if not messages:
+        return [], (state if stale else current)
 
+    keys = table.microtrip_keys[kind]
+    # the trip's first odometer is known from the first body on: the same for every element
+    first_total_km = None if stale else current.first_total_km
+    elements = [_element(body, keys, tid, first_total_km, table.string_keys) for body in record.bodies]
     ty = table.microtrip_ty[kind]
     chunks = _split(elements, ty, packet_id, max_payload_bytes)
-    messages = []
+    payloads = []
     for chunk in chunks:
         times = [e["clt"] for e in chunk if "clt" in e]
-        messages.append((topic, _envelope(times[-1] if times else key_on_ms, ty, chunk), False))
-    return messages + events, (state if stale else current)
+        payloads.append((topic, _envelope(times[-1] if times else key_on_ms, ty, chunk), False))
+    return payloads + events, (state if stale else current)
 
 
-def _account(state: TripState, body: Any) -> TripState:
-    """The trip state after one more body of the current trip."""
-    total_fuel_ml = _ml(body.total_fuel_l) if hasattr(body, "total_fuel_l") else None
-    body_ms = to_ms(body.time)
+def _account(state: TripState, bodies: Sequence[Any]) -> tuple[TripState, list[tuple[Any, int]]]:
+    """The trip state after more bodies of the current trip, and the DTG device status changes seen.
+
+    One new state per packet, not per body: the loop runs on locals (this is per packet on the
+    server's commit path).
+    """
+    first_total_km, last_total_km = state.first_total_km, state.last_total_km
+    first_lat, first_lon, last_lat, last_lon = state.first_lat, state.first_lon, state.last_lat, state.last_lon
+    last_ms, max_speed_kmh = state.last_ms, state.max_speed_kmh
+    speed_sum_kmh, speed_count, driving_s = state.speed_sum_kmh, state.speed_count, state.driving_s
+    first_total_fuel_ml, last_total_fuel_ml = state.first_total_fuel_ml, state.last_total_fuel_ml
+    status_code = state.status_code
+    changes: list[tuple[Any, int]] = []
+    for body in bodies:
+        total_km, speed_kmh = body.total_distance_km, body.speed_kmh
+        if first_total_km is None:
+            first_total_km = total_km
+        last_total_km = total_km
+        if first_lat is None:
+            first_lat = body.lat
+        if first_lon is None:
+            first_lon = body.lon
+        last_lat, last_lon = body.lat, body.lon
+        body_ms = to_ms(body.time)
+        if body_ms is not None:
+            last_ms = body_ms
+        if speed_kmh > max_speed_kmh:
+            max_speed_kmh = speed_kmh
+        speed_sum_kmh += speed_kmh
+        speed_count += 1
+        if speed_kmh > 0:
+            driving_s += 1
+        if hasattr(body, "total_fuel_l"):
+            total_fuel_ml = _ml(body.total_fuel_l)
+            if first_total_fuel_ml is None:
+                first_total_fuel_ml = total_fuel_ml
+            last_total_fuel_ml = total_fuel_ml
+        if isinstance(body, DtgBody):
+            code = body.status_code
+            if code != status_code and code != 0:
+                changes.append((body, code))
+            status_code = code
     return attrs.evolve(
-        state,
-        first_total_km=body.total_distance_km if state.first_total_km is None else state.first_total_km,
-        last_total_km=body.total_distance_km,
-        first_lat=body.lat if state.first_lat is None else state.first_lat,
-        first_lon=body.lon if state.first_lon is None else state.first_lon,
-        last_lat=body.lat,
-        last_lon=body.lon,
-        last_ms=body_ms if body_ms is not None else state.last_ms,
-        max_speed_kmh=max(state.max_speed_kmh, body.speed_kmh),
-        speed_sum_kmh=state.speed_sum_kmh + body.speed_kmh,
-        speed_count=state.speed_count + 1,
-        driving_s=state.driving_s + (1 if body.speed_kmh > 0 else 0),
-        first_total_fuel_ml=state.first_total_fuel_ml if state.first_total_fuel_ml is not None else total_fuel_ml,
-        last_total_fuel_ml=total_fuel_ml if total_fuel_ml is not None else state.last_total_fuel_ml,
-    )
+        state, first_total_km=first_total_km, last_total_km=last_total_km, first_lat=first_lat,
+        first_lon=first_lon, last_lat=last_lat, last_lon=last_lon, last_ms=last_ms, max_speed_kmh=max_speed_kmh,
+        speed_sum_kmh=speed_sum_kmh, speed_count=speed_count, driving_s=driving_s,
+        first_total_fuel_ml=first_total_fuel_ml, last_total_fuel_ml=last_total_fuel_ml, status_code=status_code,
+    ), changes
 
 
 def _envelope(ts: int | None, ty: int, pld: Any) -> dict[str, Any]:
@@ -275,6 +306,10 @@ def _split(elements: list[dict[str, Any]], ty: int, packet_id: str, limit: int) 
     """Elements in consecutive chunks whose encoded envelope stays below `limit` bytes."""
     # the envelope around the array, with the widest ts and message number it can get
     overhead = _size(_envelope(10**13, ty, []) | {"id": f"{packet_id}:99999"})
+    # The usual case, one dumps: the whole array's size is overhead + element sizes + the ", "
+    # between them, exactly what the loop below adds up, and below the limit no split happens.
+    if overhead - 2 + _size(elements) < limit:
+        return [elements] if elements else []
     chunks: list[list[dict[str, Any]]] = []
     chunk: list[dict[str, Any]] = []
     size = overhead

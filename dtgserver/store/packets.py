@@ -326,8 +326,10 @@ class PacketStore:
             return "new", 0
         modem = str(record.modem)
         state = states[modem] if modem in states else self._trip_state(db, modem)
+        # Without MQTT only the trip state is kept (so that forwarding can start any time): the
+        # mapper skips building the messages, most of its cost.
         messages, new_state = self.mapper(record, state, packet_id=key.hex(),
-                                          received_ms=int(item.received_at * 1000))
+                                          received_ms=int(item.received_at * 1000), messages=self.forward)
         if new_state is not state:
             states[modem] = new_state
             stored = "null" if new_state is None else json.dumps(new_state.to_dict())
