@@ -269,3 +269,16 @@ def test_any_log_bytes_are_kept(log: bytes) -> None:
     verify_frame(encode(record), raw)
     assume(isinstance(record.log, WireStr))
     assert to_json(record)["verbatim"]["log"] == log.hex()
+
+
+NOT_DIGITS = st.integers(0, 255).filter(lambda b: b > 0x09 and not 0x30 <= b <= 0x39 and b != 0x23)
+
+
+@SETTINGS
+@given(frames(tuple(p for p in ALL_IDS if p != 0x09)), st.data())
+def test_a_modem_with_anything_but_digits_is_a_format_error(raw: bytes, data: st.DataObject) -> None:
+    at = data.draw(st.integers(1, 11))
+    bad_modem = raw[:at] + bytes([data.draw(NOT_DIGITS)]) + raw[at + 1:]
+    with pytest.raises(ProtocolError, match="is not digits") as caught:
+        decode(bad_modem)
+    assert (caught.value.offset, caught.value.result) == (1, 1)
