@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 
 from dtgserver.cli.codec_cmds import parse_hex_text
-from dtgserver.protocol import KST, BadTime, Packet, WireStr
+from dtgserver.protocol import KST, BadTime, Packet
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -122,8 +122,3 @@ def _get(record: Any, path: str) -> Any:
         if index:
             record = record[int(index.rstrip("]"))]
     return record
-
-
-def plain(text: str) -> bool:
-    """Text decoded canonically (not kept as wire bytes)."""
-    return not isinstance(text, WireStr)
