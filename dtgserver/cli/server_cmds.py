@@ -230,7 +230,7 @@ def maintenance(switch: str, data_dir: Path) -> None:
     click.echo(f"maintenance {switch}")
 
 
-def _parse_time(value: str | None, option: str) -> float | None:
+def _parse_time(value: str | None, option: str | None = None) -> float | None:
     if value is None:
         return None
     try:
