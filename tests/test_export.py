@@ -101,6 +101,25 @@ async def test_jsonl_reads_while_the_server_runs(tmp_path: Path) -> None:
         assert [o["modem"] for o in lines(export(tmp_path))] == [A, B]
 
 
+async def test_jsonl_merges_the_shards_in_receive_order(tmp_path: Path) -> None:
+    from dtgserver.server.app import DtgServer
+    from dtgserver.server.config import ServerConfig
+    from dtgserver.store.packets import shard_of
+
+    modems = [f"010{n:08d}" for n in range(8)]
+    assert {shard_of(m, 2) for m in modems} == {0, 1}
+    server = DtgServer(ServerConfig(host="127.0.0.1", port=0, data_dir=tmp_path, grace_period=2.0), shards=2)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(server.run)
+        for i, modem in enumerate(modems * 2):  # alternating shards, each terminal twice
+            assert (await send(port, encode(dtg(modem, minute=i, bodies=1))))[0] == OK
+        server.stop()
+    assert sorted(p.name for p in tmp_path.glob("store-*.db")) == ["store-0.db", "store-1.db"]
+    exported = lines(export(tmp_path))
+    assert [o["modem"] for o in exported] == modems * 2
+    assert [o["bodies"][0]["time"][11:16] for o in exported] == [f"08:{i:02d}" for i in range(16)]
+
+
 def kst_naive(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, KST).replace(tzinfo=None).isoformat()
 
