@@ -35,7 +35,13 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
             table = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-    table = table.get("serve", table)
+    if "serve" in table:  # all options under [serve], or none: a key beside it would be silently ignored
+        outside = sorted(set(table) - {"serve"})
+        if not isinstance(table["serve"], dict) or outside:
+            raise click.BadParameter(f"in {value}, put every option under [serve] or none of them "
+                                     f"(found {', '.join(outside) or 'serve = ' + repr(table['serve'])})",
+                                     ctx=ctx, param=param)
+        table = table["serve"]
     known = {}  # long option name (--mqtt) or parameter name (mqtt_url), dashes as underscores → parameter
     for p in ctx.command.params:
         if p.name and p.name not in ("config", "help"):
@@ -46,6 +52,9 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         name = known.get(key.replace("-", "_"))
         if name is None:
             raise click.BadParameter(f"unknown option {key!r} in {value}", ctx=ctx, param=param)
+        if not isinstance(item, str | int | float):  # bool is an int; arrays, tables and dates are no option value
+            raise click.BadParameter(f"option {key!r} in {value} is {item!r}: give a string, number or true/false",
+                                     ctx=ctx, param=param)
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
