@@ -217,3 +217,28 @@ def test_bad_value_in_environment_names_the_variable(configs: list[ServerConfig]
     message = failure(serve(env={"DTGSERVER_PORT": "ninety"}))
     assert "DTGSERVER_PORT" in message
     assert configs == []
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('port = 1111\n[serve]\nhost = "127.0.0.2"\n', "put every option under [serve] or none of them (found port)"),
+    ("serve = 5\n", "put every option under [serve] or none of them (found serve = 5)"),
+])
+def test_options_beside_the_serve_table_are_refused(configs: list[ServerConfig], tmp_path: Path, text: str,
+                                                    expected: str) -> None:
+    """Not silently ignored: a port beside [serve] would otherwise not be the port served on."""
+    message = failure(serve("--config", write(tmp_path / "dtg.toml", text)))
+    assert expected in " ".join(message.split())
+    assert configs == []
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("port = [1111, 2222]\n", "option 'port' in"),
+    ("host = 2026-11-21\n", "option 'host' in"),
+    ("[serve]\n[serve.metrics]\nport = 9100\n", "unknown option 'metrics'"),
+    ('data-dir = { path = "x" }\n', "option 'data-dir' in"),
+])
+def test_values_that_are_no_option_value_are_refused(configs: list[ServerConfig], tmp_path: Path, text: str,
+                                                     shown: str) -> None:
+    message = " ".join(failure(serve("--config", write(tmp_path / "dtg.toml", text))).split())
+    assert shown in message
+    assert configs == []
