@@ -203,6 +203,7 @@ def test_trips_end_with_key_off_and_start_again() -> None:
         packets = [decode(p.raw) for p in terminal.backlog]
         assert all(p.warnings == [] for p in packets)
         key_offs = [p for p in packets if isinstance(p, KeyOff)]
+        assert all(12.2 <= p.battery_v <= 12.7 for p in key_offs)  # resting battery, engine off
         seen.update(type(p).KIND for p in packets)
         # consecutive KEY OFF packets of one stop are one KEY OFF period apart
         for a, b in itertools.pairwise(key_offs):

@@ -193,7 +193,8 @@ class Terminal:
     def _queue_key_off(self, second: int) -> None:
         lon, lat = self.vehicle.position
         record = KeyOff(self.identity.modem, datetime.fromtimestamp(second, KST), lon, lat,
-                        datetime.fromtimestamp(self.key_off_s, KST), self.vehicle.battery_v)
+                        datetime.fromtimestamp(self.key_off_s, KST),
+                        self.vehicle.parked_battery_v(second - self.key_off_s))
         self.backlog.append(Pending(encode(record), "key_off", 0, second, False))
 
     def _queue_status_log(self, second: int, fault_code: int) -> None:

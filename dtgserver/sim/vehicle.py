@@ -205,7 +205,7 @@ class Vehicle:
 
     def park(self, parked_s: float) -> None:
         """Time passes with the key off: the battery sags, and a low tank gets filled."""
-        self.battery_dv = 124 if parked_s > 3600 else 126
+        self.battery_dv = round(self.parked_battery_v(parked_s) * 10)
         self.speed_ms = 0.0
         if self.fuel_in_tank_l < 0.15 * self.build.tank_l:
             self.fuel_in_tank_l = self.build.tank_l * self.rng.uniform(0.9, 1.0)
@@ -357,6 +357,11 @@ class Vehicle:
     @property
     def battery_v(self) -> float:
         return self.battery_dv / 10
+
+    @staticmethod
+    def parked_battery_v(parked_s: float) -> float:
+        """A 12 V battery at rest: 12.7 V after the engine stops, 0.1 V less every 6 hours, to 12.2 V."""
+        return max(122, 127 - int(parked_s // (6 * 3600))) / 10
 
     @property
     def position(self) -> tuple[float, float]:
