@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
@@ -253,6 +254,27 @@ async def test_cancellation_leaves_no_paho_thread_running(broker: Mosquitto) -> 
         nursery.cancel_scope.cancel()
     assert forwarder_threads() == []
     assert not forwarder.connected
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_every_connection_closes_its_sockets_without_waiting_for_the_garbage_collector(
+        broker: Mosquitto) -> None:
+    outbox = MemoryOutbox()
+    before = open_descriptors()
+    forwarder = make_forwarder(outbox, broker.url)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(forwarder.run)
+        outbox.add(MODEMS[0])
+        await wait_until(lambda: outbox.backlog() == 0)
+        await trio.to_thread.run_sync(broker.restart)  # a second connection, and a lost one
+        outbox.add(MODEMS[0])
+        await wait_until(lambda: outbox.backlog() == 0)
+        nursery.cancel_scope.cancel()
+    assert forwarder.reconnects >= 1
+    assert open_descriptors() == before  # paho's socket and its wake-up socket pair, for both connections
 
 
 async def test_shutdown_is_prompt_even_when_the_broker_stopped_reading(broker: Mosquitto) -> None:

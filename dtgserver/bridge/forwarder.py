@@ -79,6 +79,18 @@ class BrokerUrl:
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
 
 
+def _release_sockets(client: mqtt.Client) -> None:
+    """Close what paho would close only in `Client.__del__` (its wake-up socket pair, paho 2.2).
+
+    Our callbacks make the client part of a reference cycle; when the garbage collector breaks it,
+    the sockets may be finalised before the client and warn (ResourceWarning). Called after
+    paho's thread has ended, so nothing uses them any more.
+    """
+    reset_sockets = getattr(client, "_reset_sockets", None)
+    if reset_sockets is not None:
+        reset_sockets()
+
+
 def topic_with_prefix(prefix: str, topic: str) -> str:
     prefix = prefix.strip("/")
     return f"{prefix}/{topic}" if prefix else topic
@@ -226,6 +238,7 @@ class Forwarder:
                     await self._close(session)
             else:
                 session.client.disconnect()  # closes the socket of a connect that came back late
+            _release_sockets(session.client)
 
     async def _close(self, session: _Session) -> None:
         """Disconnect and join paho's thread, promptly even when the broker has stopped reading."""
