@@ -287,18 +287,22 @@ class PacketStore:
                 item.done.set()
 
     def _write_batch(self, batch: Sequence[_Pending]) -> tuple[list[str | None], dict[str, Any], int]:
-        """In a worker thread: one transaction for the whole batch; all or nothing."""
+        """In a worker thread: one transaction for the whole batch; all or nothing.
+
+        A fixed number of statements per batch, whatever its size (executemany, and reads of many
+        rows at once): each statement gives up and takes back the GIL, and taking it back while
+        the event loop thread is busy can cost a switch interval (5 ms) every time.
+        """
         db = self.db
-        states: dict[str, Any] = {}
-        results: list[str | None] = []
-        added = 0
+        rows = []
+        for item in batch:
+            raw, record = item.received.raw, item.received.record
+            rows.append((digest(raw), str(record.modem), record.KIND, record.protocol_id,
+                         getattr(record, "body_count", 0), item.received_at, item.peer, raw))
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                for item in batch:
-                    outcome, n = self._write_one(db, item, states)
-                    results.append(outcome)
-                    added += n
+                results, states, added = self._write_rows(db, batch, rows)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -308,52 +312,74 @@ class PacketStore:
             return [None] * len(batch), {}, 0
         return results, states, added
 
-    def _write_one(self, db: sqlite3.Connection, item: _Pending, states: dict[str, Any]) -> tuple[str, int]:
-        raw, record = item.received.raw, item.received.record
-        key = digest(raw)
-        cursor = db.execute(
-            "INSERT OR IGNORE INTO packets(digest, modem, kind, protocol_id, body_count, received_at, peer, raw) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (key, str(record.modem), record.KIND, record.protocol_id, getattr(record, "body_count", 0),
-             item.received_at, item.peer, raw),
-        )
-        if cursor.rowcount == 0:
-            return "duplicate", 0
-        packet_id = cursor.lastrowid
-        if isinstance(record, StatusLog):
-            _write_durably(status_log_path(self.data_dir, record), str(record.log))
-        if self.mapper is None:
-            return "new", 0
-        modem = str(record.modem)
-        state = states[modem] if modem in states else self._trip_state(db, modem)
-        # Without MQTT only the trip state is kept (so that forwarding can start any time): the
-        # mapper skips building the messages, most of its cost.
-        messages, new_state = self.mapper(record, state, packet_id=key.hex(),
-                                          received_ms=int(item.received_at * 1000), messages=self.forward)
-        if new_state is not state:
-            states[modem] = new_state
-            stored = "null" if new_state is None else json.dumps(new_state.to_dict())
-            db.execute("INSERT INTO trip_state(modem, state) VALUES (?, ?) "
-                       "ON CONFLICT(modem) DO UPDATE SET state = excluded.state", (modem, stored))
-        if not self.forward:
-            return "new", 0
+    def _write_rows(self, db: sqlite3.Connection, batch: Sequence[_Pending], rows: list[tuple[Any, ...]],
+                    ) -> tuple[list[str | None], dict[str, Any], int]:
+        # Holding the write lock, and packets are never deleted: what this INSERT adds gets ids
+        # above the largest id now. A digest not among them was stored before: a resend.
+        last_id = db.execute("SELECT coalesce(max(id), 0) FROM packets").fetchone()[0]
         db.executemany(
-            "INSERT INTO outbox(packet_id, modem, topic, payload, retain) VALUES (?, ?, ?, ?, ?)",
-            [(packet_id, modem, m.topic, json.dumps(m.payload, ensure_ascii=False).encode(), int(m.retain))
-             for m in messages],
-        )
-        return "new", len(messages)
+            "INSERT OR IGNORE INTO packets(digest, modem, kind, protocol_id, body_count, received_at, peer, raw) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        inserted = dict(db.execute("SELECT digest, id FROM packets WHERE id > ?", (last_id,)).fetchall())
+        results: list[str | None] = []
+        new: list[tuple[_Pending, bytes, int]] = []
+        for item, row in zip(batch, rows, strict=True):
+            packet_id = inserted.pop(row[0], None)  # popped: the same packet twice in one batch is one row
+            if packet_id is None:
+                results.append("duplicate")
+            else:
+                results.append("new")
+                new.append((item, row[0], packet_id))
+        for item, _, _ in new:
+            record = item.received.record
+            if isinstance(record, StatusLog):
+                _write_durably(status_log_path(self.data_dir, record), str(record.log))
+        if self.mapper is None:
+            return results, {}, 0
 
-    def _trip_state(self, db: sqlite3.Connection, modem: str) -> Any:
-        """The state before this packet; read inside the writing transaction when others may write it."""
-        if not self.shared and modem in self._trip_states:
-            return self._trip_states[modem]
-        row = db.execute("SELECT state FROM trip_state WHERE modem = ?", (modem,)).fetchone()
-        if row is None or row[0] == "null":
-            return None
+        states = self._trip_states_of(db, {str(item.received.record.modem) for item, _, _ in new})
+        changed: dict[str, Any] = {}
+        outbox: list[tuple[int, str, str, bytes, int]] = []
+        for item, key, packet_id in new:
+            record = item.received.record
+            modem = str(record.modem)
+            state = states.get(modem)
+            # Without MQTT only the trip state is kept (so that forwarding can start any time): the
+            # mapper skips building the messages, most of its cost.
+            messages, new_state = self.mapper(record, state, packet_id=key.hex(),
+                                              received_ms=int(item.received_at * 1000), messages=self.forward)
+            if new_state is not state:
+                states[modem] = changed[modem] = new_state
+            if self.forward:
+                outbox.extend((packet_id, modem, m.topic, json.dumps(m.payload, ensure_ascii=False).encode(),
+                               int(m.retain)) for m in messages)
+        if changed:
+            db.executemany(
+                "INSERT INTO trip_state(modem, state) VALUES (?, ?) "
+                "ON CONFLICT(modem) DO UPDATE SET state = excluded.state",
+                [(modem, "null" if state is None else json.dumps(state.to_dict())) for modem, state in changed.items()])
+        if outbox:  # in packet order: the forwarder publishes in id order, each terminal's order
+            db.executemany("INSERT INTO outbox(packet_id, modem, topic, payload, retain) VALUES (?, ?, ?, ?, ?)",
+                           outbox)
+        return results, changed, len(outbox)
+
+    def _trip_states_of(self, db: sqlite3.Connection, modems: set[str]) -> dict[str, Any]:
+        """The states before this batch; read inside the writing transaction when others may write them."""
         from ..bridge.mapping import TripState
 
-        return TripState.from_dict(json.loads(row[0]))
+        states: dict[str, Any] = {}
+        wanted = []
+        for modem in modems:
+            if not self.shared and modem in self._trip_states:
+                states[modem] = self._trip_states[modem]
+            else:
+                wanted.append(modem)
+        for start in range(0, len(wanted), 500):  # below SQLite's limit of variables per statement
+            chunk = wanted[start:start + 500]
+            for modem, stored in db.execute(
+                    f"SELECT modem, state FROM trip_state WHERE modem IN ({','.join('?' * len(chunk))})", chunk):
+                states[modem] = None if stored == "null" else TripState.from_dict(json.loads(stored))
+        return states
 
     # -- the outbox (dtgserver.bridge.outbox.Outbox) -------------------------------------------
     def backlog(self) -> int:
