@@ -1,0 +1,455 @@
+"""Sessions per second of the whole server against a bare Trio server, under one cheap load generator.
+
+A session is what a terminal does once a minute: connect, send one 60-body DTG realtime packet
+(3,083 bytes), read the 2-byte answer, close. Contenders, each a separate process on 127.0.0.1:
+
+- bare: a Trio server that frames the packet by its length (body count × 51 + 23 bytes) and
+  answers 0x09 0x00 with no other work: the floor of Python + Trio + the kernel.
+- full: `dtgserver serve -q` (decode, registry check, group commit to SQLite with
+  synchronous=FULL, answer only after the commit); MQTT off.
+- full+mqtt: the same with `--mqtt` to a Mosquitto started here on a free port (the outbox row is
+  written in the same transaction; the forwarder publishes QoS 1 and deletes on PUBACK).
+- workers=1 / workers=2: `serve --workers N`, MQTT off.
+
+The load generator is several processes of plain non-blocking sockets on epoll (no Trio),
+closed loop: K connections in flight in all, each starting the next session as soon as its
+answer is read. Every packet is new data to the server (each terminal sends its next minute;
+the pool re-addresses pre-encoded pieces, see dtgserver.sim.load.PacketPool). Every run is
+bounded in time; the CPU of the server (from /proc/<pid>/stat, all its processes) and of the
+generator (getrusage in each generator process) is measured over the same window.
+
+    .venv/bin/python bench/server.py                       # every contender, 8 s each
+    .venv/bin/python bench/server.py --only bare,full --duration 5 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import multiprocessing
+import os
+import random
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+BODY_COUNT = 60
+HEADER_SIZE, DTG_BODY_SIZE = 23, 51
+ANSWER_TIMEOUT_S = 5.0
+
+
+# -- the bare server -----------------------------------------------------------------------------
+
+
+async def bare_server(port: int) -> None:
+    """Read one length-framed packet, answer 2 bytes, wait for the peer to close: nothing else."""
+    import trio
+
+    answer = b"\x09\x00"
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            buf = bytearray()
+            need = 16
+            while len(buf) < need:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                buf += chunk
+                if need == 16 and len(buf) >= 16:
+                    need = HEADER_SIZE + DTG_BODY_SIZE * int.from_bytes(buf[14:16], "big")
+            await stream.send_all(answer)
+            while await stream.receive_some(65536):  # as the real server: read on until EOF
+                pass
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, handle, listeners)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+# -- the load generator ----------------------------------------------------------------------------
+
+
+def make_pool(seed: int, terminals: int) -> Any:
+    sys.path.insert(0, str(ROOT))
+    from dtgserver.sim.load import PacketPool, SimConfig, make_identities
+
+    identities = make_identities(SimConfig(terminals=terminals, mix=(("dtg", 100.0),)), seed)
+    return PacketPool(identities, seed, start_s=time.time() - 7 * 86_400, body_count=BODY_COUNT)
+
+
+def generate(port: int, connections: int, seed: int, measure_from: float, measure_until: float,
+             results: Any) -> None:
+    """One generator process: `connections` sessions in flight until measure_until; reports on `results`."""
+    pool = make_pool(seed, terminals=2000)
+    address = ("127.0.0.1", port)
+    sel = selectors.EpollSelector()
+    latencies: list[float] = []
+    counts = {"sessions": 0, "ok": 0, "other_result": 0, "timeouts": 0, "connection_errors": 0}
+    in_flight: dict[int, list[Any]] = {}  # fd → [socket, packet view, started, answer bytes]
+    cpu_start: float | None = None
+    cpu_end: float | None = None
+
+    def cpu_now() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def start() -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        started = time.perf_counter()
+        code = sock.connect_ex(address)
+        if code not in (0, errno.EINPROGRESS):
+            sock.close()
+            finish(None, started, "connection_error")
+            return
+        in_flight[sock.fileno()] = [sock, memoryview(pool.next_packet()[0]), started, b""]
+        sel.register(sock, selectors.EVENT_WRITE)
+
+    def finish(session: list[Any] | None, started: float, outcome: str) -> None:
+        now = time.perf_counter()
+        if session is not None:
+            sock = session[0]
+            sel.unregister(sock)
+            del in_flight[sock.fileno()]
+            sock.close()
+        wall = time.time()
+        if measure_from <= wall < measure_until:
+            counts["sessions"] += 1
+            if outcome == "ok":
+                counts["ok"] += 1
+                latencies.append(now - started)
+            elif outcome == "answered":
+                counts["other_result"] += 1
+            elif outcome == "timeout":
+                counts["timeouts"] += 1
+            else:
+                counts["connection_errors"] += 1
+
+    for _ in range(connections):
+        start()
+    next_timeout_check = time.perf_counter()
+    while True:
+        wall = time.time()
+        if cpu_start is None and wall >= measure_from:
+            cpu_start = cpu_now()
+        if cpu_end is None and wall >= measure_until:
+            cpu_end = cpu_now()
+        if wall >= measure_until and not in_flight:
+            break
+        if wall >= measure_until + ANSWER_TIMEOUT_S:
+            for session in list(in_flight.values()):
+                finish(session, session[2], "timeout")
+            break
+        for key, events in sel.select(timeout=0.05):
+            session = in_flight[key.fd]
+            sock, view, started = session[0], session[1], session[2]
+            try:
+                if events & selectors.EVENT_WRITE:
+                    sent = sock.send(view)
+                    view = session[1] = view[sent:]
+                    if not view:
+                        sel.modify(sock, selectors.EVENT_READ)
+                    continue
+                data = sock.recv(64)
+            except OSError:
+                finish(session, started, "connection_error")
+                if time.time() < measure_until:
+                    start()
+                continue
+            if not data:
+                finish(session, started, "connection_error")
+            else:
+                answer = session[3] = session[3] + data
+                if len(answer) < 2:
+                    continue
+                finish(session, started, "ok" if answer[:2] == b"\x09\x00" else "answered")
+            if time.time() < measure_until:
+                start()
+        if time.perf_counter() >= next_timeout_check:  # answer timeouts, looked for twice a second
+            next_timeout_check = time.perf_counter() + 0.5
+            for session in [s for s in in_flight.values() if next_timeout_check - s[2] > ANSWER_TIMEOUT_S + 0.5]:
+                finish(session, session[2], "timeout")
+                if time.time() < measure_until:
+                    start()
+    results.put({**counts, "latencies": latencies, "cpu_s": (cpu_end or cpu_now()) - (cpu_start or 0.0)})
+
+
+def run_load(port: int, *, connections: int, generators: int, warmup_s: float, duration_s: float,
+             server_pids: Any) -> dict[str, Any]:
+    """Run the generators against `port`; the load's figures and the server's CPU in the window."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    measure_from = time.time() + 1.0 + warmup_s  # 1 s to build the packet pools
+    measure_until = measure_from + duration_s
+    per_process = [connections // generators + (1 if i < connections % generators else 0) for i in range(generators)]
+    processes = [context.Process(target=generate, args=(port, n, random.randrange(2**31), measure_from,
+                                                        measure_until, results)) for n in per_process]
+    for process in processes:
+        process.start()
+    time.sleep(max(0.0, measure_from - time.time()))
+    pids = server_pids()
+    cpu_before = process_cpu_s(pids)
+    time.sleep(max(0.0, measure_until - time.time()))
+    cpu_after = process_cpu_s(pids)
+    reports = [results.get(timeout=duration_s + warmup_s + 3 * ANSWER_TIMEOUT_S) for _ in processes]
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+    latencies = sorted(x for r in reports for x in r["latencies"])
+    figures: dict[str, Any] = {k: sum(r[k] for r in reports) for k in
+                               ("sessions", "ok", "other_result", "timeouts", "connection_errors")}
+    ok = figures["ok"]
+    server_cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
+    server_cpu_s = sum(server_cpu.values())
+    generator_cpu_s = sum(r["cpu_s"] for r in reports)
+    figures.update(
+        sessions_per_s=ok / duration_s,
+        p50_ms=1000 * latencies[len(latencies) // 2] if latencies else None,
+        p99_ms=1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None,
+        server_cores=server_cpu_s / duration_s,
+        server_cpu_us_per_session=1e6 * server_cpu_s / ok if ok else None,
+        generator_cores=generator_cpu_s / duration_s,
+        generator_cpu_us_per_session=1e6 * generator_cpu_s / ok if ok else None,
+        cpu_by_process={name: round(v / duration_s, 2) for name, v in server_cpu.items()},
+    )
+    return figures
+
+
+def process_cpu_s(pids: dict[str, int]) -> dict[str, float]:
+    """utime + stime of each named process, from /proc/<pid>/stat."""
+    cpu = {}
+    for name, pid in pids.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu[name] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of stat(5)
+    return cpu
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            pass
+    return sorted(found)
+
+
+# -- the contenders ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout_s} s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def raise_file_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Mosquitto:
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        config = workdir / "mosquitto.conf"
+        config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                          "max_inflight_messages 0\nmax_queued_messages 100000\n")
+        self.process = subprocess.Popen(["/usr/sbin/mosquitto", "-c", str(config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_listening(self.port, self.process)
+
+    def stop(self) -> None:
+        stop(self.process)
+
+
+def metrics(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    port = free_port()
+    broker: Mosquitto | None = None
+    metrics_port: int | None = None
+    if name == "bare":
+        command = [PYTHON, __file__, "--bare-server", str(port)]
+    else:
+        data_dir = workdir / f"data-{name}-{port}"
+        metrics_port = free_port()
+        command = [PYTHON, "-m", "dtgserver", "serve", "-q", "--host", "127.0.0.1", "--port", str(port),
+                   "--data-dir", str(data_dir), "--metrics-port", str(metrics_port),
+                   "--max-connections", "100000"]
+        if name == "full+mqtt":
+            broker = Mosquitto(workdir)
+            command += ["--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--client-id", f"bench-{port}"]
+        if name.startswith("workers="):
+            command += ["--workers", name.split("=")[1]]
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_listening(port, server)
+        time.sleep(0.5)  # every worker up, not only the first
+
+        def pids() -> dict[str, int]:
+            named = {"server": server.pid}
+            named.update((f"worker{i}", pid) for i, pid in enumerate(children(server.pid)))
+            if broker is not None:
+                named["mosquitto"] = broker.process.pid
+            return named
+
+        figures = run_load(port, connections=args.connections, generators=args.generators,
+                           warmup_s=args.warmup, duration_s=args.duration, server_pids=pids)
+        if broker is not None:  # the broker is not the server: keep its CPU apart
+            broker_cores = figures["cpu_by_process"].pop("mosquitto", 0.0)
+            figures["broker_cores"] = broker_cores
+            figures["server_cores"] -= broker_cores
+            figures["server_cpu_us_per_session"] = 1e6 * figures["server_cores"] / figures["sessions_per_s"]
+        if metrics_port is not None and not name.startswith("workers="):
+            m = metrics(metrics_port)
+            figures["committed_packets"] = m.get("dtg_committed_packets_total")
+            commits = m.get("dtg_commits_total") or 0
+            if commits:  # over the whole run, warm-up included
+                figures["commit_ms_mean"] = 1000 * m.get("dtg_commit_seconds_sum", 0.0) / commits
+                figures["batch_mean"] = m.get("dtg_commit_batch_size_sum", 0.0) / commits
+            if broker is not None:
+                time.sleep(1.0)
+                m = metrics(metrics_port)
+                figures["mqtt_acknowledged"] = m.get("dtg_mqtt_acknowledged_total")
+                figures["mqtt_backlog_1s_after"] = m.get("dtg_mqtt_backlog")
+    finally:
+        stop(server)
+        if broker is not None:
+            broker.stop()
+        errors = server.stderr.read().decode(errors="replace") if server.stderr else ""
+        if server.stderr:
+            server.stderr.close()
+        if errors.strip():
+            print(f"[{name} stderr] {errors.strip()[-2000:]}", file=sys.stderr)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="bare,full,full+mqtt,workers=1,workers=2",
+                        help="contenders, comma-separated (bare, full, full+mqtt, workers=N)")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per contender and round")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds; every contender runs once per round")
+    parser.add_argument("--connections", type=int, default=48, help="sessions in flight (closed loop)")
+    parser.add_argument("--generators", type=int, default=2, help="load generator processes")
+    parser.add_argument("--json", action="store_true", help="print every run as JSON too")
+    parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_server is not None:
+        import trio
+
+        trio.run(bare_server, args.bare_server)
+        return 0
+    raise_file_limit()
+    contenders = [c.strip() for c in args.only.split(",") if c.strip()]
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
+    workdir = Path(tempfile.mkdtemp(prefix="dtg-bench-"))
+    try:
+        for round_ in range(args.rounds):
+            for name in contenders:
+                figures = run_contender(name, args, workdir)
+                runs[name].append(figures)
+                print(f"round {round_ + 1} {name:<10} {figures['sessions_per_s']:8.0f} sessions/s  "
+                      f"p50 {figures['p50_ms'] or 0:6.2f} ms  p99 {figures['p99_ms'] or 0:6.2f} ms  "
+                      f"server {figures['server_cores']:.2f} cores "
+                      f"{figures['server_cpu_us_per_session'] or 0:5.0f} µs/session  "
+                      f"generator {figures['generator_cores']:.2f} cores  "
+                      f"errors {figures['timeouts'] + figures['connection_errors'] + figures['other_result']}"
+                      + (f"  commit {figures['commit_ms_mean']:.1f} ms × {figures['batch_mean']:.0f} packets"
+                         if "commit_ms_mean" in figures else ""),
+                      flush=True)
+                if args.json:
+                    print(json.dumps({"contender": name, **figures}), flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report(runs)
+    return 0
+
+
+def report(runs: dict[str, list[dict[str, Any]]]) -> None:
+    def median(name: str, key: str) -> float:
+        values = [r[key] for r in runs[name] if r.get(key) is not None]
+        return statistics.median(values) if values else float("nan")
+
+    print()
+    print(f"{'contender':<11} {'sessions/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'server cores':>12} "
+          f"{'µs/session':>10} {'generator cores':>15} {'÷ bare':>7}")
+    bare = median("bare", "sessions_per_s") if "bare" in runs else None
+    for name in runs:
+        rate = median(name, "sessions_per_s")
+        ratio = f"{rate / bare:.2f}×" if bare else "-"
+        print(f"{name:<11} {rate:10.0f} {median(name, 'p50_ms'):7.2f} {median(name, 'p99_ms'):7.2f} "
+              f"{median(name, 'server_cores'):12.2f} {median(name, 'server_cpu_us_per_session'):10.0f} "
+              f"{median(name, 'generator_cores'):15.2f} {ratio:>7}")
+    if "workers=1" in runs and "workers=2" in runs:
+        one, two = median("workers=1", "sessions_per_s"), median("workers=2", "sessions_per_s")
+        print(f"\nworkers=2 ÷ workers=1: {two / one:.2f}× (target 1.6×); the generator shares the same "
+              f"{os.cpu_count()} cores")
+    if "full" in runs and bare:
+        print(f"full ÷ bare: {median('full', 'sessions_per_s') / bare:.2f}× (target 0.6×)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
