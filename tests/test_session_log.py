@@ -213,3 +213,51 @@ def test_metrics_keep_every_digit() -> None:
     assert "dtg_commit_seconds_sum 1234.000125" in text
     assert "dtg_mqtt_connected 1" in text
     assert 'dtg_packets_total{kind="dtg"} 10000001' in text
+
+
+# -- the real command: `dtgserver serve` with and without -q --------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "env", "session_lines"), [([], {}, True), (["-q"], {}, False),
+                                                             ([], {"DTGSERVER_QUIET": "1"}, False)])
+async def test_serve_logs_sessions_to_stderr_unless_quiet(tmp_path: Path, args: list[str], env: dict[str, str],
+                                                          session_lines: bool) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stderr_path = tmp_path / "stderr.txt"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DTGSERVER_")} | env
+    with open(stderr_path, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dtgserver", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--data-dir", str(tmp_path / "data"), *args], stdout=subprocess.DEVNULL, stderr=stderr, env=environment)
+    try:
+        with trio.fail_after(20):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    break
+                except OSError:
+                    assert process.poll() is None, stderr_path.read_text()
+                    await trio.sleep(0.05)
+            async with stream:
+                await stream.send_all(dtg_bytes(bodies=1))
+                assert await read_all(stream, 2) == b"\x09\x00"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    text = stderr_path.read_text("utf-8")
+    found = [line for line in text.splitlines() if " INFO dtgserver.session session " in line]
+    if session_lines:
+        (mine,) = [parse(line.split(" INFO dtgserver.session ", 1)[1]) for line in found if "modem=0101" in line]
+        assert (mine["kind"], mine["bodies"], mine["result"], mine["end"]) == ("dtg", "1", "0", "closed")
+        assert "SIGTERM: shutting down" in text
+    else:
+        assert found == [] and " INFO " not in text, text
