@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from packets import basic_info, dtg_bytes, key_off
-from test_server import running
+from test_server import memory_session, read_until_closed, running
 
 from dtgserver import logs
 from dtgserver.protocol import encode
@@ -118,17 +119,32 @@ async def test_format_error_session(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert line["end"] == f"format error at byte {offset}: unknown protocol ID 0x05"
 
 
-async def test_half_a_packet_then_idle(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    async with running(tmp_path, idle_timeout=0.2) as server:
-        assert server.port
-        with trio.fail_after(10):
-            stream, _ = await connect(server.port)
-            async with stream:
-                await stream.send_all(dtg_bytes()[:100])
-                assert await read_all(stream, 2) == b""  # closed, unanswered
+async def test_half_a_packet_then_idle(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                      autojump_clock: trio.abc.Clock) -> None:
+    async with memory_session(tmp_path) as (_server, client):
+        await client.send_all(dtg_bytes()[:100])
+        assert await read_until_closed(client) == b""  # closed, unanswered
+        await trio.testing.wait_all_tasks_blocked()
     (line,) = session_lines(caplog)
-    assert (line["modem"], line["kind"], line["bodies"], line["result"]) == ("-", "-", "0", "-")
+    assert [line[k] for k in ("peer", "modem", "kind", "bodies", "result")] == ["memory:0", "-", "-", "0", "-"]
     assert line["end"] == "idle timeout, 100 bytes of a packet dropped"
+
+
+async def test_slow_drip_session(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                 autojump_clock: trio.abc.Clock) -> None:
+    packet = dtg_bytes()
+    async with memory_session(tmp_path, packet_timeout=30.0) as (_server, client):
+        with trio.move_on_after(60):
+            for byte in packet:  # a byte every 2 s: never idle, never whole
+                try:
+                    await client.send_all(bytes([byte]))
+                except trio.BrokenResourceError:
+                    break
+                await trio.sleep(2)
+        await trio.testing.wait_all_tasks_blocked()
+    (line,) = session_lines(caplog)
+    assert line["result"] == "-"
+    assert line["end"] == "packet timeout, 15 bytes of a packet dropped"
 
 
 async def test_device_bytes_cannot_break_the_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
