@@ -248,7 +248,7 @@ def assert_feature_collection(doc: Any) -> None:
             assert -180 <= lon <= 180 and -90 <= lat <= 90
 
 
-def positions(record: DtgRealtime) -> list[tuple[datetime, list[float]]]:
+def positions(record: DtgRealtime) -> list[tuple[Any, list[float]]]:
     return [(b.time, [b.lon, b.lat]) for b in record.bodies if (b.lon, b.lat) != (0, 0)]
 
 
