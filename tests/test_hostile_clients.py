@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
 import os
 import resource
@@ -18,6 +19,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from conftest import VALID_SAMPLES
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from packets import dtg_bytes, status_log
 from test_server import exchange, memory_session, read_until_closed, running, stored
 
@@ -59,6 +63,60 @@ def traced() -> Iterator[None]:
         yield
     finally:
         tracemalloc.stop()
+
+
+def _load_oracle():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("framer_oracle", FUZZ / "framer_oracle.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
+oracle = _load_oracle()
+
+
+# -- the fuzz target's checks, in the suite ------------------------------------------------------
+
+
+def test_fuzz_seeds_and_kept_crashers_pass_the_framer_oracle() -> None:
+    """The atheris target's oracle (fuzz/framer_oracle.py) over its seeds and every crasher kept in fuzz/crashers/."""
+    seeds = oracle.seeds()
+    assert len(seeds) >= 2 * 20
+    # Valid packets a terminal sends (a 0x09 answer is a format error from a terminal).
+    valid = {f"seed-{s.name}-{how}" for s in VALID_SAMPLES if s.data[0] != 0x09 for how in ("whole", "drip")}
+    for name, data in seeds.items():
+        events = oracle.check_input(data)
+        if name in valid:  # whole packets, then the end of the stream
+            assert len(events) >= 2 and events[-1] is oracle.CLOSED, (name, events)
+        else:  # a malformed sample ends in a format error (message, offset)
+            assert isinstance(events[-1], tuple) and isinstance(events[-1][0], str), (name, events)
+    for crasher in sorted((FUZZ / "crashers").glob("*")):
+        oracle.check_input(crasher.read_bytes())
+
+
+@st.composite
+def mangled_streams(draw: st.DrawFn) -> bytes:
+    """Valid fixture packets back to back, then a few bytes flipped, cut or inserted: near-valid input."""
+    stream = bytearray(b"".join(draw(st.lists(st.sampled_from([s.data for s in VALID_SAMPLES]), min_size=1,
+                                              max_size=3))))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(stream)))
+        action = draw(st.sampled_from(["flip", "cut", "insert"]))
+        if action == "flip" and at < len(stream):
+            stream[at] ^= 1 << draw(st.integers(0, 7))
+        elif action == "cut":
+            del stream[at:at + draw(st.integers(1, 40))]
+        else:
+            stream[at:at] = draw(st.binary(min_size=1, max_size=8))
+    return draw(st.binary(min_size=2, max_size=2)) + bytes(stream)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300), mangled_streams()))
+def test_random_and_mangled_streams_pass_the_framer_oracle(data: bytes) -> None:
+    oracle.check_input(data)
 
 
 # -- slow drip --------------------------------------------------------------------------------
