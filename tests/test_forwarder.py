@@ -188,9 +188,11 @@ async def test_rows_are_marked_delivered_only_after_their_puback(broker: Mosquit
     assert forwarder.acknowledged == 25
 
 
-async def test_broker_restart_mid_stream_loses_nothing_and_keeps_each_terminals_order(broker: Mosquitto) -> None:
+@pytest.mark.parametrize("outages", [1, 3])
+async def test_broker_restart_mid_stream_loses_nothing_and_keeps_each_terminals_order(
+        broker: Mosquitto, outages: int) -> None:
     outbox = MemoryOutbox()
-    total = 600
+    total = 900
     forwarder = make_forwarder(outbox, broker.url, window=20)
 
     async def feed() -> None:
@@ -203,18 +205,19 @@ async def test_broker_restart_mid_stream_loses_nothing_and_keeps_each_terminals_
         async with trio.open_nursery() as nursery:
             await nursery.start(forwarder.run)
             nursery.start_soon(feed)
-            await wait_until(lambda: forwarder.acknowledged >= 100)
-            await trio.to_thread.run_sync(broker.stop)  # mid-stream: rows keep coming into the outbox
-            await wait_until(lambda: not forwarder.connected)
-            await trio.sleep(0.5)
-            await trio.to_thread.run_sync(broker.start)  # the same port
+            for outage in range(outages):
+                await wait_until(lambda: forwarder.connected and forwarder.acknowledged >= 100 + 150 * outage)  # noqa: B023
+                await trio.to_thread.run_sync(broker.stop)  # mid-stream: rows keep coming into the outbox
+                await wait_until(lambda: not forwarder.connected)
+                await trio.sleep(0.5)
+                await trio.to_thread.run_sync(broker.start)  # the same port
             await wait_until(lambda: outbox.backlog() == 0 and len(outbox.delivered) == total, 60)
             await subscriber.wait_for(lambda s: set(row_ids(s)) >= set(range(1, total + 1)), 30)
             nursery.cancel_scope.cancel()
 
     received = row_ids(subscriber)
     assert set(received) == set(range(1, total + 1))
-    assert forwarder.reconnects >= 1
+    assert forwarder.reconnects >= outages and broker.starts == outages + 1
     per_modem: dict[str, list[int]] = defaultdict(list)
     seen: set[int] = set()
     for row_id in received:
@@ -254,6 +257,22 @@ async def test_cancellation_leaves_no_paho_thread_running(broker: Mosquitto) -> 
         nursery.cancel_scope.cancel()
     assert forwarder_threads() == []
     assert not forwarder.connected
+
+
+class BrokenOutbox(MemoryOutbox):
+    async def fetch(self, after_id: int, limit: int) -> list[OutboxRow]:
+        await trio.lowlevel.checkpoint()
+        raise RuntimeError("database is locked")
+
+
+async def test_an_outbox_failure_stops_the_forwarder_loudly_and_cleanly(broker: Mosquitto) -> None:
+    """Not a broker problem, so no silent retry: the error reaches whoever runs the forwarder."""
+    forwarder = make_forwarder(BrokenOutbox(), broker.url)
+    locked = pytest.RaisesGroup(pytest.RaisesExc(RuntimeError, match="locked"), flatten_subgroups=True)
+    with trio.fail_after(20), locked:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(forwarder.run)
+    assert forwarder_threads() == [] and not forwarder.connected
 
 
 def open_descriptors() -> int:
