@@ -21,6 +21,7 @@ own thread and each rule calls into it with trio.from_thread.run.
 
 from __future__ import annotations
 
+import collections
 import shutil
 import sqlite3
 import tempfile
@@ -59,6 +60,8 @@ HUGE_LOG = b"\x63" + MODEM + KEY_ON + (32767).to_bytes(2, "big")  # a valid head
 # Headers a hostile terminal sends: over the body limit, a huge declared log, an answer packet, negative sizes.
 HOSTILE = [TOO_MANY_BODIES, HUGE_LOG, b"\x09\x00", b"\x03" + bytes(13) + b"\x80\x00", b"\x63" + bytes(18) + b"\xff\xff"]
 SEND_LIMIT = 30_000  # bytes per connection: below the 64 KiB a final answer drains before closing
+# What the runs checked, for docs/reliability.md (read by a script that runs the machine).
+TOTALS: collections.Counter[str] = collections.Counter()
 
 
 @attrs.define
@@ -114,6 +117,8 @@ class ServerMachine(RuleBasedStateMachine):
                                    max_connections=MAX_CONNECTIONS, max_body_count=MAX_BODY_COUNT)
         self.server = DtgServer(self.config)
         self.all_clients: list[Client] = []
+        self.answered_ok: set[bytes] = set()  # every packet seen answered 0, over the whole run
+        self.stored_count = 0
         self.in_flight = 0  # sessions waiting in store.submit: a commit in a worker thread
         self.submitted = trio.Event()
         self.crash: BaseException | None = None
@@ -242,13 +247,15 @@ class ServerMachine(RuleBasedStateMachine):
         self.all_clients.append(client)
         return client
 
-    @rule(client=clients, packet=st.sampled_from(PACKETS), data=st.data(), close=st.booleans())
-    def send_packet(self, client: Client, packet: bytes, data: st.DataObject, close: bool) -> None:
-        """A valid packet in random chunks; with close, the terminal hangs up without reading the answer."""
+    @rule(client=clients, packets=st.lists(st.sampled_from(PACKETS), min_size=1, max_size=3), data=st.data(),
+          close=st.booleans())
+    def send_packets(self, client: Client, packets: list[bytes], data: st.DataObject, close: bool) -> None:
+        """Valid packets back to back in random chunks; with close, the terminal hangs up without reading."""
         if not can_send(client):
             return
-        cuts = sorted(data.draw(st.sets(st.integers(1, len(packet) - 1), max_size=4), label="cuts"))
-        chunks = [packet[a:b] for a, b in zip([0, *cuts], [*cuts, len(packet)], strict=True)]
+        stream = b"".join(packets)
+        cuts = sorted(data.draw(st.sets(st.integers(1, len(stream) - 1), max_size=5), label="cuts"))
+        chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
         self.call(self._send, client, chunks, close)
 
     @rule(client=clients, packet=st.sampled_from(PACKETS), data=st.data())
@@ -266,7 +273,7 @@ class ServerMachine(RuleBasedStateMachine):
         if not client.closed:
             self.call(self._close, client)
 
-    @rule(seconds=st.sampled_from([0.5, 1.0, 2.5, 3.0, 4.0, 12.5, 31.0]))
+    @rule(seconds=st.sampled_from([0.5, 0.5, 1.0, 1.0, 2.5, 3.0, 4.0, 12.5, 31.0]))
     def stall(self, seconds: float) -> None:
         self.call(self._stall, seconds)
 
@@ -309,11 +316,17 @@ class ServerMachine(RuleBasedStateMachine):
             assert client.eof == should_close, (client, now, should_close)
         assert set(stored) <= sent_valid, "stored a packet nobody sent whole"
         assert answered_ok <= set(stored), "answered 0 and not stored"
+        self.answered_ok |= answered_ok
+        self.stored_count = len(stored)
 
     def teardown(self) -> None:
         try:
             if self.crash is None and self.thread.is_alive():
                 self.call(self._finish)
+                TOTALS.update(examples=1, connections=len(self.all_clients), answered_ok=len(self.answered_ok),
+                              stored=self.stored_count, bytes_sent=sum(len(c.sent) for c in self.all_clients),
+                              format_errors=sum(expected(c.sent).error for c in self.all_clients if not c.rejected),
+                              rejected=sum(c.rejected for c in self.all_clients))
             self.thread.join(30)
             assert not self.thread.is_alive(), "the trio loop did not finish"
             assert self.crash is None, f"the server crashed: {self.crash!r}"
@@ -330,7 +343,7 @@ async def _now() -> float:
 
 
 ServerMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=30, deadline=None,
+    max_examples=60, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 TestServerMachine = ServerMachine.TestCase
