@@ -234,6 +234,9 @@ class Subscriber:
     def __exit__(self, *exc: object) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        # paho closes its wake-up socket pair only in __del__; our callbacks make a reference cycle,
+        # and the garbage collector may finalise the sockets first (ResourceWarning)
+        self.client._reset_sockets()
 
     @property
     def payloads(self) -> list[bytes]:
