@@ -333,10 +333,11 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> dict[st
         command = [PYTHON, __file__, "--bare-server", str(port)]
     else:
         data_dir = workdir / f"data-{name}-{port}"
-        metrics_port = free_port()
         command = [PYTHON, "-m", "dtgserver", "serve", "-q", "--host", "127.0.0.1", "--port", str(port),
-                   "--data-dir", str(data_dir), "--metrics-port", str(metrics_port),
-                   "--max-connections", "100000"]
+                   "--data-dir", str(data_dir), "--max-connections", "100000"]
+        if not name.startswith("workers="):
+            metrics_port = free_port()
+            command += ["--metrics-port", str(metrics_port)]
         if name == "full+mqtt":
             broker = Mosquitto(workdir)
             command += ["--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--client-id", f"bench-{port}"]

@@ -129,7 +129,10 @@ def worker_main(argv: list[str]) -> int:
     try:
         trio.run(_run_worker, config, spec["shard"], spec["shards"], spec["supervisor_pid"])
     except* OSError as group:  # e.g. the address is taken by a process that did not set SO_REUSEPORT
-        log.error("worker %d: %s", spec["shard"], group.exceptions[0])
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        log.error("worker %d: %s", spec["shard"], error)
         exit_code = 1
     return exit_code
 
@@ -190,6 +193,8 @@ class Supervisor:
 
     async def _keep_running(self, worker: Worker, config: ServerConfig) -> None:
         delay = self.backoff_initial_s
+        if config.metrics_port:  # one endpoint per worker: METRICS_PORT + worker index
+            config = attrs.evolve(config, metrics_port=config.metrics_port + worker.index)
         spec = {"config": _config_to_json(config), "shard": worker.index, "shards": len(self.workers),
                 "verbosity": self.verbosity, "supervisor_pid": os.getpid()}
         command = [sys.executable, "-m", "dtgserver.server.workers", json.dumps(spec)]
