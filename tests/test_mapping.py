@@ -234,6 +234,20 @@ def test_realtime_backlog_of_an_older_trip_is_published_but_leaves_the_state_alo
     assert after == state
 
 
+def test_a_terminal_clock_that_went_back_starts_new_trips_once_the_odometer_moves_on() -> None:
+    earlier = KEY_ON - timedelta(days=1)  # the terminal's clock was a day ahead, then corrected
+    _, state = run([dtg(dtg_body(0, total_km=120_010)), key_off()])
+    assert state is not None and state.tid == TID
+    messages, state = run([
+        dtg(dtg_body(0, time=earlier, total_km=120_010), key_on=earlier),  # cannot tell yet: like backlog
+        dtg(dtg_body(60, time=earlier + timedelta(minutes=1), total_km=120_011), key_on=earlier),
+        key_off(minutes=-24 * 60 + 5),
+    ], state)
+    assert state is not None and state.tid == TID - 86_400
+    (trip,) = [m.payload["pld"] for m in by_ty(messages, 1)]
+    assert trip["tid"] == TID - 86_400 and trip["stt"] == KEY_ON_MS - 86_400_000 and trip["dtvt"] == 1
+
+
 def test_a_key_on_that_is_no_calendar_time_continues_the_open_trip() -> None:
     bad = BadTime(bytes((26, 13, 1, 0, 0, 0, 0)))
     _, state = run([dtg(dtg_body(0))])

@@ -8,7 +8,8 @@ Rulings (docs/mqtt.md has the full table):
 - `tid` is the KEY ON time in Unix seconds. When KEY ON is not a calendar time, the packet
   continues the open trip of the terminal, or else the first body time stands in for KEY ON.
 - A realtime packet of an older trip than the one in the state (the terminal's backlog) is
-  published with its own `tid` but leaves the state alone (no `cdit`, no Diagnostic events).
+  published with its own `tid` but leaves the state alone (no `cdit`, no Diagnostic events);
+  unless its odometer is beyond the state's trip: then the clock went back and it starts a trip.
 - A body whose time is not a calendar time keeps its element (in wire order) without `clt`.
 - Every message carries `"id": "<packet_id>:<n>"`, our extension of {ts, ty, pld}, so a consumer
   can drop the duplicates QoS 1 allows.
@@ -211,7 +212,12 @@ def _realtime(record: Realtime, state: TripState | None, table: Profile, packet_
             return [], state  # no time at all to name a trip by: kept in the store, not published
         tid = key_on_ms // 1000
 
-    stale = current.tid is not None and tid < current.tid
+    # An older tid is the terminal's backlog of an earlier trip, unless the odometer shows the
+    # vehicle has driven on since the state's trip: then the terminal's clock went back, and
+    # waiting for it to catch up would hold every trip of the terminal until then.
+    stale = current.tid is not None and tid < current.tid and not (
+        current.last_total_km is not None
+        and max((body.total_distance_km for body in record.bodies), default=-1) > current.last_total_km)
     if not stale and tid != current.tid:
         current = current.new_trip(tid, key_on_ms, kind)
 
