@@ -208,7 +208,7 @@ class ServerMachine(RuleBasedStateMachine):
             client.sent += chunk
             after = expected(client.sent)
             client.last_sent_at = now
-            if after.error and not before.error:
+            if after.error and not before.error and not client.rejected:  # a rejected one had its final answer
                 client.final_at = now
             if not after.partial:
                 client.partial_since = None
