@@ -17,6 +17,7 @@ Rulings (docs/mqtt.md has the full table):
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -173,26 +174,41 @@ BODY_FIELDS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
+_TID, _CLT, _CDIT, _TMP, _FIELD = range(5)
+_SPECIAL_KEYS = {"tid": _TID, "clt": _CLT, "cdit": _CDIT, "tmp": _TMP}
+
+
+@functools.lru_cache(maxsize=64)
+def _element_plan(keys: tuple[str, ...], string_keys: frozenset[str],
+                  ) -> tuple[tuple[str, int, str, Callable[[Any], Any] | None, bool], ...]:
+    """Per microtrip key list: (key, how to get it, body field, conversion, as text), worked out once."""
+    plan = []
+    for key in keys:
+        how = _SPECIAL_KEYS.get(key, _FIELD)
+        name, convert = BODY_FIELDS[key] if how == _FIELD else ("", None)
+        plan.append((key, how, name, convert, key in string_keys))
+    return tuple(plan)
+
+
 def _element(body: Any, keys: tuple[str, ...], tid: int, first_total_km: int | None,
              string_keys: frozenset[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in keys:
+    for key, how, name, convert, as_text in _element_plan(keys, string_keys):
         value: Any
-        if key == "tid":
+        if how == _FIELD:
+            value = convert(getattr(body, name))  # type: ignore[misc]
+        elif how == _TID:
             value = tid
-        elif key == "clt":
+        elif how == _CLT:
             value = to_ms(body.time)
-        elif key == "cdit":
+        elif how == _CDIT:
             driven_m = None if first_total_km is None else (body.total_distance_km - first_total_km) * 1000
             value = driven_m if driven_m is not None and driven_m >= 0 else None
-        elif key == "tmp":
-            value = _temperatures(body)
         else:
-            name, convert = BODY_FIELDS[key]
-            value = convert(getattr(body, name))
+            value = _temperatures(body)
         if value is None:
             continue  # never invent: a key without a value is left out
-        out[key] = _text(value) if key in string_keys and not isinstance(value, str) else value
+        out[key] = _text(value) if as_text and not isinstance(value, str) else value
     return out
 
 
