@@ -337,3 +337,22 @@ async def test_sigterm_stops_every_worker_and_exits_0(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         await send(port, dtg_bytes("01099990001", bodies=2), timeout_s=2)
 
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_workers_option_refuses_what_is_not_a_count(value: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from dtgserver.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path), "--workers", value])
+    assert result.exit_code == 2
+    assert "neither a positive number nor 'auto'" in result.output
+    assert not (tmp_path / "control.db").exists()  # refused before anything was opened
+
+
+def test_workers_auto_is_the_cpus_this_process_may_use() -> None:
+    from dtgserver.server.workers import worker_count
+
+    assert worker_count("auto") == len(os.sched_getaffinity(0))
+    assert worker_count("3") == 3
