@@ -283,3 +283,17 @@ async def test_metrics_and_health_endpoint(tmp_path: Path) -> None:
 
 async def test_answer_is_the_response_packet() -> None:
     assert Connection.send(Result.OVERLOADED) == OVERLOADED
+
+
+async def test_status_log_file_left_by_a_failed_commit_is_reused(tmp_path: Path) -> None:
+    record = status_log("01055556666", "같은 로그")
+    other = status_log("01055556666", "다른 로그, 같은 시각")
+    folder = tmp_path / "logs" / "01055556666"
+    folder.mkdir(parents=True)
+    (folder / "2026112108000000.log").write_text("같은 로그", "utf-8")  # as a failed commit leaves it
+    async with running(tmp_path) as server:
+        assert server.port
+        assert await exchange(server.port, encode(record)) == OK
+        assert await exchange(server.port, encode(other)) == OK
+    assert sorted(f.name for f in folder.iterdir()) == ["2026112108000000.log", "2026112108000000_1.log"]
+    assert (folder / "2026112108000000_1.log").read_text("utf-8") == "다른 로그, 같은 시각"

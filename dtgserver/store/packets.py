@@ -128,18 +128,28 @@ def status_log_path(data_dir: Path, record: StatusLog) -> Path:
 
 
 def _write_durably(path: Path, text: str) -> Path:
-    """Write a new file (never overwrite: a second log with the same send time gets a suffix) and fsync it."""
+    """Write a new file (never overwrite: a second log with the same send time gets a suffix) and fsync it.
+
+    A file that already holds exactly this text is this log, written before a commit that then
+    failed; the terminal's resend reuses it instead of leaving a `_1` copy.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = path, 0
+    encoded = text.encode("utf-8")
     while True:
         try:
             fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             break
         except FileExistsError:
+            try:
+                if candidate.read_bytes() == encoded:
+                    return candidate
+            except OSError:
+                pass
             n += 1
             candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
     try:
-        data = memoryview(text.encode("utf-8"))
+        data = memoryview(encoded)
         while data:  # a write can be short (a full disk, a file size limit): the rest, or an error
             data = data[os.write(fd, data):]
         os.fsync(fd)
