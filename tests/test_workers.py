@@ -233,6 +233,15 @@ def listening(pid: int, port: int) -> bool:
     return False
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie has exited: it only waits for its parent to collect it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def stop(process: subprocess.Popen[bytes]) -> int:
     process.send_signal(signal.SIGTERM)
     try:
@@ -332,11 +341,27 @@ async def test_sigterm_stops_every_worker_and_exits_0(tmp_path: Path) -> None:
     assert len(workers) == 2
     assert await send(port, dtg_bytes("01099990000", bodies=2)) == OK
     assert stop(process) == 0
-    for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert not any(alive(pid) for pid in workers)
     with pytest.raises(OSError):
         await send(port, dtg_bytes("01099990001", bodies=2), timeout_s=2)
 
+
+
+@pytest.mark.slow
+async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """No orphan keeps the port: a worker whose supervisor died (SIGKILL) shuts down by itself."""
+    port = free_port()
+    process = await start_workers(tmp_path, port)
+    workers = children(process.pid)
+    process.kill()
+    process.wait()
+    if process.stderr:
+        process.stderr.close()
+    with trio.fail_after(20):
+        while any(alive(pid) for pid in workers):
+            await trio.sleep(0.1)
+    with pytest.raises(OSError):
+        await send(port, dtg_bytes("01099990002", bodies=2), timeout_s=2)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", ""])
