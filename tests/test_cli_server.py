@@ -125,12 +125,20 @@ def test_devices_remove_unknown_is_an_error(tmp_path: Path) -> None:
 
 
 def test_devices_enforce_on_off(tmp_path: Path) -> None:
-    assert ok(run("devices", "enforce", "on", "--data-dir", tmp_path)) == "registry enforcement on\n"
+    result = run("devices", "enforce", "on", "--data-dir", tmp_path)
+    assert ok(result) == "registry enforcement on\n"
+    assert "no active device" in result.stderr  # every terminal would get 2 and drop its backlog
     assert switches(tmp_path) == (False, True)
     assert ok(run("devices", "list", "--data-dir", tmp_path)).startswith("registry enforced; 0 device(s)")
     ok(run("devices", "enforce", "off", "--data-dir", tmp_path))
     assert switches(tmp_path) == (False, False)
     refused(run("devices", "enforce", "maybe", "--data-dir", tmp_path), code=2)
+
+
+def test_devices_enforce_on_with_active_devices_says_nothing_more(tmp_path: Path) -> None:
+    ok(run("devices", "add", "01011112222", "--data-dir", tmp_path))
+    result = run("devices", "enforce", "on", "--data-dir", tmp_path)
+    assert ok(result) == "registry enforcement on\n" and result.stderr == ""
 
 
 def test_data_dir_from_the_environment(tmp_path: Path) -> None:

@@ -223,7 +223,12 @@ def devices_enforce(switch: str, data_dir: Path) -> None:
     """Turn the allow-list on (unknown terminals get 2) or off; a running server follows within a second."""
     with _control(data_dir) as control:
         control.set_registry_enforced(switch == "on")
+        active = len(control.load().active)
     click.echo(f"registry enforcement {switch}")
+    if switch == "on" and not active:
+        # A 2 makes terminals stop sending and drop their backlog: say so before it happens.
+        click.echo("dtgserver: warning: no active device in the registry: every terminal will be answered 2 "
+                   "(unknown subscriber) and will drop its backlog", err=True)
 
 
 @click.command()
