@@ -205,10 +205,10 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
-async def start_workers(data_dir: Path, port: int, workers: int = 2) -> subprocess.Popen[bytes]:
+async def start_workers(data_dir: Path, port: int, workers: int = 2, *options: str) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", "dtgserver", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir), "--workers", str(workers), "--grace-period", "2", "-q"],
+         "--data-dir", str(data_dir), "--workers", str(workers), "--grace-period", "2", "-q", *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     with trio.fail_after(30):
@@ -362,6 +362,20 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> Non
             await trio.sleep(0.1)
     with pytest.raises(OSError):
         await send(port, dtg_bytes("01099990002", bodies=2), timeout_s=2)
+
+
+@pytest.mark.slow
+async def test_broker_password_not_on_a_workers_command_line(tmp_path: Path) -> None:
+    port = free_port()
+    # nothing listens on the broker port: the forwarders retry, the workers serve meanwhile
+    process = await start_workers(tmp_path, port, 2, "--mqtt", f"mqtt://dtg:s3cret@127.0.0.1:{free_port()}")
+    try:
+        for pid in children(process.pid):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert b"s3cret" not in f.read()
+        assert await send(port, dtg_bytes("01099990003", bodies=2)) == OK
+    finally:
+        assert stop(process) == 0
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", ""])

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -93,8 +94,6 @@ def _config_to_json(config: ServerConfig) -> dict[str, Any]:
 
 def _config_from_json(fields: dict[str, Any]) -> ServerConfig:
     if fields.get("mqtt_tls_ca") is not None:
-        from pathlib import Path
-
         fields["mqtt_tls_ca"] = Path(fields["mqtt_tls_ca"])
     return ServerConfig(**fields)
 
@@ -118,11 +117,14 @@ async def _stop_when_orphaned(supervisor_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def worker_main(argv: list[str]) -> int:
-    """Entry point of one worker process: `python -m dtgserver.server.workers '<json>'`."""
+SPEC_VARIABLE = "_DTGSERVER_WORKER_SPEC"  # the environment, not argv: the broker password stays out of `ps`
+
+
+def worker_main() -> int:
+    """Entry point of one worker process: `python -m dtgserver.server.workers`, its settings in SPEC_VARIABLE."""
     from .. import logs
 
-    spec = json.loads(argv[0])
+    spec = json.loads(os.environ.pop(SPEC_VARIABLE))
     logs.configure(spec["verbosity"])
     config = _config_from_json(spec["config"])
     exit_code = 0
@@ -197,11 +199,13 @@ class Supervisor:
             config = attrs.evolve(config, metrics_port=config.metrics_port + worker.index)
         spec = {"config": _config_to_json(config), "shard": worker.index, "shards": len(self.workers),
                 "verbosity": self.verbosity, "supervisor_pid": os.getpid()}
-        command = [sys.executable, "-m", "dtgserver.server.workers", json.dumps(spec)]
+        command = [sys.executable, "-m", "dtgserver.server.workers"]
+        env = {**os.environ, SPEC_VARIABLE: json.dumps(spec)}
         while not self._stopping.is_set():
             started = trio.current_time()
             # a session of its own: a Ctrl-C on the terminal reaches the supervisor only, which passes it on
-            process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, start_new_session=True)
+            process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, env=env,
+                                                       start_new_session=True)
             worker.process, worker.starts = process, worker.starts + 1
             log.info("worker %d started (pid %d)", worker.index, process.pid)
             with trio.CancelScope(shield=True):  # the nursery ends only when its workers have exited
@@ -264,4 +268,4 @@ async def _all_exited(supervisor: Supervisor) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))
+    sys.exit(worker_main())
