@@ -313,14 +313,18 @@ async def test_sigterm_under_load_answers_or_closes_and_exits_0(tmp_path: Path) 
                     nursery.start_soon(terminal, n)
                 while len(acked) < 300:
                     await trio.sleep(0.01)
+                half = await trio.open_tcp_stream("127.0.0.1", port)  # half a packet in flight at SIGTERM
+                await half.send_all(dtg_bytes("01077779999")[:1000])
                 process.send_signal(signal.SIGTERM)
                 code = await trio.to_thread.run_sync(process.wait)
+                assert await half.receive_some(16) == b""  # closed unanswered
+                await half.aclose()
     finally:
         code, log = stop(process)
     assert code == 0, log
     assert sum(endings.values()) == 16, endings
     assert set(endings) <= {"closed", "answered 4"}, endings  # closed by the grace deadline, or told to come back
-    rows = check_store(tmp_path, acked, sent)
+    rows = check_store(tmp_path, acked, sent)  # the half packet was not sent whole: not stored
     assert len(rows) >= len(acked) >= 300
     for raw in rows:  # status logs: the file of every stored one exists, whole
         record = decode(raw)
