@@ -24,6 +24,7 @@ from conftest import VALID_SAMPLES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from packets import dtg_bytes, status_log
+from test_faults import free_port, start_server, stop
 from test_server import exchange, memory_session, read_until_closed, running, stored
 
 from dtgserver.cli.server_cmds import serve
@@ -378,6 +379,31 @@ async def test_connection_flood_answered_4_and_a_good_terminal_still_served(tmp_
                 while server.metrics.open_connections:
                     await trio.sleep(0.01)
                 assert await exchange(port, dtg_bytes()) == OK  # and served once the flood is gone
+    assert len(stored(tmp_path)) == 1
+
+
+async def test_file_descriptors_exhausted_the_server_waits_and_recovers(tmp_path: Path) -> None:
+    """A server process with 20 spare file descriptors and 60 connections at once: accept() fails with
+    EMFILE, the server retries instead of dying, every connection is served (closed by the idle
+    timeout) as descriptors free up, and a terminal is answered 0 afterwards."""
+    port = free_port()
+    process = await start_server(tmp_path, port, "--idle-timeout", "0.5")
+    try:
+        in_use = len(os.listdir(f"/proc/{process.pid}/fd"))
+        _, hard = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (in_use + 20, hard))
+        streams = []
+        with trio.fail_after(30):
+            for _ in range(60):
+                streams.append(await trio.open_tcp_stream("127.0.0.1", port))  # the kernel's backlog accepts
+            for stream in streams:
+                assert await stream.receive_some(16) == b""  # each one reached a session and was timed out
+                await stream.aclose()
+        assert await exchange(port, dtg_bytes()) == OK
+    finally:
+        code, log = stop(process)
+    assert code == 0, log
+    assert "accept failed (EMFILE); retrying in 100 ms" in log
     assert len(stored(tmp_path)) == 1
 
 
