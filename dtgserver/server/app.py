@@ -11,6 +11,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +148,13 @@ class DtgServer:
         self.forwarder = Forwarder(self.store, cfg.mqtt_url, tls_ca=cfg.mqtt_tls_ca, topic_prefix=cfg.topic_prefix,
                                    client_id=client_id)
         f = self.forwarder
+
+        def counter(name: str) -> Callable[[], float]:
+            return lambda: float(getattr(f, name, 0))
+
         for name in ("published", "acknowledged", "reconnects"):
-            self.metrics.gauges[f"mqtt_{name}_total"] = lambda name=name: getattr(f, name, 0)
-        self.metrics.gauges["mqtt_connected"] = lambda: int(bool(getattr(f, "connected", False)))
+            self.metrics.gauges[f"mqtt_{name}_total"] = counter(name)
+        self.metrics.gauges["mqtt_connected"] = lambda: float(bool(getattr(f, "connected", False)))
         task_status.started()
         await f.run()
 
@@ -161,6 +166,7 @@ class DtgServer:
                     acceptors.start_soon(self._accept_loop, listener, sessions)
                 self._accepting = True
                 log.info("listening on %s:%d, data in %s", cfg.host, self.port, cfg.data_dir)
+                assert self.port is not None
                 task_status.started(self.port)
                 await self._stop.wait()
                 self._accepting = False
