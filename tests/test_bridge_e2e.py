@@ -205,3 +205,23 @@ async def test_replay_republishes_the_store(tmp_path: Path, broker: Mosquitto) -
 def test_replay_without_a_store_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["replay", "--data-dir", str(tmp_path), "--mqtt", "mqtt://127.0.0.1:1"])
     assert result.exit_code == 1 and "no store" in result.output
+
+
+async def test_after_a_restart_the_undelivered_backlog_is_published_first(tmp_path: Path, broker: Mosquitto) -> None:
+    broker.stop()
+    backlog = [encode(dtg(minute=m, bodies=5)) for m in range(3)]
+    async with server_with_broker(tmp_path, broker) as server:  # broker down: stored, not delivered
+        assert server.port
+        for raw in backlog:
+            assert await send(server.port, raw) == OK
+        assert server.store.backlog() == 3
+    broker.start()
+    with Subscriber(broker, "v1/sensors/#") as subscriber:
+        async with server_with_broker(tmp_path, broker) as server:
+            assert server.port
+            await subscriber.wait_count(3)
+            fresh = encode(dtg(minute=3, bodies=5))
+            assert await send(server.port, fresh) == OK
+            await subscriber.wait_count(4)
+    ids = [json.loads(m.payload)["id"].split(":")[0] for m in subscriber.messages]
+    assert ids == [digest(raw).hex() for raw in [*backlog, fresh]]
