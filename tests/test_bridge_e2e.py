@@ -15,6 +15,7 @@ import trio
 from click.testing import CliRunner
 from mosquitto import Mosquitto, Subscriber, broker_fixture  # noqa: F401  (the broker fixture)
 from packets import KEY_ON, basic_info, dtg, key_off
+from serverproc import send
 
 from dtgserver.bridge import map_record
 from dtgserver.cli import main
@@ -37,17 +38,6 @@ async def server_with_broker(tmp_path: Path, broker: Mosquitto, **overrides: Any
         await nursery.start(server.run)
         yield server
         server.stop()
-
-
-async def send(port: int, packet: bytes) -> bytes:
-    with trio.fail_after(10):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(packet)
-            answer = b""
-            while len(answer) < 2 and (chunk := await stream.receive_some(2)):
-                answer += chunk
-            return answer
 
 
 def obd(modem: str) -> ObdRealtime:

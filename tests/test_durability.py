@@ -8,55 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import trio
 from packets import dtg_bytes
+from serverproc import free_port, send, start_server
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def start_server(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dtgserver", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir), "-q"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    with trio.fail_after(20):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return process
-
-
-async def send(port: int, packet: bytes) -> bytes:
-    with trio.fail_after(5):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(packet)
-            answer = b""
-            while len(answer) < 2:
-                chunk = await stream.receive_some(2)
-                if not chunk:
-                    break
-                answer += chunk
-            return answer
 
 
 def stored_counts(data_dir: Path) -> tuple[dict[bytes, int], str]:

@@ -13,16 +13,15 @@ import errno
 import os
 import resource
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from packets import dtg_bytes, status_log
+from serverproc import free_port, send, start_server, stop
 from test_server import running
 
 from dtgserver.protocol import decode, encode
@@ -30,58 +29,6 @@ from dtgserver.protocol import decode, encode
 pytestmark = pytest.mark.slow
 
 OK, OVERLOADED = b"\x09\x00", b"\x09\x04"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def start_server(data_dir: Path, port: int, *args: str) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dtgserver", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir), "-q", *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    with trio.fail_after(20):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return process
-
-
-def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> tuple[int, str]:
-    """Signal the server; its exit code and what it logged."""
-    if process.poll() is None:
-        process.send_signal(sig)
-    try:
-        code = process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise
-    assert process.stderr
-    log = process.stderr.read().decode("utf-8", "replace")
-    process.stderr.close()
-    return code, log
-
-
-async def send(port: int, packet: bytes) -> bytes:
-    """One packet on its own connection: the answer, or b"" if the server closed without one."""
-    with trio.fail_after(10):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(packet)
-            answer = b""
-            while len(answer) < 2 and (chunk := await stream.receive_some(2)):
-                answer += chunk
-            return answer
 
 
 def store_contents(data_dir: Path) -> tuple[list[bytes], str]:

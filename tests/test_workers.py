@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from typing import Any
 import pytest
 import trio
 from packets import dtg_bytes, key_off
+from serverproc import free_port, send
 
 from dtgserver.bridge.mapping import map_record
 from dtgserver.protocol import Connection, Received, Result, Role, encode
@@ -28,12 +28,6 @@ from dtgserver.store.packets import ShardCountMismatch, shard_of
 
 OK = b"\x09\x00"
 EXPECTED_SHARDS = [0, 1, 2, 2]  # zlib.crc32(b"01012345678") % 2, 3, 4, 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def received(raw: bytes) -> Received:
@@ -249,17 +243,6 @@ def stop(process: subprocess.Popen[bytes]) -> int:
     finally:
         if process.stderr:
             process.stderr.close()
-
-
-async def send(port: int, packet: bytes, timeout_s: float = 10) -> bytes:
-    with trio.fail_after(timeout_s):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(packet)
-            answer = b""
-            while len(answer) < 2 and (chunk := await stream.receive_some(2)):
-                answer += chunk
-            return answer
 
 
 @pytest.mark.slow
