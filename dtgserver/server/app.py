@@ -7,6 +7,7 @@ PacketStore.submit (group commit) → answer `0x09 <result>` → (forwarder → 
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import signal
 import socket
@@ -337,10 +338,23 @@ def _peer(stream: trio.abc.Stream) -> str:
     return f"{host}:{port}"
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper collections for a process that makes ~120 short-lived objects per packet.
+
+    Everything alive after start-up (modules, schemas, codecs) is frozen out of the collector's
+    scans, and generation 0 is collected every 20,000 allocations instead of 700: measured
+    ~5 % less CPU per session (bench/server.py, docs/performance.md).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 50)
+
+
 async def serve(config: ServerConfig, *, shard: int = 0, shards: int = 1, reuse_port: bool = False,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a server until SIGINT or SIGTERM, then shut down gracefully."""
     server = DtgServer(config, shard=shard, shards=shards, reuse_port=reuse_port)
+    _tune_gc()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(server.run)
         task_status.started(port)
