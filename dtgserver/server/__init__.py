@@ -1,0 +1,1 @@
+"""The Trio TCP server: sessions, result codes, metrics, and the multi-process supervisor."""
