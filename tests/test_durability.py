@@ -94,3 +94,24 @@ async def test_sigkill_under_load_loses_no_acknowledged_packet(tmp_path: Path) -
             process.stderr.close()
     assert sum(stored_counts(tmp_path)[0].values()) == before
     assert os.path.exists(tmp_path / "control.db")
+
+
+async def test_a_second_signal_during_shutdown_exits_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C twice (or a supervisor's SIGTERM after the terminal's SIGINT): exit 0, no traceback."""
+    port = free_port()
+    process = await start_server(tmp_path, port, "--grace-period", "2")
+    packet = dtg_bytes()
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(packet[:10])  # a session in flight: shutdown waits for it
+        process.send_signal(signal.SIGINT)
+        await trio.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        await trio.sleep(0.3)
+        process.send_signal(signal.SIGTERM)
+        code = await trio.to_thread.run_sync(lambda: process.wait(timeout=20))
+    assert process.stderr
+    log = process.stderr.read().decode("utf-8", "replace")
+    process.stderr.close()
+    assert code == 0, log
+    assert "Traceback" not in log

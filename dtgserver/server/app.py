@@ -107,6 +107,10 @@ class DtgServer:
         """Stop accepting; in-flight sessions get the grace period, then queued commits finish."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def healthy(self) -> bool:
         return self._accepting and all(s.overloaded() is None for s in self.stores)
 
@@ -352,14 +356,27 @@ def _tune_gc() -> None:
 
 async def serve(config: ServerConfig, *, shard: int = 0, shards: int = 1, reuse_port: bool = False,
                 task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run a server until SIGINT or SIGTERM, then shut down gracefully."""
+    """Run a server until SIGINT or SIGTERM, then shut down gracefully.
+
+    The signals stay caught until the end: a second one (Ctrl-C pressed again, or a supervisor's
+    SIGTERM after the terminal's SIGINT) is logged and does not cut the grace period short or
+    interrupt the final commits; the grace period already bounds the wait.
+    """
     server = DtgServer(config, shard=shard, shards=shards, reuse_port=reuse_port)
     _tune_gc()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(server.run)
-        task_status.started(port)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run_then_stop_watching(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+                await server.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            task_status.started(await nursery.start(run_then_stop_watching))
             async for signum in signals:
-                log.info("%s: shutting down", signal.Signals(signum).name)
-                server.stop()
-                break
+                name = signal.Signals(signum).name
+                if server.stopping:
+                    log.info("%s again: already shutting down (at most %.1f s for sessions)", name,
+                             config.grace_period)
+                else:
+                    log.info("%s: shutting down", name)
+                    server.stop()
