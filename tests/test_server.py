@@ -297,3 +297,17 @@ async def test_status_log_file_left_by_a_failed_commit_is_reused(tmp_path: Path)
         assert await exchange(server.port, encode(other)) == OK
     assert sorted(f.name for f in folder.iterdir()) == ["2026112108000000.log", "2026112108000000_1.log"]
     assert (folder / "2026112108000000_1.log").read_text("utf-8") == "다른 로그, 같은 시각"
+
+
+async def test_serve_tunes_the_collector_only_while_it_runs(tmp_path: Path) -> None:
+    import gc
+
+    from dtgserver.server.app import serve
+
+    before = gc.get_threshold()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, ServerConfig(host="127.0.0.1", port=0, data_dir=tmp_path))
+        assert gc.get_threshold() != before and gc.get_freeze_count() > 0
+        assert await exchange(port, dtg_bytes()) == OK
+        nursery.cancel_scope.cancel()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
