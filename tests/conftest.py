@@ -1,17 +1,41 @@
-"""Shared test helpers. Protocol part: the fixture samples, and the checks every decoded record gets."""
+"""Shared test helpers: a clean environment for every test; fixture samples and the record checks."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 
 from dtgserver.cli.codec_cmds import parse_hex_text
 from dtgserver.protocol import KST, BadTime, Packet
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own DTGSERVER_* variables must not leak into any test."""
+    for name in list(os.environ):
+        if name.startswith("DTGSERVER_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """`serve` and `logs.configure` set up the dtgserver logger for the process: put it back."""
+    logger = logging.getLogger("dtgserver")
+    saved = logger.level, list(logger.handlers), logger.propagate
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

@@ -7,11 +7,9 @@ wrote is read back through the control database itself.
 from __future__ import annotations
 
 import json
-import logging
-import os
 import re
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,23 +21,6 @@ from test_server import MAINTENANCE, OK, UNKNOWN, exchange, running, stored
 from dtgserver.cli import main
 from dtgserver.cli.server_cmds import serve as serve_command
 from dtgserver.store import Control
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("DTGSERVER_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    logger = logging.getLogger("dtgserver")
-    saved = logger.level, list(logger.handlers), logger.propagate
-    yield
-    logger.setLevel(saved[0])
-    logger.handlers[:] = saved[1]
-    logger.propagate = saved[2]
 
 
 def run(*args: str | Path) -> Result:

@@ -8,7 +8,6 @@ loader, type conversion, trio.run) is the real thing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +18,6 @@ from click.testing import CliRunner, Result
 from dtgserver.cli import main
 from dtgserver.server import app
 from dtgserver.server.config import ServerConfig
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The developer's own DTGSERVER_* variables must not leak into these tests."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("DTGSERVER_"):
-            monkeypatch.delenv(name)
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """`serve` configures logging for the process; put the dtgserver logger back afterwards."""
-    logger = logging.getLogger("dtgserver")
-    saved = logger.level, list(logger.handlers), logger.propagate
-    yield
-    logger.setLevel(saved[0])
-    logger.handlers[:] = saved[1]
-    logger.propagate = saved[2]
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ The store is filled the way terminals fill it: a real server on 127.0.0.1 port 0
 from __future__ import annotations
 
 import json
-import os
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -22,13 +21,6 @@ from test_server import OK, running
 from dtgserver.cli import main
 from dtgserver.protocol import KST, BadTime, DtgRealtime, StatusLog, decode, encode, to_json
 from dtgserver.store import read_stored, status_log_path
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("DTGSERVER_"):
-            monkeypatch.delenv(name)
 
 
 async def send(port: int, packet: bytes) -> tuple[bytes, str]:
