@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import records
 
 from dtgserver.bridge import Message, TripState, map_record
-from dtgserver.bridge.mapping import MAX_PAYLOAD_BYTES, to_ms
+from dtgserver.bridge.mapping import MAX_PAYLOAD_BYTES, next_state, summarize, summarize_raw, to_ms
 from dtgserver.bridge.profiles import KEY_SOURCES, PROFILES, SEED, SF2019, TRIP_KEYS
 from dtgserver.protocol import (
     KST,
@@ -30,6 +31,7 @@ from dtgserver.protocol import (
     ObdRealtime,
     Packet,
     ProtocolError,
+    Realtime,
     SensorState,
     StatusLog,
     decode,
@@ -462,3 +464,47 @@ def test_any_decodable_packet_sequence_maps_to_valid_messages(frames: list[bytes
             assert message.topic.startswith(f"v1/sensors/{MODEM}/")
         if state is not None:
             assert TripState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
+
+
+# -- the server's cheap trip state (MQTT off) is the mapping's state -------------------------------------------
+
+
+def realistic_or_wire_packets() -> st.SearchStrategy[bytes]:
+    """Frames the framer accepts: arbitrary field bytes, or valid records of every kind (real times)."""
+    kinds = (DtgRealtime, ObdRealtime, MdtRealtime, KeyOff, BasicInfo)
+    return st.one_of(wire_packets(), *(records(cls).map(encode) for cls in kinds))
+
+
+@settings(max_examples=300, deadline=None)
+@given(wire_packets())
+def test_the_bodies_summary_read_from_bytes_is_the_one_read_from_records(frame: bytes) -> None:
+    record = decode(frame)
+    if isinstance(record, Realtime):
+        assert summarize_raw(frame) == summarize(record.bodies)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(realistic_or_wire_packets(), min_size=1, max_size=8))
+def test_next_state_from_bytes_is_the_state_map_record_gives(frames: list[bytes]) -> None:
+    with_messages: TripState | None = None
+    without: TripState | None = None
+    from_bytes: TripState | None = None
+    for n, frame in enumerate(frames):
+        record = decode(frame)
+        with_messages = map_record(record, with_messages, packet_id=f"{n:032x}")[1]
+        without = map_record(record, without, packet_id=f"{n:032x}", messages=False)[1]
+        from_bytes = next_state(frame, from_bytes)
+        assert from_bytes == without == with_messages
+
+
+def test_the_state_from_bytes_follows_a_real_trip() -> None:
+    """Not only equal on random bytes: on a drive, the accounting the Trip message needs is there."""
+    packets = [dtg(*(dtg_body(60 * minute + s, speed_kmh=s % 7 * 10, total_km=120_000 + minute) for s in range(60)))
+               for minute in range(3)]
+    state: TripState | None = None
+    for packet in packets:
+        state = next_state(encode(packet), state)
+    assert state is not None and state.tid == to_ms(KEY_ON) // 1000
+    assert (state.speed_count, state.first_total_km, state.last_total_km) == (180, 120_000, 120_002)
+    assert state.max_speed_kmh == 60 and state.driving_s == 180 - 3 * 9  # s % 7 == 0: 9 of every 60 s
+    assert state.last_ms == to_ms(packets[-1].bodies[-1].time)

@@ -103,6 +103,31 @@ def test_frames_back_to_back_in_any_chunking(stream: list[bytes], data: st.DataO
     assert [e.record for e in iter_packets(joined)] == [e.record for e in events]
 
 
+@pytest.mark.parametrize("protocol_id", ALL_IDS, ids=lambda p: f"0x{p:02X}")
+@SETTINGS
+@given(data=st.data())
+def test_the_framer_refuses_only_what_decode_refuses_and_its_record_is_decodes(protocol_id: int,
+                                                                              data: st.DataObject) -> None:
+    """A realtime packet's bodies are decoded only when `record` is read: every frame that passes
+    the framer's header check must then decode, and to what `decode` gives, with the same header."""
+    raw = data.draw(frames((protocol_id,)))
+    if protocol_id != 0x09 and data.draw(st.booleans(), label="modem of letters"):  # can be refused
+        raw = raw[:1] + b"0104x5678ab" + raw[12:]
+    try:
+        expected = decode(raw)
+    except ProtocolError as e:
+        with pytest.raises(ProtocolError) as framed:
+            list(iter_packets(raw))
+        assert str(framed.value) == str(e)
+        return
+    [event] = iter_packets(raw)
+    assert (event.kind, event.protocol_id) == (expected.KIND, expected.protocol_id)
+    if protocol_id != 0x09:
+        assert event.modem == expected.modem
+    assert event.body_count == getattr(expected, "body_count", 0)
+    assert event.record == expected and event.record is event.record  # decoded once
+
+
 # -- JSON ---------------------------------------------------------------------------------------------------
 
 

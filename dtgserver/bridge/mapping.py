@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -215,17 +216,47 @@ def _element(body: Any, keys: tuple[str, ...], tid: int, first_total_km: int | N
 def _realtime(record: Realtime, state: TripState | None, table: Profile, packet_id: str,
               max_payload_bytes: int, messages: bool = True,
               ) -> tuple[list[tuple[str, dict[str, Any], bool]], TripState | None]:
-    kind = record.KIND
-    key_on_ms = to_ms(record.key_on_time)
+    bodies = record.bodies
+    trip = _advance(record.KIND, to_ms(record.key_on_time), summarize(bodies), state)
+    if trip is None:
+        return [], state  # no time at all to name a trip by: kept in the store, not published
+    tid, key_on_ms, stale, current = trip
+    next_state = state if stale else current
+    if not messages:
+        return [], next_state
+
+    topic = telemetry_topic(record.modem)
+    events: list[tuple[str, dict[str, Any], bool]] = []
+    if not stale:
+        for body, code in _status_changes((state or TripState()).status_code, bodies):
+            event = {"tid": tid, "dtcc": f"{code:02d}", "dtck": 0, "dtcs": 1}
+            events.append((topic, _envelope(to_ms(body.time), table.diagnostic_ty, event), False))
+
+    keys = table.microtrip_keys[record.KIND]
+    # the trip's first odometer is known from the first body on: the same for every element
+    first_total_km = None if stale else current.first_total_km
+    elements = [_element(body, keys, tid, first_total_km, table.string_keys) for body in bodies]
+    ty = table.microtrip_ty[record.KIND]
+    chunks = _split(elements, ty, packet_id, max_payload_bytes)
+    payloads = []
+    for chunk in chunks:
+        times = [e["clt"] for e in chunk if "clt" in e]
+        payloads.append((topic, _envelope(times[-1] if times else key_on_ms, ty, chunk), False))
+    return payloads + events, next_state
+
+
+def _advance(kind: str, key_on_ms: int | None, summary: BodySummary, state: TripState | None,
+             ) -> tuple[int, int | None, bool, TripState] | None:
+    """(tid, KEY ON ms, stale, the state after this packet) for a realtime packet; None when it has no time."""
     current = state or TripState()
     if key_on_ms is not None:
         tid = key_on_ms // 1000
     elif current.tid is not None and not current.trip_sent:
         tid, key_on_ms = current.tid, current.key_on_ms  # continues the terminal's open trip
     else:
-        key_on_ms = next((ms for ms in (to_ms(b.time) for b in record.bodies) if ms is not None), None)
+        key_on_ms = summary.first_ms
         if key_on_ms is None:
-            return [], state  # no time at all to name a trip by: kept in the store, not published
+            return None
         tid = key_on_ms // 1000
 
     # An older tid is the terminal's backlog of an earlier trip, unless the odometer shows the
@@ -233,82 +264,177 @@ def _realtime(record: Realtime, state: TripState | None, table: Profile, packet_
     # waiting for it to catch up would hold every trip of the terminal until then.
     stale = current.tid is not None and tid < current.tid and not (
         current.last_total_km is not None
-        and max((body.total_distance_km for body in record.bodies), default=-1) > current.last_total_km)
-    if not stale and tid != current.tid:
-        current = current.new_trip(tid, key_on_ms, kind)
-
-    topic = telemetry_topic(record.modem)
-    events: list[tuple[str, dict[str, Any], bool]] = []
+        and (summary.max_total_km if summary.count else -1) > current.last_total_km)
     if not stale:
-        current, changes = _account(current, record.bodies)
-        if messages:
-            for body, code in changes:
-                event = {"tid": tid, "dtcc": f"{code:02d}", "dtck": 0, "dtcs": 1}
-                events.append((topic, _envelope(to_ms(body.time), table.diagnostic_ty, event), False))
-    if not messages:
-        return [], (state if stale else current)
-
-    keys = table.microtrip_keys[kind]
-    # the trip's first odometer is known from the first body on: the same for every element
-    first_total_km = None if stale else current.first_total_km
-    elements = [_element(body, keys, tid, first_total_km, table.string_keys) for body in record.bodies]
-    ty = table.microtrip_ty[kind]
-    chunks = _split(elements, ty, packet_id, max_payload_bytes)
-    payloads = []
-    for chunk in chunks:
-        times = [e["clt"] for e in chunk if "clt" in e]
-        payloads.append((topic, _envelope(times[-1] if times else key_on_ms, ty, chunk), False))
-    return payloads + events, (state if stale else current)
+        if tid != current.tid:
+            current = current.new_trip(tid, key_on_ms, kind)
+        current = _account(current, summary)
+    return tid, key_on_ms, stale, current
 
 
-def _account(state: TripState, bodies: Sequence[Any]) -> tuple[TripState, list[tuple[Any, int]]]:
-    """The trip state after more bodies of the current trip, and the DTG device status changes seen.
+@attrs.frozen
+class BodySummary:
+    """What the trip state takes from a realtime packet's bodies: `summarize` reads it from the
+    records, `summarize_raw` straight from the packet's bytes (the server without MQTT); the two
+    agree on every packet (tests/test_mapping.py)."""
 
-    One new state per packet, not per body: the loop runs on locals (this is per packet on the
-    server's commit path).
+    count: int = 0
+    first_ms: int | None = None  # of the first body whose time is a calendar time
+    last_ms: int | None = None  # of the last such body
+    first_total_km: int = 0
+    last_total_km: int = 0
+    max_total_km: int = 0
+    first_lat: float = 0.0
+    first_lon: float = 0.0
+    last_lat: float = 0.0
+    last_lon: float = 0.0
+    max_speed_kmh: int = 0
+    speed_sum_kmh: int = 0
+    driving_s: int = 0  # bodies with a speed above 0
+    first_total_fuel_ml: int | None = None  # DTG and OBD bodies only
+    last_total_fuel_ml: int | None = None
+    last_status_code: int | None = None  # DTG bodies only
+
+
+def summarize(bodies: Sequence[Any]) -> BodySummary:
+    if not bodies:
+        return BodySummary()
+    first, last = bodies[0], bodies[-1]
+    speeds = [body.speed_kmh for body in bodies]
+    times = [ms for ms in map(to_ms, (body.time for body in bodies)) if ms is not None]
+    fuels = [_ml(body.total_fuel_l) for body in bodies if hasattr(body, "total_fuel_l")]
+    codes = [body.status_code for body in bodies if isinstance(body, DtgBody)]
+    return BodySummary(
+        count=len(bodies), first_ms=times[0] if times else None, last_ms=times[-1] if times else None,
+        first_total_km=first.total_distance_km, last_total_km=last.total_distance_km,
+        max_total_km=max(body.total_distance_km for body in bodies),
+        first_lat=first.lat, first_lon=first.lon, last_lat=last.lat, last_lon=last.lon,
+        max_speed_kmh=max(speeds), speed_sum_kmh=sum(speeds), driving_s=len(speeds) - speeds.count(0),
+        first_total_fuel_ml=fuels[0] if fuels else None, last_total_fuel_ml=fuels[-1] if fuels else None,
+        last_status_code=codes[-1] if codes else None,
+    )
+
+
+_SUMMARY_FIELDS = ("total_distance_km", "time", "speed_kmh", "lon", "lat", "status_code", "total_fuel_l")
+
+
+@functools.cache
+def _raw_layout(protocol_id: int) -> tuple[struct.Struct, dict[str, tuple[int, Any]]]:
+    """A struct that reads only the summary's fields of one body kind (the rest skipped as pad
+    bytes), derived from the body schema, and each field's (position in the tuple, adapter)."""
+    from ..protocol.schema import SCHEMAS
+
+    record = next(r for r in SCHEMAS if r.PROTOCOL_ID == protocol_id)
+    body = SCHEMAS[record].subcons[-1].subcon.body
+    fmt, where = ">", {}
+    position = 0
+    for sub in body.subcons:
+        adapter = sub.subcon
+        if sub.name in _SUMMARY_FIELDS:
+            where[sub.name] = (position, adapter)
+            fmt += adapter.fmt
+            position += adapter.arity
+        else:
+            fmt += f"{adapter.size}x"
+    return struct.Struct(fmt), where
+
+
+def summarize_raw(raw: bytes) -> BodySummary:
+    """`summarize(decode(raw).bodies)` for a realtime frame, without building a record per body."""
+    layout, where = _raw_layout(raw[0])
+    rows = list(layout.iter_unpack(memoryview(raw)[_REALTIME_HEADER:]))
+    if not rows:
+        return BodySummary()
+    first, last = rows[0], rows[-1]
+    t, time = where["time"]
+    k = where["total_distance_km"][0]
+    s = where["speed_kmh"][0]
+    lat, lat_field = where["lat"]
+    lon, lon_field = where["lon"]
+
+    def ms(row: tuple[int, ...]) -> int | None:
+        return to_ms(time.decode(row[t:t + 7]))
+
+    speeds = [row[s] for row in rows]
+    first_ms = next((m for m in map(ms, rows) if m is not None), None)
+    last_ms = None if first_ms is None else next(m for m in map(ms, reversed(rows)) if m is not None)
+    fuel_ml: Callable[[tuple[int, ...]], int | None] = lambda row: None  # noqa: E731
+    if "total_fuel_l" in where:
+        f, fuel = where["total_fuel_l"]
+        fuel_ml = lambda row: _ml(fuel.decode(row[f]))  # noqa: E731
+    code = None
+    if "status_code" in where:
+        c, code_field = where["status_code"]
+        code = code_field.decode(last[c])
+    return BodySummary(
+        count=len(rows), first_ms=first_ms, last_ms=last_ms,
+        first_total_km=first[k], last_total_km=last[k], max_total_km=max(row[k] for row in rows),
+        first_lat=lat_field.decode(first[lat]), first_lon=lon_field.decode(first[lon]),
+        last_lat=lat_field.decode(last[lat]), last_lon=lon_field.decode(last[lon]),
+        max_speed_kmh=max(speeds), speed_sum_kmh=sum(speeds), driving_s=len(speeds) - speeds.count(0),
+        first_total_fuel_ml=fuel_ml(first), last_total_fuel_ml=fuel_ml(last), last_status_code=code,
+    )
+
+
+def next_state(raw: bytes, state: TripState | None) -> TripState | None:
+    """`map_record(decode(raw), state, messages=False)[1]` for one framed packet, cheaply.
+
+    What the server keeps per packet when MQTT is off (so that forwarding can start any time): a
+    realtime packet's bodies are read straight from the bytes (`summarize_raw`), not decoded
+    into records; the other kinds are small and go through `map_record`.
     """
-    first_total_km, last_total_km = state.first_total_km, state.last_total_km
-    first_lat, first_lon, last_lat, last_lon = state.first_lat, state.first_lon, state.last_lat, state.last_lon
-    last_ms, max_speed_kmh = state.last_ms, state.max_speed_kmh
-    speed_sum_kmh, speed_count, driving_s = state.speed_sum_kmh, state.speed_count, state.driving_s
-    first_total_fuel_ml, last_total_fuel_ml = state.first_total_fuel_ml, state.last_total_fuel_ml
-    status_code = state.status_code
-    changes: list[tuple[Any, int]] = []
+    from ..protocol import decode
+    from ..protocol.framing import _CODECS_BY_ID
+
+    if raw[0] not in _REALTIME_IDS:
+        return map_record(decode(raw), state, packet_id="", messages=False)[1]
+    header = _CODECS_BY_ID[raw[0]].decode(raw[:_REALTIME_HEADER])  # the bodies' slice is empty
+    trip = _advance(header.KIND, to_ms(header.key_on_time), summarize_raw(raw), state)
+    if trip is None:
+        return state
+    _, _, stale, current = trip
+    return state if stale else current
+
+
+_REALTIME_HEADER = 23
+_REALTIME_IDS = frozenset({0x03, 0x06, 0x07})
+
+
+def _account(state: TripState, summary: BodySummary) -> TripState:
+    """The trip state after one more packet of bodies of the current trip."""
+    if not summary.count:
+        return state
+    first_fuel, last_fuel = state.first_total_fuel_ml, state.last_total_fuel_ml
+    if summary.first_total_fuel_ml is not None:
+        first_fuel = summary.first_total_fuel_ml if first_fuel is None else first_fuel
+        last_fuel = summary.last_total_fuel_ml
+    return attrs.evolve(
+        state,
+        first_total_km=summary.first_total_km if state.first_total_km is None else state.first_total_km,
+        last_total_km=summary.last_total_km,
+        first_lat=summary.first_lat if state.first_lat is None else state.first_lat,
+        first_lon=summary.first_lon if state.first_lon is None else state.first_lon,
+        last_lat=summary.last_lat, last_lon=summary.last_lon,
+        last_ms=summary.last_ms if summary.last_ms is not None else state.last_ms,
+        max_speed_kmh=max(state.max_speed_kmh, summary.max_speed_kmh),
+        speed_sum_kmh=state.speed_sum_kmh + summary.speed_sum_kmh,
+        speed_count=state.speed_count + summary.count,
+        driving_s=state.driving_s + summary.driving_s,
+        first_total_fuel_ml=first_fuel, last_total_fuel_ml=last_fuel,
+        status_code=state.status_code if summary.last_status_code is None else summary.last_status_code,
+    )
+
+
+def _status_changes(status_code: int, bodies: Sequence[Any]) -> list[tuple[Any, int]]:
+    """The DTG bodies whose device status differs from the one before (codes other than 0)."""
+    changes = []
     for body in bodies:
-        total_km, speed_kmh = body.total_distance_km, body.speed_kmh
-        if first_total_km is None:
-            first_total_km = total_km
-        last_total_km = total_km
-        if first_lat is None:
-            first_lat = body.lat
-        if first_lon is None:
-            first_lon = body.lon
-        last_lat, last_lon = body.lat, body.lon
-        body_ms = to_ms(body.time)
-        if body_ms is not None:
-            last_ms = body_ms
-        if speed_kmh > max_speed_kmh:
-            max_speed_kmh = speed_kmh
-        speed_sum_kmh += speed_kmh
-        speed_count += 1
-        if speed_kmh > 0:
-            driving_s += 1
-        if hasattr(body, "total_fuel_l"):
-            total_fuel_ml = _ml(body.total_fuel_l)
-            if first_total_fuel_ml is None:
-                first_total_fuel_ml = total_fuel_ml
-            last_total_fuel_ml = total_fuel_ml
         if isinstance(body, DtgBody):
             code = body.status_code
             if code != status_code and code != 0:
                 changes.append((body, code))
             status_code = code
-    return attrs.evolve(
-        state, first_total_km=first_total_km, last_total_km=last_total_km, first_lat=first_lat,
-        first_lon=first_lon, last_lat=last_lat, last_lon=last_lon, last_ms=last_ms, max_speed_kmh=max_speed_kmh,
-        speed_sum_kmh=speed_sum_kmh, speed_count=speed_count, driving_s=driving_s,
-        first_total_fuel_ml=first_total_fuel_ml, last_total_fuel_ml=last_total_fuel_ml, status_code=status_code,
-    ), changes
+    return changes
 
 
 def _envelope(ts: int | None, ty: int, pld: Any) -> dict[str, Any]:

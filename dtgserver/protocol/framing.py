@@ -10,8 +10,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator
 
-import attrs
-
 from .codec import StructCodec
 from .errors import ProtocolError, Result
 from .records import Packet, Response
@@ -86,13 +84,64 @@ NEED_DATA = Need.NEED_DATA
 CLOSED = Need.CLOSED
 
 
-@attrs.frozen
-class Received:
-    """One complete packet: its record, its exact bytes, and where it started in the stream."""
+_REALTIME_HEADER = 23
+_BODY_SIZES: dict[int, int] = {pid: codec.tail[1].codec.size for pid, codec in _CODECS_BY_ID.items()
+                               if codec.tail is not None and hasattr(codec.tail[1], "codec")}
 
-    record: Packet
-    raw: bytes
-    offset: int
+
+class Received:
+    """One complete packet: its exact bytes, where it started in the stream, and its record.
+
+    The framer validates everything that can be refused before returning a `Received`: the
+    protocol ID, the length, and the header (the modem's digits). A realtime packet's bodies
+    cannot be refused (every 1 Hz body value is kept as it came: an invalid time becomes a
+    `BadTime`), so they are decoded only when `record` is first read; the server answers and
+    stores from `raw`, `modem`, `kind` and `body_count` without building 60 body records.
+    """
+
+    __slots__ = ("_record", "body_count", "kind", "modem", "offset", "raw")
+
+    def __init__(self, raw: bytes, offset: int, header: Packet, body_count: int, record: Packet | None = None):
+        self.raw = raw
+        self.offset = offset
+        self.modem: str = header.modem
+        self.kind: str = header.KIND
+        self.body_count = body_count
+        self._record = record
+
+    @property
+    def protocol_id(self) -> int:
+        return self.raw[0]
+
+    @property
+    def record(self) -> Packet:
+        """The decoded record (decoded once, on first use)."""
+        if self._record is None:
+            self._record = _CODECS_BY_ID[self.raw[0]].decode(self.raw)
+        return self._record
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Received):
+            return NotImplemented
+        return (self.raw, self.offset) == (other.raw, other.offset)
+
+    def __hash__(self) -> int:
+        return hash((self.raw, self.offset))
+
+    def __repr__(self) -> str:
+        return f"Received(kind={self.kind!r}, modem={self.modem!r}, bytes={len(self.raw)}, offset={self.offset})"
+
+
+def _received(raw: bytes, offset: int) -> Received:
+    """Frame `raw` (exactly one packet) as a Received; ProtocolError for a header it must refuse."""
+    codec = _CODECS_BY_ID[raw[0]]
+    body_size = _BODY_SIZES.get(raw[0])
+    if body_size is None:  # small packets: decoded whole, now
+        record = codec.decode(raw)
+        return Received(raw, offset, record, 0, record)
+    # The header alone, through the same codec (the bodies' slice is empty): validates the modem.
+    header = codec.decode(raw[:_REALTIME_HEADER])
+    return Received(raw, offset, header, (len(raw) - _REALTIME_HEADER) // body_size)
 
 
 def frame_length(buf: bytes | bytearray, *, role: Role = Role.ANY,
@@ -193,13 +242,16 @@ class Connection:
                 raise ProtocolError(f"stream ended inside a packet: {len(buf)} bytes of {need}", len(buf))
             return NEED_DATA
         raw = bytes(buf[:length])
-        record = _CODECS_BY_ID[raw[0]].decode(raw)
+        event = _received(raw, self._offset)
         del buf[:length]
-        event = Received(record, raw, self._offset)
         self._offset += length
         return event
 
     @staticmethod
     def send(result: Result | int) -> bytes:
         """The 2-byte answer `0x09 <result>`."""
-        return encode(Response(int(result)))
+        answer = _ANSWERS.get(result)
+        return answer if answer is not None else encode(Response(int(result)))
+
+
+_ANSWERS: dict[int, bytes] = {int(r): encode(Response(int(r))) for r in Result}

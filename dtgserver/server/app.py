@@ -98,9 +98,9 @@ class DtgServer:
 
         cfg = self.config
 
-        def mapper(record: Any, state: Any, *, packet_id: str, received_ms: int, messages: bool = True) -> Any:
+        def mapper(record: Any, state: Any, *, packet_id: str, received_ms: int) -> Any:
             return map_record(record, state, packet_id=packet_id, profile=cfg.profile,
-                              battery_warning_v=cfg.battery_warning_v, received_ms=received_ms, messages=messages)
+                              battery_warning_v=cfg.battery_warning_v, received_ms=received_ms)
 
         return mapper, cfg.mqtt_url is not None
 
@@ -279,13 +279,12 @@ class DtgServer:
             packet_started = trio.current_time() if conn.buffered else None
 
     async def _accept(self, event: Received, session: Session) -> Result:
-        record = event.record
-        modem = str(record.modem)
+        modem = event.modem
         session.modem = modem
-        session.kinds.append(record.KIND)
-        bodies = getattr(record, "body_count", 0)
+        session.kinds.append(event.kind)
+        bodies = event.body_count
         session.bodies += bodies
-        self.metrics.packets[record.KIND] += 1
+        self.metrics.packets[event.kind] += 1
         self.metrics.bodies += bodies
         state = self.control_state
         if state.maintenance:

@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import trio
 
+from ..bridge.mapping import next_state
 from ..bridge.outbox import OutboxRow
 from ..protocol import BadTime, Received, Result, StatusLog, decode
 from .control import connect
@@ -306,9 +307,10 @@ class PacketStore:
         db = self.db
         rows = []
         for item in batch:
-            raw, record = item.received.raw, item.received.record
-            rows.append((digest(raw), str(record.modem), record.KIND, record.protocol_id,
-                         getattr(record, "body_count", 0), item.received_at, item.peer, raw))
+            received = item.received
+            raw = received.raw
+            rows.append((digest(raw), received.modem, received.kind, raw[0], received.body_count, item.received_at,
+                         item.peer, raw))
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -341,28 +343,31 @@ class PacketStore:
                 results.append("new")
                 new.append((item, row[0], packet_id))
         for item, _, _ in new:
-            record = item.received.record
-            if isinstance(record, StatusLog):
+            if item.received.kind == StatusLog.KIND:
+                record = item.received.record
+                assert isinstance(record, StatusLog)
                 _write_durably(status_log_path(self.data_dir, record), str(record.log))
         if self.mapper is None:
             return results, {}, 0
 
-        states = self._trip_states_of(db, {str(item.received.record.modem) for item, _, _ in new})
+        states = self._trip_states_of(db, {item.received.modem for item, _, _ in new})
         changed: dict[str, Any] = {}
         outbox: list[tuple[int, str, str, bytes, int]] = []
         for item, key, packet_id in new:
-            record = item.received.record
-            modem = str(record.modem)
+            received = item.received
+            modem = received.modem
             state = states.get(modem)
-            # Without MQTT only the trip state is kept (so that forwarding can start any time): the
-            # mapper skips building the messages, most of its cost.
-            messages, new_state = self.mapper(record, state, packet_id=key.hex(),
-                                              received_ms=int(item.received_at * 1000), messages=self.forward)
-            if new_state is not state:
-                states[modem] = changed[modem] = new_state
             if self.forward:
+                messages, new_state = self.mapper(received.record, state, packet_id=key.hex(),
+                                                  received_ms=int(item.received_at * 1000))
                 outbox.extend((packet_id, modem, m.topic, json.dumps(m.payload, ensure_ascii=False).encode(),
                                int(m.retain)) for m in messages)
+            else:
+                # Without MQTT only the trip state is kept (so that forwarding can start any time),
+                # read from the bytes: the bodies are never decoded into records.
+                new_state = next_state(received.raw, state)
+            if new_state is not state:
+                states[modem] = changed[modem] = new_state
         if changed:
             db.executemany(
                 "INSERT INTO trip_state(modem, state) VALUES (?, ?) "
