@@ -92,16 +92,18 @@ class TripState:
     fwv: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        return {name: getattr(self, name) for name in _STATE_NAMES}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TripState:
         """The state `to_dict` wrote; unknown keys (from a newer version) are ignored."""
-        names = {f.name for f in attrs.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in data.items() if k in _STATE_NAMES})
 
     def new_trip(self, tid: int, key_on_ms: int | None, kind: str) -> TripState:
         return TripState(tid=tid, kind=kind, key_on_ms=key_on_ms, status_code=self.status_code, fwv=self.fwv)
+
+
+_STATE_NAMES = tuple(f.name for f in attrs.fields(TripState))
 
 
 def to_ms(value: object) -> int | None:
@@ -315,64 +317,75 @@ def summarize(bodies: Sequence[Any]) -> BodySummary:
     )
 
 
-_SUMMARY_FIELDS = ("total_distance_km", "time", "speed_kmh", "lon", "lat", "status_code", "total_fuel_l")
+@attrs.frozen
+class _RawLayout:
+    """Where the summary's fields sit in one body kind, derived from its schema."""
+
+    kind: str
+    body_size: int
+    key_on: Any  # the header's KEY ON time adapter (header bytes 16-23)
+    fields: Mapping[str, tuple[int, struct.Struct, Any]]  # name -> (offset in the body, its struct, adapter)
+    total_km_column: struct.Struct  # the odometer of every body, the rest skipped
 
 
 @functools.cache
-def _raw_layout(protocol_id: int) -> tuple[struct.Struct, dict[str, tuple[int, Any]]]:
-    """A struct that reads only the summary's fields of one body kind (the rest skipped as pad
-    bytes), derived from the body schema, and each field's (position in the tuple, adapter)."""
+def _raw_layout(protocol_id: int) -> _RawLayout:
     from ..protocol.schema import SCHEMAS
 
     record = next(r for r in SCHEMAS if r.PROTOCOL_ID == protocol_id)
-    body = SCHEMAS[record].subcons[-1].subcon.body
-    fmt, where = ">", {}
-    position = 0
+    header = {sub.name: sub.subcon for sub in SCHEMAS[record].subcons}
+    body = header.pop("bodies").body
+    fields, offset = {}, 0
     for sub in body.subcons:
         adapter = sub.subcon
-        if sub.name in _SUMMARY_FIELDS:
-            where[sub.name] = (position, adapter)
-            fmt += adapter.fmt
-            position += adapter.arity
-        else:
-            fmt += f"{adapter.size}x"
-    return struct.Struct(fmt), where
+        fields[sub.name] = (offset, struct.Struct(">" + adapter.fmt), adapter)
+        offset += adapter.size
+    if fields["speed_kmh"][1].format != ">B":
+        raise TypeError("summarize_raw reads speeds as one byte each")  # the schema changed: adapt it
+    km = fields["total_distance_km"]
+    return _RawLayout(record.KIND, offset, header["key_on_time"], fields,
+                      struct.Struct(f">{km[0]}x{km[1].format[1:]}{offset - km[0] - km[1].size}x"))
 
 
 def summarize_raw(raw: bytes) -> BodySummary:
-    """`summarize(decode(raw).bodies)` for a realtime frame, without building a record per body."""
-    layout, where = _raw_layout(raw[0])
-    rows = list(layout.iter_unpack(memoryview(raw)[_REALTIME_HEADER:]))
-    if not rows:
+    """`summarize(decode(raw).bodies)` for a realtime frame, without building a record per body.
+
+    Column reads where the summary needs every body (one byte slice for the speeds, one struct
+    pass for the odometers), single reads of the first and last body for the rest.
+    """
+    layout = _raw_layout(raw[0])
+    size, fields = layout.body_size, layout.fields
+    count = (len(raw) - _REALTIME_HEADER) // size
+    if count <= 0:
         return BodySummary()
-    first, last = rows[0], rows[-1]
-    t, time = where["time"]
-    k = where["total_distance_km"][0]
-    s = where["speed_kmh"][0]
-    lat, lat_field = where["lat"]
-    lon, lon_field = where["lon"]
+    first, last = _REALTIME_HEADER, _REALTIME_HEADER + (count - 1) * size
 
-    def ms(row: tuple[int, ...]) -> int | None:
-        return to_ms(time.decode(row[t:t + 7]))
+    def value(name: str, body: int) -> Any:
+        offset, wire, adapter = fields[name]
+        return adapter.decode(wire.unpack_from(raw, body + offset)[0])
 
-    speeds = [row[s] for row in rows]
-    first_ms = next((m for m in map(ms, rows) if m is not None), None)
-    last_ms = None if first_ms is None else next(m for m in map(ms, reversed(rows)) if m is not None)
-    fuel_ml: Callable[[tuple[int, ...]], int | None] = lambda row: None  # noqa: E731
-    if "total_fuel_l" in where:
-        f, fuel = where["total_fuel_l"]
-        fuel_ml = lambda row: _ml(fuel.decode(row[f]))  # noqa: E731
-    code = None
-    if "status_code" in where:
-        c, code_field = where["status_code"]
-        code = code_field.decode(last[c])
+    time_offset, _, time = fields["time"]
+    first_ms = last_ms = None
+    for body in range(first, last + 1, size):
+        first_ms = to_ms(time.decode(raw[body + time_offset:body + time_offset + 7]))
+        if first_ms is not None:
+            for back in range(last, body - 1, -size):
+                last_ms = to_ms(time.decode(raw[back + time_offset:back + time_offset + 7]))
+                if last_ms is not None:
+                    break
+            break
+    speeds = raw[first + fields["speed_kmh"][0]::size]
+    fuel = "total_fuel_l" in fields
     return BodySummary(
-        count=len(rows), first_ms=first_ms, last_ms=last_ms,
-        first_total_km=first[k], last_total_km=last[k], max_total_km=max(row[k] for row in rows),
-        first_lat=lat_field.decode(first[lat]), first_lon=lon_field.decode(first[lon]),
-        last_lat=lat_field.decode(last[lat]), last_lon=lon_field.decode(last[lon]),
-        max_speed_kmh=max(speeds), speed_sum_kmh=sum(speeds), driving_s=len(speeds) - speeds.count(0),
-        first_total_fuel_ml=fuel_ml(first), last_total_fuel_ml=fuel_ml(last), last_status_code=code,
+        count=count, first_ms=first_ms, last_ms=last_ms,
+        first_total_km=value("total_distance_km", first), last_total_km=value("total_distance_km", last),
+        max_total_km=max(layout.total_km_column.iter_unpack(memoryview(raw)[_REALTIME_HEADER:]))[0],
+        first_lat=value("lat", first), first_lon=value("lon", first),
+        last_lat=value("lat", last), last_lon=value("lon", last),
+        max_speed_kmh=max(speeds), speed_sum_kmh=sum(speeds), driving_s=count - speeds.count(0),
+        first_total_fuel_ml=_ml(value("total_fuel_l", first)) if fuel else None,
+        last_total_fuel_ml=_ml(value("total_fuel_l", last)) if fuel else None,
+        last_status_code=value("status_code", last) if "status_code" in fields else None,
     )
 
 
@@ -383,13 +396,13 @@ def next_state(raw: bytes, state: TripState | None) -> TripState | None:
     realtime packet's bodies are read straight from the bytes (`summarize_raw`), not decoded
     into records; the other kinds are small and go through `map_record`.
     """
-    from ..protocol import decode
-    from ..protocol.framing import _CODECS_BY_ID
-
     if raw[0] not in _REALTIME_IDS:
+        from ..protocol import decode
+
         return map_record(decode(raw), state, packet_id="", messages=False)[1]
-    header = _CODECS_BY_ID[raw[0]].decode(raw[:_REALTIME_HEADER])  # the bodies' slice is empty
-    trip = _advance(header.KIND, to_ms(header.key_on_time), summarize_raw(raw), state)
+    layout = _raw_layout(raw[0])
+    key_on_ms = to_ms(layout.key_on.decode(raw[16:_REALTIME_HEADER]))
+    trip = _advance(layout.kind, key_on_ms, summarize_raw(raw), state)
     if trip is None:
         return state
     _, _, stale, current = trip
@@ -408,8 +421,8 @@ def _account(state: TripState, summary: BodySummary) -> TripState:
     if summary.first_total_fuel_ml is not None:
         first_fuel = summary.first_total_fuel_ml if first_fuel is None else first_fuel
         last_fuel = summary.last_total_fuel_ml
-    return attrs.evolve(
-        state,
+    return TripState(
+        tid=state.tid, kind=state.kind, key_on_ms=state.key_on_ms,
         first_total_km=summary.first_total_km if state.first_total_km is None else state.first_total_km,
         last_total_km=summary.last_total_km,
         first_lat=summary.first_lat if state.first_lat is None else state.first_lat,
@@ -420,8 +433,9 @@ def _account(state: TripState, summary: BodySummary) -> TripState:
         speed_sum_kmh=state.speed_sum_kmh + summary.speed_sum_kmh,
         speed_count=state.speed_count + summary.count,
         driving_s=state.driving_s + summary.driving_s,
-        first_total_fuel_ml=first_fuel, last_total_fuel_ml=last_fuel,
+        first_total_fuel_ml=first_fuel, last_total_fuel_ml=last_fuel, trip_sent=state.trip_sent,
         status_code=state.status_code if summary.last_status_code is None else summary.last_status_code,
+        fwv=state.fwv,
     )
 
 

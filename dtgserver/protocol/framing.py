@@ -85,6 +85,7 @@ CLOSED = Need.CLOSED
 
 
 _REALTIME_HEADER = 23
+_REALTIME_KINDS: dict[int, type[Packet]] = {pid: codec.record for pid, codec in _CODECS_BY_ID.items()}
 _BODY_SIZES: dict[int, int] = {pid: codec.tail[1].codec.size for pid, codec in _CODECS_BY_ID.items()
                                if codec.tail is not None and hasattr(codec.tail[1], "codec")}
 
@@ -101,10 +102,11 @@ class Received:
 
     __slots__ = ("_record", "body_count", "kind", "modem", "offset", "raw")
 
-    def __init__(self, raw: bytes, offset: int, header: Packet, body_count: int, record: Packet | None = None):
+    def __init__(self, raw: bytes, offset: int, header: Packet | type[Packet], body_count: int,
+                 record: Packet | None = None, *, modem: str | None = None):
         self.raw = raw
         self.offset = offset
-        self.modem: str = header.modem
+        self.modem: str = header.modem if modem is None else modem
         self.kind: str = header.KIND
         self.body_count = body_count
         self._record = record
@@ -139,9 +141,13 @@ def _received(raw: bytes, offset: int) -> Received:
     if body_size is None:  # small packets: decoded whole, now
         record = codec.decode(raw)
         return Received(raw, offset, record, 0, record)
+    body_count = (len(raw) - _REALTIME_HEADER) // body_size
+    modem = raw[1:12]
+    if modem.isdigit():  # eleven ASCII digits, the usual modem: what Modem.decode returns for it
+        return Received(raw, offset, _REALTIME_KINDS[raw[0]], body_count, modem=modem.decode("ascii"))
     # The header alone, through the same codec (the bodies' slice is empty): validates the modem.
     header = codec.decode(raw[:_REALTIME_HEADER])
-    return Received(raw, offset, header, (len(raw) - _REALTIME_HEADER) // body_size)
+    return Received(raw, offset, header, body_count)
 
 
 def frame_length(buf: bytes | bytearray, *, role: Role = Role.ANY,

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import gc
 import logging
+import math
 import signal
 import socket
 import time
@@ -30,6 +31,8 @@ log = logging.getLogger("dtgserver.server")
 session_log = logging.getLogger("dtgserver.session")
 
 RECEIVE_SIZE = 65536
+_ANSWERS = {result: Connection.send(result) for result in Result}
+_ANSWER_TIMEOUT = "answer not read in time"
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
@@ -243,40 +246,59 @@ class DtgServer:
             session_log.info(session.line(time.perf_counter() - started))
 
     async def _session(self, stream: trio.abc.Stream, session: Session) -> None:
+        """Packets in, answers out, until the peer closes, a timeout, or a format error.
+
+        One cancel scope for the whole session, its deadline moved to whatever is awaited: the
+        next byte (idle timeout; the packet timeout while a packet is partly in), nothing while
+        the store commits, the answer's send (send timeout). Cheaper than a scope per await,
+        which the server would otherwise enter and leave several times per packet.
+        """
         cfg = self.config
+        metrics = self.metrics
         conn = Connection(Role.SERVER, max_body_count=cfg.max_body_count)
         last_byte = trio.current_time()
         packet_started: float | None = None
-        while True:
-            try:
-                event = conn.next_event()
-            except ProtocolError as e:
-                session.end = f"format error {e}"
-                if await self._answer(stream, Result.FORMAT_ERROR, session):
-                    await _drain(stream)
-                return
-            if event is NEED_DATA:
-                idle_deadline = last_byte + cfg.idle_timeout
-                deadline = idle_deadline if packet_started is None else min(
-                    idle_deadline, packet_started + cfg.packet_timeout)
-                with trio.move_on_at(deadline):
+        waiting = ""
+        with trio.CancelScope() as scope:
+            while True:
+                try:
+                    event = conn.next_event()
+                except ProtocolError as e:
+                    session.end = f"format error {e}"
+                    scope.deadline = math.inf
+                    if await self._answer(stream, Result.FORMAT_ERROR, session):
+                        await _drain(stream)
+                    return
+                if event is NEED_DATA:
+                    idle_deadline = last_byte + cfg.idle_timeout
+                    if packet_started is None or idle_deadline <= packet_started + cfg.packet_timeout:
+                        scope.deadline, waiting = idle_deadline, "idle timeout"
+                    else:
+                        scope.deadline, waiting = packet_started + cfg.packet_timeout, "packet timeout"
                     data = await stream.receive_some(RECEIVE_SIZE)
                     last_byte = trio.current_time()
                     if packet_started is None:
                         packet_started = last_byte
-                    self.metrics.bytes_received += len(data)
+                    metrics.bytes_received += len(data)
                     conn.receive_data(data)
                     continue
-                partial = f", {conn.buffered} bytes of a packet dropped" if conn.buffered else ""
-                why = "idle timeout" if deadline == idle_deadline else "packet timeout"
-                session.end = f"{why}{partial}"
-                return
-            if not isinstance(event, Received):  # CLOSED
-                return
-            result = await self._accept(event, session)
-            if not await self._answer(stream, result, session):
-                return
-            packet_started = trio.current_time() if conn.buffered else None
+                if not isinstance(event, Received):  # CLOSED
+                    return
+                scope.deadline = math.inf  # a commit that began is never abandoned by a timeout
+                result = await self._accept(event, session)
+                session.results.append(int(result))
+                metrics.results[int(result)] += 1
+                scope.deadline, waiting = trio.current_time() + cfg.send_timeout, _ANSWER_TIMEOUT
+                try:
+                    await stream.send_all(_ANSWERS[result])
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    session.end = "peer closed before the answer"
+                    return
+                packet_started = trio.current_time() if conn.buffered else None
+        if scope.cancelled_caught:
+            partial = f", {conn.buffered} bytes of a packet dropped" if conn.buffered and waiting != _ANSWER_TIMEOUT \
+                else ""
+            session.end = f"{waiting}{partial}"
 
     async def _accept(self, event: Received, session: Session) -> Result:
         modem = event.modem
@@ -299,12 +321,12 @@ class DtgServer:
         self.metrics.results[int(result)] += 1
         with trio.move_on_after(self.config.send_timeout):
             try:
-                await stream.send_all(Connection.send(result))
+                await stream.send_all(_ANSWERS[result])
                 return True
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 session.end = "peer closed before the answer"
                 return False
-        session.end = "answer not read in time"
+        session.end = _ANSWER_TIMEOUT
         return False
 
 
