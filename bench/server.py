@@ -55,8 +55,15 @@ ANSWER_TIMEOUT_S = 5.0
 # -- the bare server -----------------------------------------------------------------------------
 
 
-async def bare_server(port: int) -> None:
-    """Read one length-framed packet, answer 2 bytes, wait for the peer to close: nothing else."""
+async def bare_server(port: int, direct_close: bool = False) -> None:
+    """Read one length-framed packet, answer 2 bytes, wait for the peer to close: nothing else.
+
+    Plain idiomatic Trio: `serve_listeners` runs the handler and then closes the stream with
+    `aclose_forcefully`. With direct_close (contender `bare-close`) the server has its own accept
+    loop and the handler closes the socket itself, as dtgserver does: aclose_forcefully's cancelled
+    checkpoint costs more than the close (docs/performance.md), and this contender shows how much
+    of the gap between bare and full that one difference is.
+    """
     import trio
 
     answer = b"\x09\x00"
@@ -77,13 +84,25 @@ async def bare_server(port: int) -> None:
                 pass
         except trio.BrokenResourceError:
             pass
+
+    async def handle_and_close(stream: trio.SocketStream) -> None:
+        try:
+            await handle(stream)
         finally:
-            await trio.aclose_forcefully(stream)
+            stream.socket.close()
+
+    async def serve_direct(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            nursery.start_soon(handle_and_close, await listener.accept())
 
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, handle, listeners)
+            if direct_close:
+                for listener in listeners:
+                    nursery.start_soon(serve_direct, listener, nursery)
+            else:
+                nursery.start_soon(trio.serve_listeners, handle, listeners)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
@@ -329,8 +348,8 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> dict[st
     port = free_port()
     broker: Mosquitto | None = None
     metrics_port: int | None = None
-    if name == "bare":
-        command = [PYTHON, __file__, "--bare-server", str(port)]
+    if name in ("bare", "bare-close"):
+        command = [PYTHON, __file__, "--bare-server", str(port)] + (["--direct-close"] if name == "bare-close" else [])
     else:
         data_dir = workdir / f"data-{name}-{port}"
         command = [PYTHON, "-m", "dtgserver", "serve", "-q", "--host", "127.0.0.1", "--port", str(port),
@@ -389,7 +408,7 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> dict[st
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="bare,full,full+mqtt,workers=1,workers=2",
-                        help="contenders, comma-separated (bare, full, full+mqtt, workers=N)")
+                        help="contenders, comma-separated (bare, bare-close, full, full+mqtt, workers=N)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per contender and round")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--rounds", type=int, default=1, help="rounds; every contender runs once per round")
@@ -397,11 +416,12 @@ def main() -> int:
     parser.add_argument("--generators", type=int, default=2, help="load generator processes")
     parser.add_argument("--json", action="store_true", help="print every run as JSON too")
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--direct-close", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server is not None:
         import trio
 
-        trio.run(bare_server, args.bare_server)
+        trio.run(bare_server, args.bare_server, args.direct_close)
         return 0
     raise_file_limit()
     contenders = [c.strip() for c in args.only.split(",") if c.strip()]

@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import resource
 import tracemalloc
 from collections.abc import Iterator
@@ -145,7 +146,8 @@ async def test_slow_drip_one_byte_a_second_cut_at_packet_timeout(tmp_path: Path,
         assert dripped <= 31
     assert stored(tmp_path) == []
     [line] = [r.getMessage() for r in caplog.records if r.name == "dtgserver.session"]
-    assert "end=packet timeout, 30 bytes of a packet dropped" in line
+    # byte 31 is sent at the 30 s deadline itself: whether it is in depends on the timeout tick
+    assert re.search(r"end=packet timeout, 3[01] bytes of a packet dropped", line)
 
 
 async def test_terminal_that_never_reads_its_answer_is_cut_by_the_send_timeout(

@@ -26,11 +26,14 @@ from ..store import Control, ControlState, PacketStore, shard_paths
 from ..store.packets import ShardCountMismatch, shard_of
 from .config import ServerConfig
 from .metrics import Metrics, serve_metrics
+from .timeouts import Timeouts
 
 log = logging.getLogger("dtgserver.server")
 session_log = logging.getLogger("dtgserver.session")
 
 RECEIVE_SIZE = 65536
+_ANSWERS = {result: Connection.send(result) for result in Result}
+_ANSWER_TIMEOUT = "answer not read in time"
 _ANSWERS = {result: Connection.send(result) for result in Result}
 _ANSWER_TIMEOUT = "answer not read in time"
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -66,6 +69,7 @@ class DtgServer:
         """shards > 1: one of `serve --workers N`; this worker writes every shard and forwards its own."""
         self.config = config
         self.metrics = Metrics()
+        self.timeouts = Timeouts()
         self.control = Control(config.data_dir)
         check_shard_count(self.control, config.data_dir, shards)
         self.control_state: ControlState = self.control.load()
@@ -235,7 +239,7 @@ class DtgServer:
         finally:
             metrics.open_connections -= 1
             try:
-                await trio.aclose_forcefully(stream)
+                await _close(stream)
             finally:  # a session cut by the grace deadline is cancelled here, and still gets its line
                 self._log_session(session, started)
 
@@ -248,54 +252,63 @@ class DtgServer:
     async def _session(self, stream: trio.abc.Stream, session: Session) -> None:
         """Packets in, answers out, until the peer closes, a timeout, or a format error.
 
-        One cancel scope for the whole session, its deadline moved to whatever is awaited: the
-        next byte (idle timeout; the packet timeout while a packet is partly in), nothing while
-        the store commits, the answer's send (send timeout). Cheaper than a scope per await,
-        which the server would otherwise enter and leave several times per packet.
+        One cancel scope for the whole session, its deadline (in `self.timeouts`, see
+        server/timeouts.py) moved to whatever is awaited: the next byte (idle timeout; the packet
+        timeout while a packet is partly in), nothing while the store commits, the answer's send
+        (send timeout).
         """
         cfg = self.config
         metrics = self.metrics
+        timeouts = self.timeouts
         conn = Connection(Role.SERVER, max_body_count=cfg.max_body_count)
         last_byte = trio.current_time()
         packet_started: float | None = None
         waiting = ""
         with trio.CancelScope() as scope:
-            while True:
-                try:
-                    event = conn.next_event()
-                except ProtocolError as e:
-                    session.end = f"format error {e}"
-                    scope.deadline = math.inf
-                    if await self._answer(stream, Result.FORMAT_ERROR, session):
-                        await _drain(stream)
-                    return
-                if event is NEED_DATA:
-                    idle_deadline = last_byte + cfg.idle_timeout
-                    if packet_started is None or idle_deadline <= packet_started + cfg.packet_timeout:
-                        scope.deadline, waiting = idle_deadline, "idle timeout"
-                    else:
-                        scope.deadline, waiting = packet_started + cfg.packet_timeout, "packet timeout"
-                    data = await stream.receive_some(RECEIVE_SIZE)
-                    last_byte = trio.current_time()
-                    if packet_started is None:
-                        packet_started = last_byte
-                    metrics.bytes_received += len(data)
-                    conn.receive_data(data)
-                    continue
-                if not isinstance(event, Received):  # CLOSED
-                    return
-                scope.deadline = math.inf  # a commit that began is never abandoned by a timeout
-                result = await self._accept(event, session)
-                session.results.append(int(result))
-                metrics.results[int(result)] += 1
-                scope.deadline, waiting = trio.current_time() + cfg.send_timeout, _ANSWER_TIMEOUT
-                try:
-                    await stream.send_all(_ANSWERS[result])
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    session.end = "peer closed before the answer"
-                    return
-                packet_started = trio.current_time() if conn.buffered else None
-        if scope.cancelled_caught:
+            try:
+                while True:
+                    try:
+                        event = conn.next_event()
+                    except ProtocolError as e:
+                        session.end = f"format error {e}"
+                        timeouts.discard(scope)
+                        if await self._answer(stream, Result.FORMAT_ERROR, session):
+                            await _drain(stream)
+                        return
+                    if event is NEED_DATA:
+                        idle_deadline = last_byte + cfg.idle_timeout
+                        if packet_started is None or idle_deadline <= packet_started + cfg.packet_timeout:
+                            waiting = "idle timeout"
+                            timeouts.set(scope, idle_deadline)
+                        else:
+                            waiting = "packet timeout"
+                            timeouts.set(scope, packet_started + cfg.packet_timeout)
+                        data = await stream.receive_some(RECEIVE_SIZE)
+                        if scope.cancel_called:  # the bytes came in after the deadline had passed
+                            break
+                        last_byte = trio.current_time()
+                        if packet_started is None:
+                            packet_started = last_byte
+                        metrics.bytes_received += len(data)
+                        conn.receive_data(data)
+                        continue
+                    if not isinstance(event, Received):  # CLOSED
+                        return
+                    timeouts.set(scope, math.inf)  # a commit that began is never abandoned by a timeout
+                    result = await self._accept(event, session)
+                    session.results.append(int(result))
+                    metrics.results[int(result)] += 1
+                    waiting = _ANSWER_TIMEOUT
+                    timeouts.set(scope, trio.current_time() + cfg.send_timeout)
+                    try:
+                        await stream.send_all(_ANSWERS[result])
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        session.end = "peer closed before the answer"
+                        return
+                    packet_started = trio.current_time() if conn.buffered else None
+            finally:
+                timeouts.discard(scope)
+        if scope.cancel_called:
             partial = f", {conn.buffered} bytes of a packet dropped" if conn.buffered and waiting != _ANSWER_TIMEOUT \
                 else ""
             session.end = f"{waiting}{partial}"
@@ -345,6 +358,20 @@ async def _drain(stream: trio.abc.Stream, seconds: float = 1.0, limit: int = 1 <
                 received += len(chunk)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """Close a session's stream at once (no graceful shutdown: every answer has been sent).
+
+    A socket is closed directly: `trio.aclose_forcefully` closes it the same way and then runs a
+    checkpoint in a cancelled scope, whose Cancelled exception costs more than the close itself
+    (about half of a bare session's CPU, docs/performance.md). Other streams (tests' memory
+    streams) go through aclose_forcefully.
+    """
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()
+    else:
+        await trio.aclose_forcefully(stream)
 
 
 def check_shard_count(control: Control, data_dir: Path, shards: int) -> None:
