@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 
 DIGEST_SIZE = 16
+_STAGE_CHUNK = 32  # packets staged between two turns of the event loop
 SHARD_COUNT_KEY = "shards"  # in control.db settings: how many shards DIR's data is spread over
 
 
@@ -276,7 +277,8 @@ class PacketStore:
             del self._pending[: self.max_batch]
             started = time.perf_counter()
             # Not abandoned on cancel: a commit that began finishes, and its sessions learn of it.
-            results, states, added = await trio.to_thread.run_sync(self._write_batch, batch)
+            with trio.CancelScope(shield=True):
+                results, states, added = await self._write_batch(batch)
             elapsed = time.perf_counter() - started
             if results[0] is not None:
                 if not self.shared:
@@ -297,12 +299,16 @@ class PacketStore:
                 item.result = Result.OVERLOADED if outcome is None else Result.OK
                 item.done.set()
 
-    def _write_batch(self, batch: Sequence[_Pending]) -> tuple[list[str | None], dict[str, Any], int]:
-        """In a worker thread: one transaction for the whole batch; all or nothing.
+    async def _write_batch(self, batch: Sequence[_Pending]) -> tuple[list[str | None], dict[str, Any], int]:
+        """One transaction for the whole batch; all or nothing.
 
-        A fixed number of statements per batch, whatever its size (executemany, and reads of many
-        rows at once): each statement gives up and takes back the GIL, and taking it back while
-        the event loop thread is busy can cost a switch interval (5 ms) every time.
+        Only what may block goes to a worker thread: BEGIN IMMEDIATE (it waits for the write lock
+        that the forwarder's deletes or other workers may hold) and the durable end (status log
+        files written and fsynced, then COMMIT and its fsync). The statements in between run here,
+        on the event loop's thread, in chunks between which sessions run: done in the worker
+        thread, each of the thousands of sqlite3 steps gives up the GIL and must win it back
+        from the busy event loop, and commits took tens of milliseconds of waiting for the GIL
+        (docs/performance.md).
         """
         db = self.db
         rows = []
@@ -312,20 +318,49 @@ class PacketStore:
             rows.append((digest(raw), received.modem, received.kind, raw[0], received.body_count, item.received_at,
                          item.peer, raw))
         try:
-            db.execute("BEGIN IMMEDIATE")
+            await trio.to_thread.run_sync(db.execute, "BEGIN IMMEDIATE")
+        except (sqlite3.Error, OSError) as e:
+            log.error("commit of %d packets failed, answering 4: %s", len(batch), e)
+            return [None] * len(batch), {}, 0
+        try:
+            results: list[str | None] = []
+            states: dict[str, Any] = {}
+            added = 0
+            logs: list[StatusLog] = []
+            for start in range(0, len(batch), _STAGE_CHUNK):
+                if start:
+                    await trio.lowlevel.checkpoint()  # let sessions run between chunks
+                chunk_results, chunk_states, chunk_added = self._write_rows(
+                    db, batch[start:start + _STAGE_CHUNK], rows[start:start + _STAGE_CHUNK], states, logs)
+                results += chunk_results
+                states.update(chunk_states)
+                added += chunk_added
+            await trio.to_thread.run_sync(self._finish, logs)
+        except BaseException as e:
             try:
-                results, states, added = self._write_rows(db, batch, rows)
-                db.execute("COMMIT")
-            except BaseException:
                 db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # a failed COMMIT may have ended the transaction already
+            if not isinstance(e, (sqlite3.Error, OSError, ValueError)):
                 raise
-        except (sqlite3.Error, OSError, ValueError) as e:
             log.error("commit of %d packets failed, answering 4: %s", len(batch), e)
             return [None] * len(batch), {}, 0
         return results, states, added
 
+    def _finish(self, logs: Sequence[StatusLog]) -> None:
+        """In a worker thread: the status logs durable on disk, then COMMIT."""
+        for record in logs:
+            _write_durably(status_log_path(self.data_dir, record), str(record.log))
+        self.db.execute("COMMIT")
+
     def _write_rows(self, db: sqlite3.Connection, batch: Sequence[_Pending], rows: list[tuple[Any, ...]],
+                    earlier: dict[str, Any], logs: list[StatusLog],
                     ) -> tuple[list[str | None], dict[str, Any], int]:
+        """One chunk of the batch, inside its transaction: a fixed number of statements per chunk.
+
+        `earlier`: trip states already changed by the batch's earlier chunks; `logs` collects
+        the status logs to write before COMMIT.
+        """
         # Holding the write lock, and packets are never deleted: what this INSERT adds gets ids
         # above the largest id now. A digest not among them was stored before: a resend.
         last_id = db.execute("SELECT coalesce(max(id), 0) FROM packets").fetchone()[0]
@@ -346,11 +381,12 @@ class PacketStore:
             if item.received.kind == StatusLog.KIND:
                 record = item.received.record
                 assert isinstance(record, StatusLog)
-                _write_durably(status_log_path(self.data_dir, record), str(record.log))
+                logs.append(record)
         if self.mapper is None:
             return results, {}, 0
 
-        states = self._trip_states_of(db, {item.received.modem for item, _, _ in new})
+        states = self._trip_states_of(db, {item.received.modem for item, _, _ in new} - earlier.keys())
+        states.update(earlier)
         changed: dict[str, Any] = {}
         outbox: list[tuple[int, str, str, bytes, int]] = []
         for item, key, packet_id in new:
