@@ -22,11 +22,11 @@ import json
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
-from ..protocol.fields import SensorState
+from ..protocol.fields import KST, SensorState
 from ..protocol.records import BasicInfo, DtgBody, KeyOff, Packet, Realtime
 from .profiles import PARKING_KEYS, TRIP_KEYS, Profile, get_profile
 
@@ -266,7 +266,7 @@ def _advance(kind: str, key_on_ms: int | None, summary: BodySummary, state: Trip
     # waiting for it to catch up would hold every trip of the terminal until then.
     stale = current.tid is not None and tid < current.tid and not (
         current.last_total_km is not None
-        and (summary.max_total_km if summary.count else -1) > current.last_total_km)
+        and (summary.max_total_km if summary.bodies else -1) > current.last_total_km)
     if not stale:
         if tid != current.tid:
             current = current.new_trip(tid, key_on_ms, kind)
@@ -274,13 +274,12 @@ def _advance(kind: str, key_on_ms: int | None, summary: BodySummary, state: Trip
     return tid, key_on_ms, stale, current
 
 
-@attrs.frozen
-class BodySummary:
+class BodySummary(NamedTuple):
     """What the trip state takes from a realtime packet's bodies: `summarize` reads it from the
     records, `summarize_raw` straight from the packet's bytes (the server without MQTT); the two
     agree on every packet (tests/test_mapping.py)."""
 
-    count: int = 0
+    bodies: int = 0
     first_ms: int | None = None  # of the first body whose time is a calendar time
     last_ms: int | None = None  # of the last such body
     first_total_km: int = 0
@@ -307,7 +306,7 @@ def summarize(bodies: Sequence[Any]) -> BodySummary:
     fuels = [_ml(body.total_fuel_l) for body in bodies if hasattr(body, "total_fuel_l")]
     codes = [body.status_code for body in bodies if isinstance(body, DtgBody)]
     return BodySummary(
-        count=len(bodies), first_ms=times[0] if times else None, last_ms=times[-1] if times else None,
+        bodies=len(bodies), first_ms=times[0] if times else None, last_ms=times[-1] if times else None,
         first_total_km=first.total_distance_km, last_total_km=last.total_distance_km,
         max_total_km=max(body.total_distance_km for body in bodies),
         first_lat=first.lat, first_lon=first.lon, last_lat=last.lat, last_lon=last.lon,
@@ -317,14 +316,20 @@ def summarize(bodies: Sequence[Any]) -> BodySummary:
     )
 
 
+_ENDS = ("total_distance_km", "lon", "lat", "total_fuel_l", "status_code")  # read from the first and last body
+
+
 @attrs.frozen
 class _RawLayout:
     """Where the summary's fields sit in one body kind, derived from its schema."""
 
     kind: str
     body_size: int
-    key_on: Any  # the header's KEY ON time adapter (header bytes 16-23)
-    fields: Mapping[str, tuple[int, struct.Struct, Any]]  # name -> (offset in the body, its struct, adapter)
+    time_offset: int
+    speed_offset: int
+    ends: struct.Struct  # _ENDS fields this kind has, in wire order, from ends_offset on
+    ends_offset: int
+    ends_fields: tuple[tuple[str, Any], ...]  # (name, adapter) per value `ends` unpacks
     total_km_column: struct.Struct  # the odometer of every body, the rest skipped
 
 
@@ -333,59 +338,78 @@ def _raw_layout(protocol_id: int) -> _RawLayout:
     from ..protocol.schema import SCHEMAS
 
     record = next(r for r in SCHEMAS if r.PROTOCOL_ID == protocol_id)
-    header = {sub.name: sub.subcon for sub in SCHEMAS[record].subcons}
-    body = header.pop("bodies").body
-    fields, offset = {}, 0
+    body = SCHEMAS[record].subcons[-1].subcon.body
+    offsets: dict[str, tuple[int, Any]] = {}
+    offset = 0
     for sub in body.subcons:
-        adapter = sub.subcon
-        fields[sub.name] = (offset, struct.Struct(">" + adapter.fmt), adapter)
-        offset += adapter.size
-    if fields["speed_kmh"][1].format != ">B":
-        raise TypeError("summarize_raw reads speeds as one byte each")  # the schema changed: adapt it
-    km = fields["total_distance_km"]
-    return _RawLayout(record.KIND, offset, header["key_on_time"], fields,
-                      struct.Struct(f">{km[0]}x{km[1].format[1:]}{offset - km[0] - km[1].size}x"))
+        offsets[sub.name] = (offset, sub.subcon)
+        offset += sub.subcon.size
+    if offsets["speed_kmh"][1].fmt != "B" or offsets["time"][1].size != 7:
+        raise TypeError("summarize_raw reads a speed as one byte and a time as 7")  # the schema changed
+    ends = sorted((offsets[name][0], name, offsets[name][1]) for name in _ENDS if name in offsets)
+    fmt, position = ">", ends[0][0]
+    for at, _, adapter in ends:
+        fmt += f"{at - position}x{adapter.fmt}" if at > position else adapter.fmt
+        position = at + adapter.size
+    km_at, km = offsets["total_distance_km"]
+    return _RawLayout(
+        record.KIND, offset, offsets["time"][0], offsets["speed_kmh"][0], struct.Struct(fmt), ends[0][0],
+        tuple((name, adapter) for _, name, adapter in ends),
+        struct.Struct(f">{km_at}x{km.fmt}{offset - km_at - km.size}x"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _day_ms(yy: int, month: int, day: int) -> int | None:
+    try:
+        return to_ms(datetime(2000 + yy, month, day, tzinfo=KST))
+    except ValueError:
+        return None
+
+
+def wire_time_ms(raw: bytes) -> int | None:
+    """`to_ms(KstTime.decode(raw))` for the 7 wire bytes of a time, without building a datetime."""
+    yy, month, day, hour, minute, second, cc = raw
+    midnight = _day_ms(yy, month, day)
+    if midnight is None or hour > 23 or minute > 59 or second > 59 or cc > 99:
+        return None
+    return midnight + ((hour * 60 + minute) * 60 + second) * 1000 + cc * 10
 
 
 def summarize_raw(raw: bytes) -> BodySummary:
     """`summarize(decode(raw).bodies)` for a realtime frame, without building a record per body.
 
     Column reads where the summary needs every body (one byte slice for the speeds, one struct
-    pass for the odometers), single reads of the first and last body for the rest.
+    pass for the odometers), one struct read of the first and of the last body for the rest.
     """
     layout = _raw_layout(raw[0])
-    size, fields = layout.body_size, layout.fields
+    size = layout.body_size
     count = (len(raw) - _REALTIME_HEADER) // size
     if count <= 0:
         return BodySummary()
     first, last = _REALTIME_HEADER, _REALTIME_HEADER + (count - 1) * size
-
-    def value(name: str, body: int) -> Any:
-        offset, wire, adapter = fields[name]
-        return adapter.decode(wire.unpack_from(raw, body + offset)[0])
-
-    time_offset, _, time = fields["time"]
     first_ms = last_ms = None
-    for body in range(first, last + 1, size):
-        first_ms = to_ms(time.decode(raw[body + time_offset:body + time_offset + 7]))
+    t = layout.time_offset
+    for body in range(first + t, last + t + 1, size):
+        first_ms = wire_time_ms(raw[body:body + 7])
         if first_ms is not None:
-            for back in range(last, body - 1, -size):
-                last_ms = to_ms(time.decode(raw[back + time_offset:back + time_offset + 7]))
+            for back in range(last + t, body - 1, -size):
+                last_ms = wire_time_ms(raw[back:back + 7])
                 if last_ms is not None:
                     break
             break
-    speeds = raw[first + fields["speed_kmh"][0]::size]
-    fuel = "total_fuel_l" in fields
+    at = layout.ends_offset
+    head = {name: adapter.decode(v) for (name, adapter), v in
+            zip(layout.ends_fields, layout.ends.unpack_from(raw, first + at), strict=True)}
+    tail = {name: adapter.decode(v) for (name, adapter), v in
+            zip(layout.ends_fields, layout.ends.unpack_from(raw, last + at), strict=True)}
+    speeds = raw[first + layout.speed_offset::size]
+    fuel = "total_fuel_l" in head
     return BodySummary(
-        count=count, first_ms=first_ms, last_ms=last_ms,
-        first_total_km=value("total_distance_km", first), last_total_km=value("total_distance_km", last),
-        max_total_km=max(layout.total_km_column.iter_unpack(memoryview(raw)[_REALTIME_HEADER:]))[0],
-        first_lat=value("lat", first), first_lon=value("lon", first),
-        last_lat=value("lat", last), last_lon=value("lon", last),
-        max_speed_kmh=max(speeds), speed_sum_kmh=sum(speeds), driving_s=count - speeds.count(0),
-        first_total_fuel_ml=_ml(value("total_fuel_l", first)) if fuel else None,
-        last_total_fuel_ml=_ml(value("total_fuel_l", last)) if fuel else None,
-        last_status_code=value("status_code", last) if "status_code" in fields else None,
+        count, first_ms, last_ms, head["total_distance_km"], tail["total_distance_km"],
+        max(layout.total_km_column.iter_unpack(memoryview(raw)[_REALTIME_HEADER:]))[0],
+        head["lat"], head["lon"], tail["lat"], tail["lon"], max(speeds), sum(speeds), count - speeds.count(0),
+        _ml(head["total_fuel_l"]) if fuel else None, _ml(tail["total_fuel_l"]) if fuel else None,
+        tail.get("status_code"),
     )
 
 
@@ -400,9 +424,7 @@ def next_state(raw: bytes, state: TripState | None) -> TripState | None:
         from ..protocol import decode
 
         return map_record(decode(raw), state, packet_id="", messages=False)[1]
-    layout = _raw_layout(raw[0])
-    key_on_ms = to_ms(layout.key_on.decode(raw[16:_REALTIME_HEADER]))
-    trip = _advance(layout.kind, key_on_ms, summarize_raw(raw), state)
+    trip = _advance(_raw_layout(raw[0]).kind, wire_time_ms(raw[16:_REALTIME_HEADER]), summarize_raw(raw), state)
     if trip is None:
         return state
     _, _, stale, current = trip
@@ -415,7 +437,7 @@ _REALTIME_IDS = frozenset({0x03, 0x06, 0x07})
 
 def _account(state: TripState, summary: BodySummary) -> TripState:
     """The trip state after one more packet of bodies of the current trip."""
-    if not summary.count:
+    if not summary.bodies:
         return state
     first_fuel, last_fuel = state.first_total_fuel_ml, state.last_total_fuel_ml
     if summary.first_total_fuel_ml is not None:
@@ -431,7 +453,7 @@ def _account(state: TripState, summary: BodySummary) -> TripState:
         last_ms=summary.last_ms if summary.last_ms is not None else state.last_ms,
         max_speed_kmh=max(state.max_speed_kmh, summary.max_speed_kmh),
         speed_sum_kmh=state.speed_sum_kmh + summary.speed_sum_kmh,
-        speed_count=state.speed_count + summary.count,
+        speed_count=state.speed_count + summary.bodies,
         driving_s=state.driving_s + summary.driving_s,
         first_total_fuel_ml=first_fuel, last_total_fuel_ml=last_fuel, trip_sent=state.trip_sent,
         status_code=state.status_code if summary.last_status_code is None else summary.last_status_code,
