@@ -88,6 +88,22 @@ class _Pending:
     result: Result = Result.OVERLOADED
 
 
+@attrs.define
+class _Staged:
+    """What a batch's chunks staged so far in its transaction."""
+
+    results: list[str | None] = attrs.field(factory=list)
+    states: dict[str, Any] = attrs.field(factory=dict)  # trip states changed by the batch
+    added: int = 0  # outbox rows
+    logs: list[StatusLog] = attrs.field(factory=list)  # status logs to write before COMMIT
+
+    def add(self, chunk: tuple[list[str | None], dict[str, Any], int]) -> None:
+        results, states, added = chunk
+        self.results += results
+        self.states.update(states)
+        self.added += added
+
+
 @attrs.frozen
 class StoredPacket:
     id: int
@@ -303,49 +319,68 @@ class PacketStore:
         """One transaction for the whole batch; all or nothing.
 
         Only what may block goes to a worker thread: BEGIN IMMEDIATE (it waits for the write lock
-        that the forwarder's deletes or other workers may hold) and the durable end (status log
-        files written and fsynced, then COMMIT and its fsync). The statements in between run here,
-        on the event loop's thread, in chunks between which sessions run: done in the worker
-        thread, each of the thousands of sqlite3 steps gives up the GIL and must win it back
-        from the busy event loop, and commits took tens of milliseconds of waiting for the GIL
-        (docs/performance.md).
+        that the forwarder's deletes may hold) and the durable end (status log files written and
+        fsynced, then COMMIT and its fsync). The statements in between run here, on the event
+        loop's thread, in chunks between which sessions run: done in the worker thread, each of
+        the thousands of sqlite3 steps gives up the GIL and must win it back from the busy event
+        loop, and commits took tens of milliseconds of waiting for the GIL (docs/performance.md).
+
+        A shard other processes write too (`serve --workers N`) is the exception: they wait for
+        its write lock while the transaction is open, so the whole transaction runs in one
+        worker-thread call, holding the lock as briefly as possible.
         """
+        rows = [(digest(item.received.raw), item.received.modem, item.received.kind, item.received.raw[0],
+                 item.received.body_count, item.received_at, item.peer, item.received.raw) for item in batch]
+        if self.shared:
+            return await trio.to_thread.run_sync(self._write_batch_in_thread, batch, rows)
         db = self.db
-        rows = []
-        for item in batch:
-            received = item.received
-            raw = received.raw
-            rows.append((digest(raw), received.modem, received.kind, raw[0], received.body_count, item.received_at,
-                         item.peer, raw))
         try:
             await trio.to_thread.run_sync(db.execute, "BEGIN IMMEDIATE")
         except (sqlite3.Error, OSError) as e:
-            log.error("commit of %d packets failed, answering 4: %s", len(batch), e)
-            return [None] * len(batch), {}, 0
+            return self._failed(batch, e)
+        staged = _Staged()
         try:
-            results: list[str | None] = []
-            states: dict[str, Any] = {}
-            added = 0
-            logs: list[StatusLog] = []
             for start in range(0, len(batch), _STAGE_CHUNK):
                 if start:
                     await trio.lowlevel.checkpoint()  # let sessions run between chunks
-                chunk_results, chunk_states, chunk_added = self._write_rows(
-                    db, batch[start:start + _STAGE_CHUNK], rows[start:start + _STAGE_CHUNK], states, logs)
-                results += chunk_results
-                states.update(chunk_states)
-                added += chunk_added
-            await trio.to_thread.run_sync(self._finish, logs)
+                staged.add(self._write_rows(db, batch[start:start + _STAGE_CHUNK], rows[start:start + _STAGE_CHUNK],
+                                            staged.states, staged.logs))
+            await trio.to_thread.run_sync(self._finish, staged.logs)
         except BaseException as e:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # a failed COMMIT may have ended the transaction already
+            self._rollback()
             if not isinstance(e, (sqlite3.Error, OSError, ValueError)):
                 raise
-            log.error("commit of %d packets failed, answering 4: %s", len(batch), e)
-            return [None] * len(batch), {}, 0
-        return results, states, added
+            return self._failed(batch, e)
+        return staged.results, staged.states, staged.added
+
+    def _write_batch_in_thread(self, batch: Sequence[_Pending], rows: list[tuple[Any, ...]],
+                               ) -> tuple[list[str | None], dict[str, Any], int]:
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except (sqlite3.Error, OSError) as e:
+            return self._failed(batch, e)
+        staged = _Staged()
+        try:
+            staged.add(self._write_rows(db, batch, rows, staged.states, staged.logs))
+            self._finish(staged.logs)
+        except BaseException as e:
+            self._rollback()
+            if not isinstance(e, (sqlite3.Error, OSError, ValueError)):
+                raise
+            return self._failed(batch, e)
+        return staged.results, staged.states, staged.added
+
+    def _rollback(self) -> None:
+        try:
+            self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # a failed COMMIT may have ended the transaction already
+
+    @staticmethod
+    def _failed(batch: Sequence[_Pending], error: BaseException) -> tuple[list[str | None], dict[str, Any], int]:
+        log.error("commit of %d packets failed, answering 4: %s", len(batch), error)
+        return [None] * len(batch), {}, 0
 
     def _finish(self, logs: Sequence[StatusLog]) -> None:
         """In a worker thread: the status logs durable on disk, then COMMIT."""
