@@ -464,12 +464,22 @@ def report(runs: dict[str, list[dict[str, Any]]]) -> None:
         print(f"{name:<11} {rate:10.0f} {median(name, 'p50_ms'):7.2f} {median(name, 'p99_ms'):7.2f} "
               f"{median(name, 'server_cores'):12.2f} {median(name, 'server_cpu_us_per_session'):10.0f} "
               f"{median(name, 'generator_cores'):15.2f} {ratio:>7}")
+    def per_round(name: str, baseline: str, key: str = "sessions_per_s") -> str:
+        """The ratio in each round (contenders run back to back, so slow spells of a shared
+        machine hit both sides of a ratio alike), and their median."""
+        ratios = [a[key] / b[key] for a, b in zip(runs[name], runs[baseline], strict=False) if a[key] and b[key]]
+        listed = ", ".join(f"{r:.2f}" for r in ratios)
+        return f"{statistics.median(ratios):.2f}× median of rounds [{listed}]" if ratios else "-"
+
+    print()
     if "workers=1" in runs and "workers=2" in runs:
-        one, two = median("workers=1", "sessions_per_s"), median("workers=2", "sessions_per_s")
-        print(f"\nworkers=2 ÷ workers=1: {two / one:.2f}× (target 1.6×); the generator shares the same "
-              f"{os.cpu_count()} cores")
-    if "full" in runs and bare:
-        print(f"full ÷ bare: {median('full', 'sessions_per_s') / bare:.2f}× (target 0.6×)")
+        print(f"workers=2 ÷ workers=1: {per_round('workers=2', 'workers=1')} (target 1.6×); the generator "
+              f"shares the same {os.cpu_count()} cores")
+    for name in ("full", "bare-close"):
+        if name in runs and "bare" in runs:
+            target = " (target 0.6×)" if name == "full" else ""
+            print(f"{name} ÷ bare: {per_round(name, 'bare')}{target}; "
+                  f"by CPU per session: {per_round('bare', name, 'server_cpu_us_per_session')}")
 
 
 if __name__ == "__main__":
