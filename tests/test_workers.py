@@ -11,6 +11,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from dtgserver.bridge.mapping import map_record
 from dtgserver.protocol import Connection, Received, Result, Role, encode
 from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
+from dtgserver.server.handoff import terminal_of
 from dtgserver.store import PacketStore, read_stored
 from dtgserver.store.packets import ShardCountMismatch, shard_of
 
@@ -378,3 +381,76 @@ def test_workers_auto_is_the_cpus_this_process_may_use() -> None:
 
     assert worker_count("auto") == len(os.sched_getaffinity(0))
     assert worker_count("3") == 3
+
+
+# -- connections handed to the worker that owns the terminal (server/handoff.py) ------------------
+
+
+@asynccontextmanager
+async def two_workers_in_process(data_dir: Path) -> AsyncIterator[list[DtgServer]]:
+    """Workers 0 and 1 of `--workers 2` in one process: two listeners on one port (SO_REUSEPORT)."""
+    port = free_port()
+    servers = [DtgServer(ServerConfig(host="127.0.0.1", port=port, data_dir=data_dir, grace_period=2.0),
+                         shard=shard, shards=2, reuse_port=True) for shard in (0, 1)]
+    async with trio.open_nursery() as nursery:
+        for server in servers:
+            await nursery.start(server.run)
+        yield servers
+        for server in servers:
+            server.stop()
+
+
+def stored_modems(path: Path) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return [m for (m,) in db.execute("SELECT modem FROM packets ORDER BY id")]
+    finally:
+        db.close()
+
+
+async def test_each_connection_is_served_by_the_worker_of_its_terminal(tmp_path: Path) -> None:
+    modems = [f"0106666{n:04d}" for n in range(24)]
+    async with two_workers_in_process(tmp_path) as servers:
+        port = servers[0].port
+        assert port is not None
+        answers = [await send(port, dtg_bytes(m, minute=k, bodies=2)) for k in range(2) for m in modems]
+        handoffs = [s.handoff for s in servers]
+    assert answers == [OK] * len(answers)
+    for shard in (0, 1):
+        rows = stored_modems(tmp_path / f"store-{shard}.db")
+        assert rows and all(shard_of(m, 2) == shard for m in rows)
+        assert sorted(set(rows)) == sorted(m for m in modems if shard_of(m, 2) == shard)
+        assert len(rows) == 2 * len(set(rows))  # both minutes of each of its terminals
+    sent = sum(h.sent for h in handoffs if h)
+    assert sent > 0, "with 48 connections spread by the kernel, some reached the other worker first"
+    assert sent == sum(h.received for h in handoffs if h)
+
+
+async def test_another_shards_terminal_later_on_a_connection_is_answered_4_not_stored(tmp_path: Path) -> None:
+    first = "01066660000"
+    other = next(f"0106666{n:04d}" for n in range(1, 100) if shard_of(f"0106666{n:04d}", 2) != shard_of(first, 2))
+    async with two_workers_in_process(tmp_path) as servers:
+        assert servers[0].port is not None
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", servers[0].port)
+            answers = []
+            for modem in (first, other, first):
+                await stream.send_all(dtg_bytes(modem, minute=len(answers), bodies=1))
+                answers.append(await stream.receive_some(2))
+            await stream.aclose()
+    assert answers == [OK, b"\x09\x04", OK]  # a new connection would reach the other terminal's worker
+    assert stored_modems(tmp_path / f"store-{shard_of(first, 2)}.db") == [first, first]
+    assert stored_modems(tmp_path / f"store-{shard_of(other, 2)}.db") == []
+
+
+@pytest.mark.parametrize(("head", "expected"), [
+    (b"\x03" + b"01012345678", "01012345678"),
+    (b"\x04" + b"#######1234" + b"rest", "1234"),
+    (b"\x03" + b"010\x001234567", "01001234567"),  # a raw digit 0x00 reads as 0, as the framer reads it
+    (b"\x03" + b"0101234abcd", None),  # letters: the framer answers 1, no shard to pick
+    (b"\x03" + b"0101234", None),  # too short to tell
+    (b"\x09\x00" + b"0" * 10, None),  # the server's own answer names no terminal
+    (b"\x42" + b"01012345678", None),  # unknown protocol ID: the framer answers 1
+])
+def test_terminal_of_a_connections_first_bytes(head: bytes, expected: str | None) -> None:
+    assert terminal_of(head) == expected

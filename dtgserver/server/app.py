@@ -25,6 +25,7 @@ from ..protocol import NEED_DATA, Connection, ProtocolError, Received, Result, R
 from ..store import Control, ControlState, PacketStore, shard_paths
 from ..store.packets import ShardCountMismatch, shard_of
 from .config import ServerConfig
+from .handoff import Handoff, peek_terminal
 from .metrics import Metrics, serve_metrics
 from .timeouts import Timeouts
 
@@ -66,7 +67,10 @@ class DtgServer:
     """The whole service: listeners, sessions, the store's writer, control polling, metrics, forwarder."""
 
     def __init__(self, config: ServerConfig, *, shard: int = 0, shards: int = 1, reuse_port: bool = False):
-        """shards > 1: one of `serve --workers N`; this worker writes every shard and forwards its own."""
+        """shards > 1 with reuse_port: worker `shard` of `serve --workers N`. It writes and forwards
+        its own shard only, and hands every connection whose terminal lives in another shard to
+        that shard's worker (server/handoff.py). Without reuse_port (one process, as in tests)
+        the server writes every shard itself."""
         self.config = config
         self.metrics = Metrics()
         self.timeouts = Timeouts()
@@ -76,28 +80,33 @@ class DtgServer:
         self.control.changed()
         mapper, forward = self._bridge()
         self.shard, self.shards, self.reuse_port = shard, shards, reuse_port
-        self.stores = [PacketStore(
+        self.owned = [shard] if reuse_port else list(range(shards))
+        self.stores = {i: PacketStore(
             config.data_dir, shard=i, mapper=mapper, forward=forward, max_batch=config.max_batch,
-            queue_high_water=config.queue_high_water, outbox_high_water=config.outbox_high_water, shared=shards > 1,
-        ) for i in range(shards)]
+            queue_high_water=config.queue_high_water, outbox_high_water=config.outbox_high_water,
+        ) for i in self.owned}
         self.store = self.stores[shard]  # the shard whose outbox this process forwards
+        self.handoff: Handoff | None = Handoff(config.data_dir, config.port, shard) \
+            if reuse_port and shards > 1 else None
         self.forwarder: Any = None
         self._stop = trio.Event()
         self._accepting = False
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.metrics.gauges.update({
-            "commit_queue": lambda: sum(s.queued for s in self.stores),
+            "commit_queue": lambda: sum(s.queued for s in self.stores.values()),
             "mqtt_backlog": self.store.backlog,
-            "commits_total": lambda: sum(s.stats.commits for s in self.stores),
-            "commit_failures_total": lambda: sum(s.stats.failed_commits for s in self.stores),
-            "committed_packets_total": lambda: sum(s.stats.committed_packets for s in self.stores),
-            "duplicate_packets_total": lambda: sum(s.stats.duplicates for s in self.stores),
+            "commits_total": lambda: sum(s.stats.commits for s in self.stores.values()),
+            "commit_failures_total": lambda: sum(s.stats.failed_commits for s in self.stores.values()),
+            "committed_packets_total": lambda: sum(s.stats.committed_packets for s in self.stores.values()),
+            "duplicate_packets_total": lambda: sum(s.stats.duplicates for s in self.stores.values()),
             "commit_batch_size_last": lambda: self.store.stats.last_batch_size,
-            "commit_batch_size_sum": lambda: sum(s.stats.batch_size_sum for s in self.stores),
+            "commit_batch_size_sum": lambda: sum(s.stats.batch_size_sum for s in self.stores.values()),
             "commit_seconds_last": lambda: self.store.stats.last_commit_seconds,
-            "commit_seconds_sum": lambda: sum(s.stats.commit_seconds_sum for s in self.stores),
+            "commit_seconds_sum": lambda: sum(s.stats.commit_seconds_sum for s in self.stores.values()),
             "maintenance": lambda: int(self.control_state.maintenance),
+            "handed_off_connections_total": lambda: self.handoff.sent if self.handoff else 0,
+            "received_connections_total": lambda: self.handoff.received if self.handoff else 0,
         })
 
     def _bridge(self) -> tuple[Any, bool]:
@@ -120,7 +129,7 @@ class DtgServer:
         return self._stop.is_set()
 
     def healthy(self) -> bool:
-        return self._accepting and all(s.overloaded() is None for s in self.stores)
+        return self._accepting and all(s.overloaded() is None for s in self.stores.values())
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -128,7 +137,7 @@ class DtgServer:
         cfg = self.config
         try:
             async with trio.open_nursery() as services:
-                for store in self.stores:
+                for store in self.stores.values():
                     await services.start(store.run)
                 services.start_soon(self._poll_control)
                 if cfg.metrics_port is not None:
@@ -143,11 +152,15 @@ class DtgServer:
                 else:
                     listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
                 self.port = listeners[0].socket.getsockname()[1]
+                if self.handoff is not None:
+                    await self.handoff.bind(self.port)
                 await self._serve(listeners, task_status)
                 services.cancel_scope.cancel()  # the store's writer commits what is queued first
         finally:
-            for store in self.stores:
+            for store in self.stores.values():
                 store.close()
+            if self.handoff is not None:
+                self.handoff.close()
             self.control.close()
 
     async def _run_forwarder(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -178,6 +191,8 @@ class DtgServer:
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(self._accept_loop, listener, sessions)
+                    if self.handoff is not None:
+                        acceptors.start_soon(self._receive_handoffs, self.handoff, sessions)
                     self._accepting = True
                     log.info("listening on %s:%d, data in %s", cfg.host, self.port, cfg.data_dir)
                     assert self.port is not None
@@ -205,6 +220,12 @@ class DtgServer:
                 raise
             sessions.start_soon(self.handle, stream)
 
+    async def _receive_handoffs(self, handoff: Handoff, sessions: trio.Nursery) -> None:
+        """Serve the connections other workers pass to this one (their terminals live in our shard)."""
+        while True:
+            for stream in await handoff.receive():
+                sessions.start_soon(self.handle, stream, True)
+
     async def _poll_control(self) -> None:
         """Reload the registry and the maintenance switch when another process changed them."""
         while True:
@@ -216,8 +237,25 @@ class DtgServer:
                          len(self.control_state.active) + len(self.control_state.cancelled))
 
     # -- one connection ---------------------------------------------------------------------------
-    async def handle(self, stream: trio.abc.Stream) -> None:
-        """Own one connection: read packets, answer each, close; never raises for the peer's doing."""
+    async def handle(self, stream: trio.abc.Stream, handed_over: bool = False) -> None:
+        """Own one connection: read packets, answer each, close; never raises for the peer's doing.
+
+        With `--workers N`, a connection whose terminal lives in another worker's shard is first
+        passed to that worker (`handed_over` on its side, so it is never passed on again).
+        """
+        connected = trio.current_time()
+        if self.handoff is not None and not handed_over and isinstance(stream, trio.SocketStream):
+            try:
+                modem = await peek_terminal(stream, connected + self.config.idle_timeout)
+                owner = self.shard if modem is None else shard_of(modem, self.shards)
+                if owner != self.shard and await self.handoff.send(stream, owner):
+                    stream.socket.close()  # the owner has its own descriptor of the connection
+                    return
+            except OSError:
+                pass  # the connection failed while peeking: the session below finds out and ends it
+            except BaseException:
+                stream.socket.close()
+                raise
         started = time.perf_counter()
         session = Session(_peer(stream))
         metrics = self.metrics
@@ -233,7 +271,7 @@ class DtgServer:
             return
         metrics.open_connections += 1
         try:
-            await self._session(stream, session)
+            await self._session(stream, session, connected)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             session.end = f"connection lost: {e}"
         finally:
@@ -249,7 +287,7 @@ class DtgServer:
         if session_log.isEnabledFor(logging.INFO):
             session_log.info(session.line(time.perf_counter() - started))
 
-    async def _session(self, stream: trio.abc.Stream, session: Session) -> None:
+    async def _session(self, stream: trio.abc.Stream, session: Session, connected: float) -> None:
         """Packets in, answers out, until the peer closes, a timeout, or a format error.
 
         One cancel scope for the whole session, its deadline (in `self.timeouts`, see
@@ -261,7 +299,7 @@ class DtgServer:
         metrics = self.metrics
         timeouts = self.timeouts
         conn = Connection(Role.SERVER, max_body_count=cfg.max_body_count)
-        last_byte = trio.current_time()
+        last_byte = connected
         packet_started: float | None = None
         waiting = ""
         with trio.CancelScope() as scope:
@@ -326,7 +364,10 @@ class DtgServer:
             return Result.MAINTENANCE
         if modem in state.cancelled or (state.registry_enforced and modem not in state.active):
             return Result.UNKNOWN_SUBSCRIBER
-        store = self.stores[shard_of(modem, self.shards)] if self.shards > 1 else self.store
+        store = self.stores.get(shard_of(modem, self.shards)) if self.shards > 1 else self.store
+        if store is None:  # a connection passed here for another terminal now names this one
+            session.end = f"modem {modem} belongs to another worker's shard: answered 4, a new connection will reach it"
+            return Result.OVERLOADED
         return await store.submit(event, session.peer)
 
     async def _answer(self, stream: trio.abc.Stream, result: Result, session: Session) -> bool:

@@ -1,9 +1,10 @@
 """`serve --workers N`: N server processes sharing one port (SO_REUSEPORT) and the supervisor keeping them up.
 
 Each worker binds its own listening socket to the same address with SO_REUSEPORT, so the kernel
-spreads new connections over the workers without a shared accept queue. Worker i opens every
-shard (a terminal's data lives in the shard its modem hashes to, whoever accepted it) and runs
-the MQTT forwarder of shard i only. The supervisor starts the workers as separate Python
+spreads new connections over the workers without a shared accept queue. A terminal's data lives
+in the shard its modem hashes to; worker i is the only writer of shard i, runs its MQTT
+forwarder, and passes a connection whose terminal belongs to another shard to that shard's
+worker (server/handoff.py). The supervisor starts the workers as separate Python
 processes, restarts one that dies (with a growing delay, reset after it has run a while), and on
 SIGTERM or SIGINT passes SIGTERM on to every worker and waits for their graceful shutdown.
 """

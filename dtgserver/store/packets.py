@@ -325,9 +325,10 @@ class PacketStore:
         the thousands of sqlite3 steps gives up the GIL and must win it back from the busy event
         loop, and commits took tens of milliseconds of waiting for the GIL (docs/performance.md).
 
-        A shard other processes write too (`serve --workers N`) is the exception: they wait for
-        its write lock while the transaction is open, so the whole transaction runs in one
-        worker-thread call, holding the lock as briefly as possible.
+        A store opened `shared` (other processes write the same shard) is the exception: they
+        wait for its write lock while the transaction is open, so the whole transaction runs in
+        one worker-thread call, holding the lock as briefly as possible. (`serve --workers N`
+        does not share shards: each has one writer, see server/handoff.py.)
         """
         rows = [(digest(item.received.raw), item.received.modem, item.received.kind, item.received.raw[0],
                  item.received.body_count, item.received_at, item.peer, item.received.raw) for item in batch]
