@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 DIGEST_SIZE = 16
 _STAGE_CHUNK = 32  # packets staged between two turns of the event loop
+_STAGE_CHUNK_MQTT = 4  # the same when each packet's MQTT messages are built too
 SHARD_COUNT_KEY = "shards"  # in control.db settings: how many shards DIR's data is spread over
 
 
@@ -341,10 +342,12 @@ class PacketStore:
             return self._failed(batch, e)
         staged = _Staged()
         try:
-            for start in range(0, len(batch), _STAGE_CHUNK):
+            # With MQTT each packet's messages take ~2 ms to build: smaller chunks, shorter stalls.
+            chunk = _STAGE_CHUNK_MQTT if self.forward else _STAGE_CHUNK
+            for start in range(0, len(batch), chunk):
                 if start:
                     await trio.lowlevel.checkpoint()  # let sessions run between chunks
-                staged.add(self._write_rows(db, batch[start:start + _STAGE_CHUNK], rows[start:start + _STAGE_CHUNK],
+                staged.add(self._write_rows(db, batch[start:start + chunk], rows[start:start + chunk],
                                             staged.states, staged.logs))
             await trio.to_thread.run_sync(self._finish, staged.logs)
         except BaseException as e:
