@@ -61,29 +61,6 @@ def trip_packets(modem: str) -> list[bytes]:
     return [dtg_bytes(modem, minute=m, bodies=5) for m in range(3)] + [encode(key_off(modem))]
 
 
-async def test_two_writers_of_one_shard_produce_the_messages_of_one(tmp_path: Path) -> None:
-    """Trip state is read inside each writer's transaction, never from a cache another process made stale."""
-    packets = trip_packets("01055550000")
-    alone = PacketStore(tmp_path / "one", mapper=mapper, forward=True)
-    first = PacketStore(tmp_path / "two", mapper=mapper, forward=True, shared=True)
-    second = PacketStore(tmp_path / "two", mapper=mapper, forward=True, shared=True)
-    try:
-        async with trio.open_nursery() as nursery:
-            for store in (alone, first, second):
-                await nursery.start(store.run)
-            for n, raw in enumerate(packets):
-                assert await alone.submit(received(raw), "peer") is Result.OK
-                # alternate writers: each packet's state was written by the other one
-                assert await (first, second)[n % 2].submit(received(raw), "peer") is Result.OK
-            nursery.cancel_scope.cancel()
-    finally:
-        for store in (alone, first, second):
-            store.close()
-    expected = [(t, p) for _, t, p in outbox(tmp_path / "one" / "store-0.db")]
-    assert len(expected) > len(packets)  # trip start/end messages, not only one per packet
-    assert [(t, p) for _, t, p in outbox(tmp_path / "two" / "store-0.db")] == expected
-
-
 def trip_states(path: Path) -> dict[str, str]:
     db = sqlite3.connect(path)
     try:
@@ -111,34 +88,6 @@ async def test_without_mqtt_the_trip_state_is_kept_as_with_it(tmp_path: Path) ->
     off, on = (trip_states(tmp_path / name / "store-0.db") for name in ("off", "on"))
     assert off == on and '"speed_count": 15' in off["01055550003"]
     assert outbox(tmp_path / "off" / "store-0.db") == []
-
-
-async def test_forwarders_fetch_sees_rows_another_process_committed(tmp_path: Path) -> None:
-    forwarding = PacketStore(tmp_path, mapper=mapper, forward=True, shared=True, poll_s=0.05)
-    other = PacketStore(tmp_path, mapper=mapper, forward=True, shared=True)
-    try:
-        async with trio.open_nursery() as nursery:
-            for store in (forwarding, other):
-                await nursery.start(store.run)
-            fetched: list[Any] = []
-
-            async def fetch() -> None:
-                fetched.extend(await forwarding.fetch(0, 100))
-
-            nursery.start_soon(fetch)
-            await trio.sleep(0.1)  # the fetch found nothing and waits
-            assert await other.submit(received(dtg_bytes("01055550001", bodies=5)), "peer") is Result.OK
-            with trio.fail_after(5):
-                while not fetched:
-                    await trio.sleep(0.01)
-            assert {row.modem for row in fetched} == {"01055550001"}
-            with trio.fail_after(5):  # the backlog is re-counted from the database
-                while forwarding.backlog() != len(fetched):
-                    await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
-    finally:
-        forwarding.close()
-        other.close()
 
 
 async def test_outbox_ids_not_reused_after_the_outbox_drained(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import attrs
 
 from ..protocol.fields import KST, SensorState
+from ..protocol.framing import BODY_SIZES, REALTIME_HEADER_SIZE
 from ..protocol.records import BasicInfo, DtgBody, KeyOff, Packet, Realtime
 from .profiles import PARKING_KEYS, TRIP_KEYS, Profile, get_profile
 
@@ -383,10 +384,10 @@ def summarize_raw(raw: bytes) -> BodySummary:
     """
     layout = _raw_layout(raw[0])
     size = layout.body_size
-    count = (len(raw) - _REALTIME_HEADER) // size
+    count = (len(raw) - REALTIME_HEADER_SIZE) // size
     if count <= 0:
         return BodySummary()
-    first, last = _REALTIME_HEADER, _REALTIME_HEADER + (count - 1) * size
+    first, last = REALTIME_HEADER_SIZE, REALTIME_HEADER_SIZE + (count - 1) * size
     first_ms = last_ms = None
     t = layout.time_offset
     for body in range(first + t, last + t + 1, size):
@@ -406,7 +407,7 @@ def summarize_raw(raw: bytes) -> BodySummary:
     fuel = "total_fuel_l" in head
     return BodySummary(
         count, first_ms, last_ms, head["total_distance_km"], tail["total_distance_km"],
-        max(layout.total_km_column.iter_unpack(memoryview(raw)[_REALTIME_HEADER:]))[0],
+        max(layout.total_km_column.iter_unpack(memoryview(raw)[REALTIME_HEADER_SIZE:]))[0],
         head["lat"], head["lon"], tail["lat"], tail["lon"], max(speeds), sum(speeds), count - speeds.count(0),
         _ml(head["total_fuel_l"]) if fuel else None, _ml(tail["total_fuel_l"]) if fuel else None,
         tail.get("status_code"),
@@ -420,19 +421,16 @@ def next_state(raw: bytes, state: TripState | None) -> TripState | None:
     realtime packet's bodies are read straight from the bytes (`summarize_raw`), not decoded
     into records; the other kinds are small and go through `map_record`.
     """
-    if raw[0] not in _REALTIME_IDS:
+    if raw[0] not in BODY_SIZES:
         from ..protocol import decode
 
         return map_record(decode(raw), state, packet_id="", messages=False)[1]
-    trip = _advance(_raw_layout(raw[0]).kind, wire_time_ms(raw[16:_REALTIME_HEADER]), summarize_raw(raw), state)
+    trip = _advance(_raw_layout(raw[0]).kind, wire_time_ms(raw[16:REALTIME_HEADER_SIZE]), summarize_raw(raw), state)
     if trip is None:
         return state
     _, _, stale, current = trip
     return state if stale else current
 
-
-_REALTIME_HEADER = 23
-_REALTIME_IDS = frozenset({0x03, 0x06, 0x07})
 
 
 def _account(state: TripState, summary: BodySummary) -> TripState:

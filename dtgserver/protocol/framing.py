@@ -84,9 +84,10 @@ NEED_DATA = Need.NEED_DATA
 CLOSED = Need.CLOSED
 
 
-_REALTIME_HEADER = 23
-_REALTIME_KINDS: dict[int, type[Packet]] = {pid: codec.record for pid, codec in _CODECS_BY_ID.items()}
-_BODY_SIZES: dict[int, int] = {pid: codec.tail[1].codec.size for pid, codec in _CODECS_BY_ID.items()
+REALTIME_HEADER_SIZE = 23
+"""The header the three realtime kinds share; their bodies follow it."""
+_RECORDS_BY_ID: dict[int, type[Packet]] = {pid: codec.record for pid, codec in _CODECS_BY_ID.items()}
+BODY_SIZES: dict[int, int] = {pid: codec.tail[1].codec.size for pid, codec in _CODECS_BY_ID.items()
                                if codec.tail is not None and hasattr(codec.tail[1], "codec")}
 
 
@@ -137,16 +138,16 @@ class Received:
 def _received(raw: bytes, offset: int) -> Received:
     """Frame `raw` (exactly one packet) as a Received; ProtocolError for a header it must refuse."""
     codec = _CODECS_BY_ID[raw[0]]
-    body_size = _BODY_SIZES.get(raw[0])
+    body_size = BODY_SIZES.get(raw[0])
     if body_size is None:  # small packets: decoded whole, now
         record = codec.decode(raw)
         return Received(raw, offset, record, 0, record)
-    body_count = (len(raw) - _REALTIME_HEADER) // body_size
+    body_count = (len(raw) - REALTIME_HEADER_SIZE) // body_size
     modem = raw[1:12]
     if modem.isdigit():  # eleven ASCII digits, the usual modem: what Modem.decode returns for it
-        return Received(raw, offset, _REALTIME_KINDS[raw[0]], body_count, modem=modem.decode("ascii"))
+        return Received(raw, offset, _RECORDS_BY_ID[raw[0]], body_count, modem=modem.decode("ascii"))
     # The header alone, through the same codec (the bodies' slice is empty): validates the modem.
-    header = codec.decode(raw[:_REALTIME_HEADER])
+    header = codec.decode(raw[:REALTIME_HEADER_SIZE])
     return Received(raw, offset, header, body_count)
 
 

@@ -33,9 +33,6 @@ log = logging.getLogger("dtgserver.server")
 session_log = logging.getLogger("dtgserver.session")
 
 RECEIVE_SIZE = 65536
-_ANSWERS = {result: Connection.send(result) for result in Result}
-_ANSWER_TIMEOUT = "answer not read in time"
-_ANSWERS = {result: Connection.send(result) for result in Result}
 _ANSWER_TIMEOUT = "answer not read in time"
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
@@ -339,7 +336,7 @@ class DtgServer:
                     waiting = _ANSWER_TIMEOUT
                     timeouts.set(scope, trio.current_time() + cfg.send_timeout)
                     try:
-                        await stream.send_all(_ANSWERS[result])
+                        await stream.send_all(Connection.send(result))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         session.end = "peer closed before the answer"
                         return
@@ -375,7 +372,7 @@ class DtgServer:
         self.metrics.results[int(result)] += 1
         with trio.move_on_after(self.config.send_timeout):
             try:
-                await stream.send_all(_ANSWERS[result])
+                await stream.send_all(Connection.send(result))
                 return True
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 session.end = "peer closed before the answer"

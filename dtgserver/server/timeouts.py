@@ -29,9 +29,6 @@ class Timeouts:
         self._watching = False
         self._parked: trio.Event | None = None  # the watcher waits here while no deadline is finite
 
-    def __len__(self) -> int:
-        return len(self._deadlines)
-
     def set(self, scope: trio.CancelScope, deadline: float) -> None:
         """(Re)arm `scope` to be cancelled at `deadline` (trio.current_time() clock); math.inf disarms."""
         self._deadlines[scope] = deadline

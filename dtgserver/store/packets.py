@@ -201,16 +201,10 @@ class PacketStore:
         max_batch: int = 512,
         queue_high_water: int = 2048,
         outbox_high_water: int = 100_000,
-        shared: bool = False,
-        poll_s: float = 0.2,
     ):
+        """The shard's only writer: the trip states are cached between batches (`serve --workers N`
+        passes each connection to the one worker of its terminal's shard, server/handoff.py)."""
         self.data_dir = Path(data_dir)
-        # shared: other processes write this shard too (`serve --workers N`). Then nothing read
-        # from the database may be cached between transactions (trip state), the outbox backlog
-        # is re-counted from the database, and the forwarder's fetch also polls for rows that
-        # another process committed (its commits do not wake this one).
-        self.shared = shared
-        self.poll_s = poll_s
         self.path = self.data_dir / f"store-{shard}.db"
         self.mapper = mapper
         self.forward = forward
@@ -264,25 +258,15 @@ class PacketStore:
     # -- the writer ----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """This process's writer: commits batches until cancelled, then commits what is still queued."""
-        async with trio.open_nursery() as nursery:
-            if self.shared and self.forward:
-                nursery.start_soon(self._recount_backlog)
-            task_status.started()
-            try:
-                while True:
-                    await self._wake.wait()
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                await self._commit_pending()
+        finally:
+            with trio.CancelScope(shield=True):
+                while self._pending:
                     await self._commit_pending()
-            finally:
-                with trio.CancelScope(shield=True):
-                    while self._pending:
-                        await self._commit_pending()
-
-    async def _recount_backlog(self) -> None:
-        """Other processes add to and deliver from this outbox: our running count drifts, so re-count."""
-        while True:
-            await trio.sleep(5 * self.poll_s)
-            async with self._reader_lock:
-                self._backlog = await trio.to_thread.run_sync(self._count_outbox)
 
     def _count_outbox(self) -> int:
         return int(self._reader.execute("SELECT count(*) FROM outbox").fetchone()[0])
@@ -298,8 +282,7 @@ class PacketStore:
                 results, states, added = await self._write_batch(batch)
             elapsed = time.perf_counter() - started
             if results[0] is not None:
-                if not self.shared:
-                    self._trip_states.update(states)
+                self._trip_states.update(states)
                 self._backlog += added
                 if added:
                     self._outbox_wake.set()
@@ -326,15 +309,9 @@ class PacketStore:
         the thousands of sqlite3 steps gives up the GIL and must win it back from the busy event
         loop, and commits took tens of milliseconds of waiting for the GIL (docs/performance.md).
 
-        A store opened `shared` (other processes write the same shard) is the exception: they
-        wait for its write lock while the transaction is open, so the whole transaction runs in
-        one worker-thread call, holding the lock as briefly as possible. (`serve --workers N`
-        does not share shards: each has one writer, see server/handoff.py.)
         """
         rows = [(digest(item.received.raw), item.received.modem, item.received.kind, item.received.raw[0],
                  item.received.body_count, item.received_at, item.peer, item.received.raw) for item in batch]
-        if self.shared:
-            return await trio.to_thread.run_sync(self._write_batch_in_thread, batch, rows)
         db = self.db
         try:
             await trio.to_thread.run_sync(db.execute, "BEGIN IMMEDIATE")
@@ -350,24 +327,6 @@ class PacketStore:
                 staged.add(self._write_rows(db, batch[start:start + chunk], rows[start:start + chunk],
                                             staged.states, staged.logs))
             await trio.to_thread.run_sync(self._finish, staged.logs)
-        except BaseException as e:
-            self._rollback()
-            if not isinstance(e, (sqlite3.Error, OSError, ValueError)):
-                raise
-            return self._failed(batch, e)
-        return staged.results, staged.states, staged.added
-
-    def _write_batch_in_thread(self, batch: Sequence[_Pending], rows: list[tuple[Any, ...]],
-                               ) -> tuple[list[str | None], dict[str, Any], int]:
-        db = self.db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except (sqlite3.Error, OSError) as e:
-            return self._failed(batch, e)
-        staged = _Staged()
-        try:
-            staged.add(self._write_rows(db, batch, rows, staged.states, staged.logs))
-            self._finish(staged.logs)
         except BaseException as e:
             self._rollback()
             if not isinstance(e, (sqlite3.Error, OSError, ValueError)):
@@ -454,13 +413,13 @@ class PacketStore:
         return results, changed, len(outbox)
 
     def _trip_states_of(self, db: sqlite3.Connection, modems: set[str]) -> dict[str, Any]:
-        """The states before this batch; read inside the writing transaction when others may write them."""
+        """The states before this batch: from the cache, else read inside the writing transaction."""
         from ..bridge.mapping import TripState
 
         states: dict[str, Any] = {}
         wanted = []
         for modem in modems:
-            if not self.shared and modem in self._trip_states:
+            if modem in self._trip_states:
                 states[modem] = self._trip_states[modem]
             else:
                 wanted.append(modem)
@@ -482,11 +441,7 @@ class PacketStore:
                 rows = await trio.to_thread.run_sync(self._fetch, after_id, limit)
             if rows:
                 return rows
-            if self.shared:
-                with trio.move_on_after(self.poll_s):
-                    await wake.wait()
-            else:
-                await wake.wait()
+            await wake.wait()
 
     def _fetch(self, after_id: int, limit: int) -> list[OutboxRow]:
         rows = self._reader.execute(
