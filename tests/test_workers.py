@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +27,6 @@ from dtgserver.bridge.mapping import map_record
 from dtgserver.protocol import Connection, Received, Result, Role, encode
 from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
-from dtgserver.server.handoff import terminal_of
 from dtgserver.store import PacketStore, read_stored
 from dtgserver.store.packets import ShardCountMismatch, shard_of
 
@@ -332,7 +333,7 @@ def test_workers_auto_is_the_cpus_this_process_may_use() -> None:
     assert worker_count("3") == 3
 
 
-# -- connections handed to the worker that owns the terminal (server/handoff.py) ------------------
+# -- packets relayed to the worker that owns the terminal (server/relay.py) ----------------------
 
 
 @asynccontextmanager
@@ -357,49 +358,136 @@ def stored_modems(path: Path) -> list[str]:
         db.close()
 
 
-async def test_each_connection_is_served_by_the_worker_of_its_terminal(tmp_path: Path) -> None:
+def stored_peers(path: Path) -> list[tuple[str, float]]:
+    db = sqlite3.connect(path)
+    try:
+        return list(db.execute("SELECT peer, received_at FROM packets ORDER BY id"))
+    finally:
+        db.close()
+
+
+def modem_of_shard(shard: int, start: int = 0) -> str:
+    return next(f"0106666{n:04d}" for n in range(start, 10_000) if shard_of(f"0106666{n:04d}", 2) == shard)
+
+
+async def test_each_packet_is_stored_by_the_worker_of_its_terminal(tmp_path: Path) -> None:
     modems = [f"0106666{n:04d}" for n in range(24)]
+    started = time.time()
     async with two_workers_in_process(tmp_path) as servers:
         port = servers[0].port
         assert port is not None
-        answers = [await send(port, dtg_bytes(m, minute=k, bodies=2)) for k in range(2) for m in modems]
-        handoffs = [s.handoff for s in servers]
+        with trio.fail_after(20):
+            answers = [await send(port, dtg_bytes(m, minute=k, bodies=2)) for k in range(2) for m in modems]
+        relayed = [sum(r.relayed for r in s.remotes.values()) for s in servers]
+        stored_for_others = [s.relay.stored if s.relay else 0 for s in servers]
     assert answers == [OK] * len(answers)
     for shard in (0, 1):
         rows = stored_modems(tmp_path / f"store-{shard}.db")
         assert rows and all(shard_of(m, 2) == shard for m in rows)
         assert sorted(set(rows)) == sorted(m for m in modems if shard_of(m, 2) == shard)
         assert len(rows) == 2 * len(set(rows))  # both minutes of each of its terminals
-    sent = sum(h.sent for h in handoffs if h)
-    assert sent > 0, "with 48 connections spread by the kernel, some reached the other worker first"
-    assert sent == sum(h.received for h in handoffs if h)
+        for peer, received_at in stored_peers(tmp_path / f"store-{shard}.db"):
+            assert peer.startswith("127.0.0.1:")  # the terminal's address, not the relaying worker's
+            assert started <= received_at <= time.time()
+    assert sum(relayed) > 0, "with 48 connections spread by the kernel, some reached the other worker"
+    assert relayed[0] == stored_for_others[1] and relayed[1] == stored_for_others[0]
 
 
-async def test_another_shards_terminal_later_on_a_connection_is_answered_4_not_stored(tmp_path: Path) -> None:
-    first = "01066660000"
-    other = next(f"0106666{n:04d}" for n in range(1, 100) if shard_of(f"0106666{n:04d}", 2) != shard_of(first, 2))
+async def test_one_connection_may_carry_terminals_of_both_shards(tmp_path: Path) -> None:
+    first, other = modem_of_shard(0), modem_of_shard(1)
     async with two_workers_in_process(tmp_path) as servers:
         assert servers[0].port is not None
         with trio.fail_after(10):
             stream = await trio.open_tcp_stream("127.0.0.1", servers[0].port)
             answers = []
-            for modem in (first, other, first):
+            for modem in (first, other, first, other):
                 await stream.send_all(dtg_bytes(modem, minute=len(answers), bodies=1))
                 answers.append(await stream.receive_some(2))
             await stream.aclose()
-    assert answers == [OK, b"\x09\x04", OK]  # a new connection would reach the other terminal's worker
-    assert stored_modems(tmp_path / f"store-{shard_of(first, 2)}.db") == [first, first]
-    assert stored_modems(tmp_path / f"store-{shard_of(other, 2)}.db") == []
+    assert answers == [OK] * 4
+    assert stored_modems(tmp_path / "store-0.db") == [first, first]
+    assert stored_modems(tmp_path / "store-1.db") == [other, other]
 
 
-@pytest.mark.parametrize(("head", "expected"), [
-    (b"\x03" + b"01012345678", "01012345678"),
-    (b"\x04" + b"#######1234" + b"rest", "1234"),
-    (b"\x03" + b"010\x001234567", "01001234567"),  # a raw digit 0x00 reads as 0, as the framer reads it
-    (b"\x03" + b"0101234abcd", None),  # letters: the framer answers 1, no shard to pick
-    (b"\x03" + b"0101234", None),  # too short to tell
-    (b"\x09\x00" + b"0" * 10, None),  # the server's own answer names no terminal
-    (b"\x42" + b"01012345678", None),  # unknown protocol ID: the framer answers 1
-])
-def test_terminal_of_a_connections_first_bytes(head: bytes, expected: str | None) -> None:
-    assert terminal_of(head) == expected
+async def test_a_resend_relayed_to_the_owner_is_not_stored_twice(tmp_path: Path) -> None:
+    modem = modem_of_shard(1)
+    raw = dtg_bytes(modem, minute=0, bodies=2)
+    async with two_workers_in_process(tmp_path) as servers:
+        port = servers[0].port
+        assert port is not None
+        with trio.fail_after(20):
+            answers = [await send(port, raw) for _ in range(12)]  # the kernel picks either worker
+        duplicates = sum(s.stores[1].stats.duplicates for s in servers if 1 in s.stores)
+    assert answers == [OK] * 12
+    assert stored_modems(tmp_path / "store-1.db") == [modem]
+    assert duplicates == 11
+
+
+async def test_a_packet_for_an_unreachable_worker_is_answered_4_not_stored(tmp_path: Path) -> None:
+    """While its owner is down (the supervisor restarts it), a terminal is answered 4 and sends again."""
+    port = free_port()
+    config = ServerConfig(host="127.0.0.1", port=port, data_dir=tmp_path, grace_period=1.0)
+    survivor = DtgServer(config, shard=0, shards=2, reuse_port=True)  # worker 1 never started
+    async with trio.open_nursery() as nursery:
+        await nursery.start(survivor.run)
+        with trio.fail_after(10):
+            orphan = await send(port, dtg_bytes(modem_of_shard(1), minute=0, bodies=1))
+            own = await send(port, dtg_bytes(modem_of_shard(0), minute=0, bodies=1))
+            again = await send(port, dtg_bytes(modem_of_shard(1), minute=1, bodies=1))  # within RETRY_S
+        survivor.stop()
+    assert (orphan, own, again) == (b"\x09\x04", OK, b"\x09\x04")
+    assert stored_modems(tmp_path / "store-0.db") == [modem_of_shard(0)]
+    assert not (tmp_path / "store-1.db").exists()  # worker 1's shard: nobody else writes it
+
+
+async def test_a_link_that_breaks_answers_4_and_the_next_packet_reconnects(tmp_path: Path) -> None:
+    """The owner restarted between two packets: the first after the restart finds a new link."""
+    port = free_port()
+    def config() -> ServerConfig:
+        return ServerConfig(host="127.0.0.1", port=port, data_dir=tmp_path, grace_period=0.5)
+    accepting = DtgServer(config(), shard=0, shards=2, reuse_port=True)
+    modem = modem_of_shard(1)
+    answers = []
+    async with trio.open_nursery() as outer:
+        await outer.start(accepting.run)
+        with trio.fail_after(20):
+            for minute in range(2):  # owner up, then restarted
+                owner = DtgServer(config(), shard=1, shards=2, reuse_port=True)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(owner.run)
+                    for _ in range(6):  # until the kernel gives a connection to worker 0, which relays
+                        before = sum(r.relayed for r in accepting.remotes.values())
+                        answer = await send(port, dtg_bytes(modem, minute=minute, bodies=1))
+                        if sum(r.relayed for r in accepting.remotes.values()) > before:
+                            answers.append(answer)
+                            break
+                    owner.stop()
+                await trio.sleep(0.6)  # past RETRY_S if a packet met the owner down
+        accepting.stop()
+    assert answers == [OK, OK]
+    assert stored_modems(tmp_path / "store-1.db") == [modem, modem]
+
+
+async def test_the_relay_refuses_a_frame_the_framer_would_refuse(tmp_path: Path) -> None:
+    """A relay link speaks for other workers, which framed the packet already: a frame that does
+    not frame is refused (answered 1), one of a modem of another shard answered 4, neither stored."""
+    from dtgserver.server.relay import ANSWER, REQUEST, address
+
+    async with two_workers_in_process(tmp_path) as servers:
+        port = servers[0].port
+        assert port is not None
+        good = dtg_bytes(modem_of_shard(1), minute=0, bodies=1)
+        requests = [(1, good[:-1]), (2, dtg_bytes(modem_of_shard(0), minute=0, bodies=1)), (3, good)]
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with trio.fail_after(10):
+            await sock.connect(address(tmp_path, port, 1))
+            stream = trio.SocketStream(sock)
+            await stream.send_all(b"".join(REQUEST.pack(i, time.time(), len(f), 4) + b"test" + f for i, f in requests))
+            data = b""
+            while len(data) < 3 * ANSWER.size:
+                data += await stream.receive_some(64)
+            await stream.aclose()
+    assert list(ANSWER.iter_unpack(data)) == [(1, 1), (2, 4), (3, 0)]
+    assert stored_peers(tmp_path / "store-1.db")[0][0] == "test"
+    assert stored_modems(tmp_path / "store-1.db") == [modem_of_shard(1)]
+    assert stored_modems(tmp_path / "store-0.db") == []

@@ -24,6 +24,7 @@ from .framing import (
     encode,
     frame_length,
     iter_packets,
+    received,
 )
 from .records import (
     BY_KIND,
@@ -49,5 +50,5 @@ __all__ = [
     "BadTime", "BasicInfo", "Body", "Connection", "DtgBody", "DtgRealtime", "JsonError", "KeyOff", "MdtBody",
     "MdtRealtime", "ObdBody", "ObdRealtime", "Packet", "ProtocolError", "Realtime", "Received", "Response",
     "Result", "Role", "SensorState", "StatusLog", "WireStr", "decode", "dumps", "encode", "explain",
-    "format_table", "format_time", "frame_length", "from_json", "iter_packets", "to_json",
+    "format_table", "format_time", "frame_length", "from_json", "iter_packets", "received", "to_json",
 ]

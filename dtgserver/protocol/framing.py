@@ -175,6 +175,16 @@ def decode(frame: bytes, *, max_body_count: int = DEFAULT_MAX_BODY_COUNT) -> Pac
     return record
 
 
+def received(frame: bytes, *, max_body_count: int = DEFAULT_MAX_BODY_COUNT) -> Received:
+    """Exactly one frame as the framer hands it out (bodies not decoded yet); ProtocolError if it
+    is not exactly one frame the framer would accept. For a frame that crossed a process
+    boundary (`serve --workers N` relays packets between workers, server/relay.py)."""
+    length = frame_length(frame, role=Role.SERVER, max_body_count=max_body_count)
+    if length != len(frame):
+        raise ProtocolError(f"not one whole packet: {len(frame)} bytes, the header says {length}", 0)
+    return _received(frame, 0)
+
+
 def encode(record: Packet) -> bytes:
     """The bytes of a record; ValueError naming the field when a value does not fit the wire."""
     return CODECS[type(record)].encode(record)

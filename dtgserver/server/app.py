@@ -25,8 +25,8 @@ from ..protocol import NEED_DATA, Connection, ProtocolError, Received, Result, R
 from ..store import Control, ControlState, PacketStore, shard_paths
 from ..store.packets import ShardCountMismatch, shard_of
 from .config import ServerConfig
-from .handoff import Handoff, peek_terminal
 from .metrics import Metrics, serve_metrics
+from .relay import RelayListener, RemoteShard
 from .timeouts import Timeouts
 
 log = logging.getLogger("dtgserver.server")
@@ -65,9 +65,9 @@ class DtgServer:
 
     def __init__(self, config: ServerConfig, *, shard: int = 0, shards: int = 1, reuse_port: bool = False):
         """shards > 1 with reuse_port: worker `shard` of `serve --workers N`. It writes and forwards
-        its own shard only, and hands every connection whose terminal lives in another shard to
-        that shard's worker (server/handoff.py). Without reuse_port (one process, as in tests)
-        the server writes every shard itself."""
+        its own shard only, and relays every packet whose terminal lives in another shard to that
+        shard's worker (server/relay.py). Without reuse_port (one process, as in tests) the
+        server writes every shard itself."""
         self.config = config
         self.metrics = Metrics()
         self.timeouts = Timeouts()
@@ -83,8 +83,11 @@ class DtgServer:
             queue_high_water=config.queue_high_water, outbox_high_water=config.outbox_high_water,
         ) for i in self.owned}
         self.store = self.stores[shard]  # the shard whose outbox this process forwards
-        self.handoff: Handoff | None = Handoff(config.data_dir, config.port, shard) \
-            if reuse_port and shards > 1 else None
+        self.remotes = {i: RemoteShard(config.data_dir, config.port, i)
+                        for i in range(shards) if i not in self.stores}
+        self.destinations: dict[int, PacketStore | RemoteShard] = {**self.stores, **self.remotes}
+        self.relay = RelayListener(config.data_dir, shard, shards, self.store, max_body_count=config.max_body_count) \
+            if self.remotes else None
         self.forwarder: Any = None
         self._stop = trio.Event()
         self._accepting = False
@@ -102,8 +105,8 @@ class DtgServer:
             "commit_seconds_last": lambda: self.store.stats.last_commit_seconds,
             "commit_seconds_sum": lambda: sum(s.stats.commit_seconds_sum for s in self.stores.values()),
             "maintenance": lambda: int(self.control_state.maintenance),
-            "handed_off_connections_total": lambda: self.handoff.sent if self.handoff else 0,
-            "received_connections_total": lambda: self.handoff.received if self.handoff else 0,
+            "relayed_packets_total": lambda: sum(r.relayed for r in self.remotes.values()),
+            "relay_stored_packets_total": lambda: self.relay.stored if self.relay else 0,
         })
 
     def _bridge(self) -> tuple[Any, bool]:
@@ -149,15 +152,18 @@ class DtgServer:
                 else:
                     listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
                 self.port = listeners[0].socket.getsockname()[1]
-                if self.handoff is not None:
-                    await self.handoff.bind(self.port)
+                if self.relay is not None:
+                    await self.relay.open(self.port)
+                for remote in self.remotes.values():
+                    remote.bind(self.port)
+                    await services.start(remote.run)
                 await self._serve(listeners, task_status)
                 services.cancel_scope.cancel()  # the store's writer commits what is queued first
         finally:
             for store in self.stores.values():
                 store.close()
-            if self.handoff is not None:
-                self.handoff.close()
+            if self.relay is not None:
+                self.relay.close()
             self.control.close()
 
     async def _run_forwarder(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -188,8 +194,8 @@ class DtgServer:
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(self._accept_loop, listener, sessions)
-                    if self.handoff is not None:
-                        acceptors.start_soon(self._receive_handoffs, self.handoff, sessions)
+                    if self.relay is not None:
+                        acceptors.start_soon(self.relay.accept_loop, sessions)
                     self._accepting = True
                     log.info("listening on %s:%d, data in %s", cfg.host, self.port, cfg.data_dir)
                     assert self.port is not None
@@ -217,12 +223,6 @@ class DtgServer:
                 raise
             sessions.start_soon(self.handle, stream)
 
-    async def _receive_handoffs(self, handoff: Handoff, sessions: trio.Nursery) -> None:
-        """Serve the connections other workers pass to this one (their terminals live in our shard)."""
-        while True:
-            for stream in await handoff.receive():
-                sessions.start_soon(self.handle, stream, True)
-
     async def _poll_control(self) -> None:
         """Reload the registry and the maintenance switch when another process changed them."""
         while True:
@@ -234,25 +234,9 @@ class DtgServer:
                          len(self.control_state.active) + len(self.control_state.cancelled))
 
     # -- one connection ---------------------------------------------------------------------------
-    async def handle(self, stream: trio.abc.Stream, handed_over: bool = False) -> None:
-        """Own one connection: read packets, answer each, close; never raises for the peer's doing.
-
-        With `--workers N`, a connection whose terminal lives in another worker's shard is first
-        passed to that worker (`handed_over` on its side, so it is never passed on again).
-        """
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Own one connection: read packets, answer each, close; never raises for the peer's doing."""
         connected = trio.current_time()
-        if self.handoff is not None and not handed_over and isinstance(stream, trio.SocketStream):
-            try:
-                modem = await peek_terminal(stream, connected + self.config.idle_timeout)
-                owner = self.shard if modem is None else shard_of(modem, self.shards)
-                if owner != self.shard and await self.handoff.send(stream, owner):
-                    stream.socket.close()  # the owner has its own descriptor of the connection
-                    return
-            except OSError:
-                pass  # the connection failed while peeking: the session below finds out and ends it
-            except BaseException:
-                stream.socket.close()
-                raise
         started = time.perf_counter()
         session = Session(_peer(stream))
         metrics = self.metrics
@@ -361,10 +345,7 @@ class DtgServer:
             return Result.MAINTENANCE
         if modem in state.cancelled or (state.registry_enforced and modem not in state.active):
             return Result.UNKNOWN_SUBSCRIBER
-        store = self.stores.get(shard_of(modem, self.shards)) if self.shards > 1 else self.store
-        if store is None:  # a connection passed here for another terminal now names this one
-            session.end = f"modem {modem} belongs to another worker's shard: answered 4, a new connection will reach it"
-            return Result.OVERLOADED
+        store = self.destinations[shard_of(modem, self.shards)] if self.shards > 1 else self.store
         return await store.submit(event, session.peer)
 
     async def _answer(self, stream: trio.abc.Stream, result: Result, session: Session) -> bool:

@@ -3,8 +3,8 @@
 Each worker binds its own listening socket to the same address with SO_REUSEPORT, so the kernel
 spreads new connections over the workers without a shared accept queue. A terminal's data lives
 in the shard its modem hashes to; worker i is the only writer of shard i, runs its MQTT
-forwarder, and passes a connection whose terminal belongs to another shard to that shard's
-worker (server/handoff.py). The supervisor starts the workers as separate Python
+forwarder, and relays a packet whose terminal belongs to another shard to that shard's
+worker (server/relay.py). The supervisor starts the workers as separate Python
 processes, restarts one that dies (with a growing delay, reset after it has run a while), and on
 SIGTERM or SIGINT passes SIGTERM on to every worker and waits for their graceful shutdown.
 """

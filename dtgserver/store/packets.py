@@ -81,7 +81,7 @@ Mapper = Callable[..., tuple[list[Any], Any]]
 
 
 @attrs.define
-class _Pending:
+class Pending:
     received: Received
     peer: str
     received_at: float
@@ -203,7 +203,7 @@ class PacketStore:
         outbox_high_water: int = 100_000,
     ):
         """The shard's only writer: the trip states are cached between batches (`serve --workers N`
-        passes each connection to the one worker of its terminal's shard, server/handoff.py)."""
+        relays each packet to the one worker of its terminal's shard, server/relay.py)."""
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / f"store-{shard}.db"
         self.mapper = mapper
@@ -218,7 +218,7 @@ class PacketStore:
         self._acker = connect(self.path)  # the forwarder's deletes of delivered rows
         self._reader_lock = trio.Lock()
         self._acker_lock = trio.Lock()
-        self._pending: list[_Pending] = []
+        self._pending: list[Pending] = []
         self._wake = trio.Event()
         self._outbox_wake = trio.Event()
         self._trip_states: dict[str, Any] = {}
@@ -247,13 +247,21 @@ class PacketStore:
 
     async def submit(self, received: Received, peer: str) -> Result:
         """Store one packet; returns OK only once it is committed, OVERLOADED when it was not stored."""
-        if self.overloaded():
+        item = self.enqueue(received, peer)
+        if item is None:
             return Result.OVERLOADED
-        item = _Pending(received, peer, time.time())
-        self._pending.append(item)
-        self._wake.set()
         await item.done.wait()
         return item.result
+
+    def enqueue(self, received: Received, peer: str, received_at: float | None = None) -> Pending | None:
+        """Queue one packet for the next commit without waiting for it; None when it must be
+        answered 4 now. Its `done` is set once the commit ended, its `result` then says how."""
+        if self.overloaded():
+            return None
+        item = Pending(received, peer, time.time() if received_at is None else received_at)
+        self._pending.append(item)
+        self._wake.set()
+        return item
 
     # -- the writer ----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -299,7 +307,7 @@ class PacketStore:
                 item.result = Result.OVERLOADED if outcome is None else Result.OK
                 item.done.set()
 
-    async def _write_batch(self, batch: Sequence[_Pending]) -> tuple[list[str | None], dict[str, Any], int]:
+    async def _write_batch(self, batch: Sequence[Pending]) -> tuple[list[str | None], dict[str, Any], int]:
         """One transaction for the whole batch; all or nothing.
 
         Only what may block goes to a worker thread: BEGIN IMMEDIATE (it waits for the write lock
@@ -341,7 +349,7 @@ class PacketStore:
             pass  # a failed COMMIT may have ended the transaction already
 
     @staticmethod
-    def _failed(batch: Sequence[_Pending], error: BaseException) -> tuple[list[str | None], dict[str, Any], int]:
+    def _failed(batch: Sequence[Pending], error: BaseException) -> tuple[list[str | None], dict[str, Any], int]:
         log.error("commit of %d packets failed, answering 4: %s", len(batch), error)
         return [None] * len(batch), {}, 0
 
@@ -351,7 +359,7 @@ class PacketStore:
             _write_durably(status_log_path(self.data_dir, record), str(record.log))
         self.db.execute("COMMIT")
 
-    def _write_rows(self, db: sqlite3.Connection, batch: Sequence[_Pending], rows: list[tuple[Any, ...]],
+    def _write_rows(self, db: sqlite3.Connection, batch: Sequence[Pending], rows: list[tuple[Any, ...]],
                     earlier: dict[str, Any], logs: list[StatusLog],
                     ) -> tuple[list[str | None], dict[str, Any], int]:
         """One chunk of the batch, inside its transaction: a fixed number of statements per chunk.
@@ -367,7 +375,7 @@ class PacketStore:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         inserted = dict(db.execute("SELECT digest, id FROM packets WHERE id > ?", (last_id,)).fetchall())
         results: list[str | None] = []
-        new: list[tuple[_Pending, bytes, int]] = []
+        new: list[tuple[Pending, bytes, int]] = []
         for item, row in zip(batch, rows, strict=True):
             packet_id = inserted.pop(row[0], None)  # popped: the same packet twice in one batch is one row
             if packet_id is None:

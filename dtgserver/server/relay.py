@@ -1,0 +1,304 @@
+"""`serve --workers N`: every packet stored by the one worker that owns its terminal's shard.
+
+The kernel spreads connections over the workers (SO_REUSEPORT) by address, knowing nothing of
+terminals; a terminal's packets, trip state and MQTT outbox live in one shard, chosen by its
+modem number, and shard i has one writer, worker i. So the worker that accepted a connection
+serves it whole (reads, frames, checks the registry, answers, closes), and a packet whose
+terminal lives in another shard is relayed to that shard's worker: the frame goes over a Unix
+stream socket, the owner queues it for its next group commit like a packet of its own, and sends
+back the result once the commit has ended; only then does the accepting worker answer the
+terminal. An answer of 0 thus still means "committed", in the owning shard.
+
+Both directions are batched: the requests queued while the event loop ran go out in one write,
+and the results of one commit come back in one write, so a relayed packet costs a copy of its
+bytes and a share of two system calls, not a connection of its own. When the owner cannot be
+reached (it is being restarted) or the link breaks before its result arrives, the packet is
+answered 4: the terminal sends it again (spec §4.5), and the owner's digest check makes that
+resend harmless if the first copy was committed after all.
+
+Each worker listens on an abstract Unix socket (Linux; no file to clean up) named after the data
+directory, the port and its shard, and accepts links only from processes of its own user
+(SO_PEERCRED): the other workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import math
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+
+import attrs
+import trio
+
+from ..protocol import ProtocolError, Received, Result, received
+from ..store import PacketStore
+from ..store.packets import Pending, shard_of
+
+log = logging.getLogger("dtgserver.server")
+
+REQUEST = struct.Struct(">IdIH")  # call id, received at (Unix s), frame length, peer length; then peer, frame
+ANSWER = struct.Struct(">IB")  # call id, result
+MAX_FRAME = 1 << 24  # far above any frame the framer accepts: a link sending more is broken
+RECEIVE_SIZE = 256 * 1024
+RETRY_S = 0.5  # after a failed connect, the owner's packets are answered 4 at once for this long
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def address(data_dir: Path, port: int, shard: int) -> bytes:
+    """The abstract socket name of `shard`'s worker for this data directory and port."""
+    tag = hashlib.sha256(f"{os.path.realpath(data_dir)}:{port}".encode()).hexdigest()[:24]
+    return f"\0dtgserver-{tag}-{shard}".encode()
+
+
+_LINK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@attrs.define(slots=True)
+class _Call:
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Result = Result.OVERLOADED
+
+
+class RemoteShard:
+    """Another worker's shard, seen from this worker: `submit` relays a packet to its owner and
+    returns the owner's answer (OK once committed there), like `PacketStore.submit`.
+
+    Start `run()` in a nursery: it connects when there is something to send and keeps the link.
+    """
+
+    def __init__(self, data_dir: Path, port: int, shard: int):
+        self.data_dir, self.shard = Path(data_dir), shard
+        self.address = address(self.data_dir, port, shard)
+        self.relayed = 0  # packets sent to the owner
+        self._calls: dict[int, _Call] = {}
+        self._outgoing: list[bytes] = []
+        self._next_id = 0
+        self._wake = trio.Event()
+        self._down_until = -math.inf
+
+    def bind(self, port: int) -> None:
+        """The port is known once listening (`--port 0` picks one)."""
+        self.address = address(self.data_dir, port, self.shard)
+
+    async def submit(self, packet: Received, peer: str) -> Result:
+        if trio.current_time() < self._down_until:
+            return Result.OVERLOADED
+        self._next_id = call_id = (self._next_id + 1) & 0xFFFFFFFF
+        call = self._calls[call_id] = _Call()
+        peer_bytes = peer.encode("utf-8", "replace")[:0xFFFF]
+        self._outgoing.append(REQUEST.pack(call_id, time.time(), len(packet.raw), len(peer_bytes))
+                              + peer_bytes + packet.raw)
+        self._wake.set()
+        try:
+            await call.done.wait()
+        finally:
+            self._calls.pop(call_id, None)  # cancelled: a result that comes later is dropped
+        return call.result
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await sock.connect(self.address)
+            except OSError as e:
+                sock.close()
+                log.warning("worker %d cannot be reached (%s): its terminals' packets are answered 4 for %.1f s",
+                            self.shard, e, RETRY_S)
+                self._down_until = trio.current_time() + RETRY_S
+                self._fail_all()
+                continue
+            stream = trio.SocketStream(sock)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_loop, stream, nursery.cancel_scope)
+                    await self._receive_loop(stream)
+                    nursery.cancel_scope.cancel()
+            finally:
+                sock.close()
+                self._fail_all()
+
+    def _fail_all(self) -> None:
+        """The link is down: every call still waiting is answered 4 (its packet may or may not
+        have been committed by the owner; the terminal's resend is deduplicated there)."""
+        self._outgoing.clear()
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call.done.set()
+        self._wake = trio.Event()
+
+    async def _send_loop(self, stream: trio.SocketStream, link: trio.CancelScope) -> None:
+        try:
+            while True:
+                if not self._outgoing:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                data = b"".join(self._outgoing)
+                self.relayed += len(self._outgoing)
+                self._outgoing.clear()
+                await stream.send_all(data)
+        except _LINK_ERRORS as e:
+            log.warning("relay link to worker %d broke while sending: %s", self.shard, e)
+            link.cancel()
+
+    async def _receive_loop(self, stream: trio.SocketStream) -> None:
+        buffer = bytearray()
+        try:
+            while True:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    log.warning("worker %d closed the relay link", self.shard)
+                    return
+                buffer += data
+                whole = len(buffer) - len(buffer) % ANSWER.size
+                chunk = bytes(buffer[:whole])
+                del buffer[:whole]
+                for call_id, result in ANSWER.iter_unpack(chunk):
+                    call = self._calls.pop(call_id, None)
+                    if call is not None:
+                        call.result = Result(result)
+                        call.done.set()
+        except (*_LINK_ERRORS, ValueError) as e:
+            log.warning("relay link to worker %d broke: %s", self.shard, e)
+
+
+class _Link:
+    """One other worker's link to this one, from the owner's side."""
+
+    def __init__(self) -> None:
+        self.calls: collections.deque[tuple[int, Pending | Result]] = collections.deque()
+        self.wake = trio.Event()
+
+
+class RelayListener:
+    """The owner's end: takes the packets other workers relay for this worker's shard."""
+
+    def __init__(self, data_dir: Path, shard: int, shards: int, store: PacketStore, *, max_body_count: int):
+        self.data_dir, self.shard, self.shards = Path(data_dir), shard, shards
+        self.store = store
+        self.max_body_count = max_body_count
+        self.stored = 0  # relayed packets queued for this shard's commits
+        self._sock: trio.socket.SocketType | None = None
+
+    async def open(self, port: int) -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.bind(address(self.data_dir, port, self.shard))
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+    async def accept_loop(self, links: trio.Nursery) -> None:
+        """Until cancelled (the server stops accepting); each link is served in `links` (the
+        sessions' nursery: a link keeps its grace period, like a terminal's connection)."""
+        assert self._sock is not None
+        listener = trio.SocketListener(self._sock)
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                log.error("relay accept failed (%s); retrying in 100 ms", e)
+                await trio.sleep(0.1)
+                continue
+            _, uid, _ = _CREDENTIALS.unpack(stream.socket.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+            if uid != os.geteuid():
+                log.warning("refused a relay link from uid %d", uid)
+                stream.socket.close()
+                continue
+            links.start_soon(self._serve_link, stream)
+
+    async def _serve_link(self, stream: trio.SocketStream) -> None:
+        link = _Link()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._answer_loop, stream, link, nursery.cancel_scope)
+                await self._request_loop(stream, link)
+                nursery.cancel_scope.cancel()
+        finally:
+            stream.socket.close()
+
+    async def _request_loop(self, stream: trio.SocketStream, link: _Link) -> None:
+        buffer = bytearray()
+        head = REQUEST.size
+        try:
+            while True:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    return
+                buffer += data
+                at = 0
+                while len(buffer) - at >= head:
+                    call_id, received_at, length, peer_length = REQUEST.unpack_from(buffer, at)
+                    if length > MAX_FRAME:
+                        log.error("relay link sent a %d-byte frame: closing it", length)
+                        return
+                    end = at + head + peer_length + length
+                    if len(buffer) < end:
+                        break
+                    peer = buffer[at + head:at + head + peer_length].decode("utf-8", "replace")
+                    frame = bytes(buffer[at + head + peer_length:end])
+                    at = end
+                    link.calls.append((call_id, self._enqueue(frame, peer, received_at)))
+                del buffer[:at]
+                link.wake.set()
+        except _LINK_ERRORS as e:
+            log.warning("relay link broke while reading: %s", e)
+
+    def _enqueue(self, frame: bytes, peer: str, received_at: float) -> Pending | Result:
+        try:
+            packet = received(frame, max_body_count=self.max_body_count)
+        except ProtocolError as e:  # the sender framed it: a bug, not a terminal's doing
+            log.error("relayed frame refused: %s", e)
+            return Result.FORMAT_ERROR
+        if shard_of(packet.modem, self.shards) != self.shard:
+            log.error("relayed packet of modem %s belongs to shard %d, not %d", packet.modem,
+                      shard_of(packet.modem, self.shards), self.shard)
+            return Result.OVERLOADED
+        item = self.store.enqueue(packet, peer, received_at)
+        if item is None:
+            return Result.OVERLOADED
+        self.stored += 1
+        return item
+
+    @staticmethod
+    async def _answer_loop(stream: trio.SocketStream, link: _Link, scope: trio.CancelScope) -> None:
+        """Results in request order, those ready sent together (a commit ends many at once)."""
+        calls = link.calls
+        try:
+            while True:
+                if not calls:
+                    link.wake = trio.Event()
+                    await link.wake.wait()
+                    continue
+                out: list[bytes] = []
+                while calls:
+                    call_id, item = calls[0]
+                    if isinstance(item, Pending):
+                        if not item.done.is_set():
+                            if out:
+                                break  # send the ready ones before waiting for the next commit
+                            await item.done.wait()
+                        result = item.result
+                    else:
+                        result = item
+                    calls.popleft()
+                    out.append(ANSWER.pack(call_id, result))
+                await stream.send_all(b"".join(out))
+        except _LINK_ERRORS as e:
+            log.warning("relay link broke while answering: %s", e)
+            scope.cancel()
