@@ -11,15 +11,24 @@ A session is what a terminal does once a minute: connect, send one 60-body DTG r
   written in the same transaction; the forwarder publishes QoS 1 and deletes on PUBACK).
 - workers=1 / workers=2: `serve --workers N`, MQTT off.
 
-The load generator is several processes of plain non-blocking sockets on epoll (no Trio),
-closed loop: K connections in flight in all, each starting the next session as soon as its
-answer is read. Every packet is new data to the server (each terminal sends its next minute;
-the pool re-addresses pre-encoded pieces, see dtgserver.sim.load.PacketPool). Every run is
-bounded in time; the CPU of the server (from /proc/<pid>/stat, all its processes) and of the
-generator (getrusage in each generator process) is measured over the same window.
+The load generator is several processes (`--generators`), closed loop: K connections in flight in
+all, each starting the next session as soon as its answer is read. By default each process is
+bench/loadgen.c, compiled here at start with `gcc -O2` ($CC if set): one thread, non-blocking
+sockets on edge-triggered epoll. It costs about half the CPU per session of the Python generator
+(~50 against ~100 µs on a 2-core VM), CPU the servers under test need on a small machine; what is
+left is the kernel's TCP work (a few µs are user time), part of it the server's side of loopback,
+which the sending process is charged for. `--generator python` runs the Python one instead
+(`generate()` below: plain non-blocking sockets on epoll, no Trio). Every packet is new data to the
+server (each terminal sends its next minute; the pool re-addresses pre-encoded pieces, see
+dtgserver.sim.load.PacketPool). The C program renders the same packets from a plan file written
+from a PacketPool (`write_plan`); before any measuring, its first packets are checked byte for byte
+against the pool's own (`check_loadgen`). Every run is bounded in time; the CPU of the server (from
+/proc/<pid>/stat, all its processes) and of the generator (getrusage in each generator process) is
+measured over the same window.
 
     .venv/bin/python bench/server.py                       # every contender, 8 s each
     .venv/bin/python bench/server.py --only bare,full --duration 5 --rounds 3
+    .venv/bin/python bench/server.py --only bare,full --generator python
 """
 
 from __future__ import annotations
@@ -32,17 +41,21 @@ import os
 import random
 import resource
 import selectors
+import shlex
 import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -50,6 +63,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BODY_COUNT = 60
 HEADER_SIZE, DTG_BODY_SIZE = 23, 51
 ANSWER_TIMEOUT_S = 5.0
+TERMINALS = 2000  # per generator process
+LOADGEN_SOURCE = Path(__file__).resolve().parent / "loadgen.c"
 
 
 # -- the bare server -----------------------------------------------------------------------------
@@ -111,18 +126,111 @@ async def bare_server(port: int, direct_close: bool = False) -> None:
 # -- the load generator ----------------------------------------------------------------------------
 
 
-def make_pool(seed: int, terminals: int) -> Any:
+def make_pool(seed: int, terminals: int, start_s: float | None = None) -> Any:
     sys.path.insert(0, str(ROOT))
     from dtgserver.sim.load import PacketPool, SimConfig, make_identities
 
     identities = make_identities(SimConfig(terminals=terminals, mix=(("dtg", 100.0),)), seed)
-    return PacketPool(identities, seed, start_s=time.time() - 7 * 86_400, body_count=BODY_COUNT)
+    start_s = time.time() - 7 * 86_400 if start_s is None else start_s
+    return PacketPool(identities, seed, start_s=start_s, body_count=BODY_COUNT)
+
+
+def write_plan(pool: Any, path: Path) -> Path:
+    """What loadgen.c needs to render the pool's packets, in the layout its load_plan() reads.
+
+    Templates are rendered with zero modem, KEY ON time and minutes: loadgen patches all three, so
+    the exactness check (`check_loadgen`) sees its patching, not a copy of Python's.
+    """
+    from dtgserver.sim.load import BODY_SIZES
+
+    assert pool.next_terminal == 0 and not any(pool.minutes), "a used pool: loadgen starts at minute 0"
+    templates: list[bytes] = []
+    template_index: dict[int, int] = {}  # id(Template) → index
+    drives: list[bytes] = []
+    drive_index: dict[int, int] = {}  # id(drive list) → index: terminals share their kind's drives
+    terminals: list[bytes] = []
+    for modem, drive in pool.terminals:
+        if id(drive) not in drive_index:
+            indices = []
+            for template in drive:
+                if id(template) not in template_index:
+                    template_index[id(template)] = len(templates)
+                    raw = template.render(bytes(11), bytes(7), bytes(5))
+                    templates.append(struct.pack("<III", len(raw), BODY_SIZES[template.kind], template.body_count)
+                                     + raw)
+                indices.append(template_index[id(template)])
+            drive_index[id(drive)] = len(drives)
+            drives.append(struct.pack(f"<I{len(indices)}I", len(indices), *indices))
+        assert len(modem) == 11, modem
+        terminals.append(modem + struct.pack("<I", drive_index[id(drive)]))
+    assert len(pool.key_on_time) == 7
+    header = struct.pack("<8sIIIq7s", b"DTGLOAD1", len(templates), len(drives), len(terminals),
+                         pool.start_minute_s, pool.key_on_time)
+    path.write_bytes(header + b"".join(templates) + b"".join(drives) + b"".join(terminals))
+    return path
+
+
+def build_loadgen(workdir: Path) -> Path:
+    """Compile loadgen.c into workdir with `gcc -O2` ($CC if set); exit 2 if that cannot be done."""
+    binary = workdir / "loadgen"
+    command = [*shlex.split(os.environ.get("CC") or "gcc"), "-O2", "-std=gnu11", "-Wall", "-o", str(binary),
+               str(LOADGEN_SOURCE)]
+    try:
+        built = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        error = (built.stderr.strip() or f"exit status {built.returncode}") if built.returncode else None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        error = str(e)
+    if error is not None:
+        print(f"bench: cannot compile {LOADGEN_SOURCE.name} with `{shlex.join(command)}`:\n{error}\n"
+              "Install gcc (or set CC to a C compiler), or use --generator python.", file=sys.stderr)
+        raise SystemExit(2)
+    return binary
+
+
+def check_loadgen(loadgen: Path, workdir: Path, terminals: int = 24) -> int:
+    """Exit 1 unless loadgen's first packets are byte for byte PacketPool.next_packet()'s; how many were checked.
+
+    A small pool, so that the check is quick yet every terminal goes past the end of its drive
+    (minute 15 replays minute 0's template); once from the bench's start time, once across a KST new
+    year (the minute prefix's minute, hour, day, month and year all roll over).
+    """
+    from dtgserver.protocol import KST
+
+    def fail(problem: str) -> NoReturn:
+        print(f"bench: loadgen.c does not send what PacketPool sends: {problem}; "
+              "fix loadgen.c or use --generator python", file=sys.stderr)
+        raise SystemExit(1)
+
+    checked = 0
+    for start_s in (None, datetime(2027, 12, 31, 23, 55, tzinfo=KST).timestamp()):
+        pool = make_pool(random.randrange(2**31), terminals, start_s)
+        count = terminals * (len(pool.terminals[0][1]) + 2)
+        plan = write_plan(pool, workdir / "plan-check.bin")
+        dumped = subprocess.run([str(loadgen), "--plan", str(plan), "--dump", str(count)], capture_output=True,
+                                timeout=60)
+        if dumped.returncode:
+            fail(f"`loadgen --dump` exited with {dumped.returncode}: {dumped.stderr.decode(errors='replace')}")
+        offset = 0
+        for i in range(count):
+            expected = pool.next_packet()[0]
+            got = dumped.stdout[offset:offset + len(expected)]
+            if got != expected:
+                at = next((j for j, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+                          min(len(got), len(expected)))
+                fail(f"packet {i} (terminal {i % terminals}, minute {i // terminals} after "
+                     f"{datetime.fromtimestamp(pool.start_minute_s, KST):%Y-%m-%d %H:%M} KST) differs at byte "
+                     f"{at}: {got[at:at + 8].hex()} instead of {expected[at:at + 8].hex()}")
+            offset += len(expected)
+        if offset != len(dumped.stdout):
+            fail(f"{len(dumped.stdout) - offset} bytes more than {count} packets")
+        checked += count
+    return checked
 
 
 def generate(port: int, connections: int, seed: int, measure_from: float, measure_until: float,
              results: Any) -> None:
     """One generator process: `connections` sessions in flight until measure_until; reports on `results`."""
-    pool = make_pool(seed, terminals=2000)
+    pool = make_pool(seed, TERMINALS)
     address = ("127.0.0.1", port)
     sel = selectors.EpollSelector()
     latencies: list[float] = []
@@ -217,27 +325,27 @@ def generate(port: int, connections: int, seed: int, measure_from: float, measur
 
 
 def run_load(port: int, *, connections: int, generators: int, warmup_s: float, duration_s: float,
-             server_pids: Any) -> dict[str, Any]:
-    """Run the generators against `port`; the load's figures and the server's CPU in the window."""
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    measure_from = time.time() + 1.0 + warmup_s  # 1 s to build the packet pools
-    measure_until = measure_from + duration_s
+             server_pids: Any, loadgen: Path | None, workdir: Path) -> dict[str, Any]:
+    """Run the generators against `port` (loadgen's binary; generate() if None); the load's figures
+    and the server's CPU in the window."""
     per_process = [connections // generators + (1 if i < connections % generators else 0) for i in range(generators)]
-    processes = [context.Process(target=generate, args=(port, n, random.randrange(2**31), measure_from,
-                                                        measure_until, results)) for n in per_process]
-    for process in processes:
-        process.start()
+    seeds = [random.randrange(2**31) for _ in per_process]  # each process its own terminals
+    if loadgen is None:
+        measure_from = time.time() + 1.0 + warmup_s  # 1 s to build the packet pools
+        collect = start_generate(port, per_process, seeds, measure_from, measure_from + duration_s)
+    else:
+        # The pools are built here, before the clock starts; loadgen reads its plan in a few ms.
+        plans = [write_plan(make_pool(seed, TERMINALS), workdir / f"plan-{port}-{i}.bin")
+                 for i, seed in enumerate(seeds)]
+        measure_from = time.time() + 0.2 + warmup_s
+        collect = start_loadgen(loadgen, port, per_process, plans, measure_from, measure_from + duration_s)
+    measure_until = measure_from + duration_s
     time.sleep(max(0.0, measure_from - time.time()))
     pids = server_pids()
     cpu_before = process_cpu_s(pids)
     time.sleep(max(0.0, measure_until - time.time()))
     cpu_after = process_cpu_s(pids)
-    reports = [results.get(timeout=duration_s + warmup_s + 3 * ANSWER_TIMEOUT_S) for _ in processes]
-    for process in processes:
-        process.join(timeout=10)
-        if process.is_alive():
-            process.kill()
+    reports = collect()
     latencies = sorted(x for r in reports for x in r["latencies"])
     figures: dict[str, Any] = {k: sum(r[k] for r in reports) for k in
                                ("sessions", "ok", "other_result", "timeouts", "connection_errors")}
@@ -254,8 +362,63 @@ def run_load(port: int, *, connections: int, generators: int, warmup_s: float, d
         generator_cores=generator_cpu_s / duration_s,
         generator_cpu_us_per_session=1e6 * generator_cpu_s / ok if ok else None,
         cpu_by_process={name: round(v / duration_s, 2) for name, v in server_cpu.items()},
+        generator="python" if loadgen is None else "c",
     )
     return figures
+
+
+Reports = Callable[[], list[dict[str, Any]]]
+
+
+def start_generate(port: int, per_process: list[int], seeds: list[int], measure_from: float,
+                   measure_until: float) -> Reports:
+    """Fork one generate() per entry of per_process; a function that waits for their reports."""
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    processes = [context.Process(target=generate, args=(port, n, seed, measure_from, measure_until, results))
+                 for n, seed in zip(per_process, seeds, strict=True)]
+    for process in processes:
+        process.start()
+
+    def collect() -> list[dict[str, Any]]:
+        reports = [results.get(timeout=max(0.0, measure_until - time.time()) + 3 * ANSWER_TIMEOUT_S)
+                   for _ in processes]
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+        return reports
+
+    return collect
+
+
+def start_loadgen(loadgen: Path, port: int, per_process: list[int], plans: list[Path], measure_from: float,
+                  measure_until: float) -> Reports:
+    """Start one loadgen per entry of per_process; a function that waits for their JSON reports."""
+    processes = [subprocess.Popen([str(loadgen), "--plan", str(plan), "--port", str(port), "--connections", str(n),
+                                  "--measure-from", repr(measure_from), "--measure-until", repr(measure_until),
+                                  "--answer-timeout", repr(ANSWER_TIMEOUT_S)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for n, plan in zip(per_process, plans, strict=True)]
+
+    def collect() -> list[dict[str, Any]]:
+        reports = []
+        try:
+            for process in processes:  # each prints after its window and the last answers
+                out, err = process.communicate(timeout=max(0.0, measure_until - time.time()) + 3 * ANSWER_TIMEOUT_S)
+                if process.returncode:
+                    raise RuntimeError(f"loadgen exited with {process.returncode}: {err.decode(errors='replace')}")
+                reports.append(json.loads(out))
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            for plan in plans:
+                plan.unlink(missing_ok=True)
+        return reports
+
+    return collect
 
 
 def process_cpu_s(pids: dict[str, int]) -> dict[str, float]:
@@ -344,7 +507,7 @@ def metrics(port: int) -> dict[str, float]:
     return values
 
 
-def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: Path | None) -> dict[str, Any]:
     port = free_port()
     broker: Mosquitto | None = None
     metrics_port: int | None = None
@@ -375,7 +538,8 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> dict[st
             return named
 
         figures = run_load(port, connections=args.connections, generators=args.generators,
-                           warmup_s=args.warmup, duration_s=args.duration, server_pids=pids)
+                           warmup_s=args.warmup, duration_s=args.duration, server_pids=pids,
+                           loadgen=loadgen, workdir=workdir)
         if broker is not None:  # the broker is not the server: keep its CPU apart
             broker_cores = figures["cpu_by_process"].pop("mosquitto", 0.0)
             figures["broker_cores"] = broker_cores
@@ -413,7 +577,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--rounds", type=int, default=1, help="rounds; every contender runs once per round")
     parser.add_argument("--connections", type=int, default=48, help="sessions in flight (closed loop)")
-    parser.add_argument("--generators", type=int, default=2, help="load generator processes")
+    parser.add_argument("--generators", type=int, default=2, help="load generator processes (of either kind)")
+    parser.add_argument("--generator", choices=("c", "python"), default="c",
+                        help="c: bench/loadgen.c, compiled at start with gcc -O2 ($CC if set), its packets "
+                             "checked byte for byte against PacketPool's first (default); python: generate() "
+                             "in this file, about twice the CPU per session")
     parser.add_argument("--json", action="store_true", help="print every run as JSON too")
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--direct-close", action="store_true", help=argparse.SUPPRESS)
@@ -427,16 +595,26 @@ def main() -> int:
     contenders = [c.strip() for c in args.only.split(",") if c.strip()]
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
     workdir = Path(tempfile.mkdtemp(prefix="dtg-bench-"))
+    generator = (f"load generator: {'C, bench/loadgen.c' if args.generator == 'c' else 'Python, generate()'}, "
+                 f"{args.generators} processes, {args.connections} sessions in flight")
     try:
+        loadgen: Path | None = None
+        if args.generator == "c":
+            loadgen = build_loadgen(workdir)
+            checked = check_loadgen(loadgen, workdir)  # before any measuring
+            print(f"{generator} (its first {checked} packets checked: byte for byte PacketPool's)", flush=True)
+        else:
+            print(generator, flush=True)
         for round_ in range(args.rounds):
             for name in contenders:
-                figures = run_contender(name, args, workdir)
+                figures = run_contender(name, args, workdir, loadgen)
                 runs[name].append(figures)
                 print(f"round {round_ + 1} {name:<10} {figures['sessions_per_s']:8.0f} sessions/s  "
                       f"p50 {figures['p50_ms'] or 0:6.2f} ms  p99 {figures['p99_ms'] or 0:6.2f} ms  "
                       f"server {figures['server_cores']:.2f} cores "
                       f"{figures['server_cpu_us_per_session'] or 0:5.0f} µs/session  "
-                      f"generator {figures['generator_cores']:.2f} cores  "
+                      f"generator {figures['generator_cores']:.2f} cores "
+                      f"{figures['generator_cpu_us_per_session'] or 0:3.0f} µs/session  "
                       f"errors {figures['timeouts'] + figures['connection_errors'] + figures['other_result']}"
                       + (f"  commit {figures['commit_ms_mean']:.1f} ms × {figures['batch_mean']:.0f} packets"
                          if "commit_ms_mean" in figures else ""),
@@ -445,16 +623,17 @@ def main() -> int:
                     print(json.dumps({"contender": name, **figures}), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report(runs)
+    report(runs, generator)
     return 0
 
 
-def report(runs: dict[str, list[dict[str, Any]]]) -> None:
+def report(runs: dict[str, list[dict[str, Any]]], generator: str) -> None:
     def median(name: str, key: str) -> float:
         values = [r[key] for r in runs[name] if r.get(key) is not None]
         return statistics.median(values) if values else float("nan")
 
     print()
+    print(generator)
     print(f"{'contender':<11} {'sessions/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'server cores':>12} "
           f"{'µs/session':>10} {'generator cores':>15} {'÷ bare':>7}")
     bare = median("bare", "sessions_per_s") if "bare" in runs else None
