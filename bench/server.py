@@ -70,14 +70,16 @@ LOADGEN_SOURCE = Path(__file__).resolve().parent / "loadgen.c"
 # -- the bare server -----------------------------------------------------------------------------
 
 
-async def bare_server(port: int, direct_close: bool = False) -> None:
+async def bare_server(port: int, direct_close: bool = False, reuse_port: bool = False) -> None:
     """Read one length-framed packet, answer 2 bytes, wait for the peer to close: nothing else.
 
     Plain idiomatic Trio: `serve_listeners` runs the handler and then closes the stream with
     `aclose_forcefully`. With direct_close (contender `bare-close`) the server has its own accept
     loop and the handler closes the socket itself, as dtgserver does: aclose_forcefully's cancelled
     checkpoint costs more than the close (docs/performance.md), and this contender shows how much
-    of the gap between bare and full that one difference is.
+    of the gap between bare and full that one difference is. With reuse_port (contender
+    `bare-close-x2`, two such processes on one port, as `serve --workers 2` runs) the listening
+    socket is made by hand with SO_REUSEPORT.
     """
     import trio
 
@@ -110,7 +112,15 @@ async def bare_server(port: int, direct_close: bool = False) -> None:
         while True:
             nursery.start_soon(handle_and_close, await listener.accept())
 
-    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    if reuse_port:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind(("127.0.0.1", port))
+        sock.listen(4096)
+        listeners = [trio.SocketListener(sock)]
+    else:
+        listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             if direct_close:
@@ -511,8 +521,9 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
     port = free_port()
     broker: Mosquitto | None = None
     metrics_port: int | None = None
-    if name in ("bare", "bare-close"):
-        command = [PYTHON, __file__, "--bare-server", str(port)] + (["--direct-close"] if name == "bare-close" else [])
+    if name in ("bare", "bare-close", "bare-close-x2"):
+        command = [PYTHON, __file__, "--bare-server", str(port)] + (["--direct-close"] if name != "bare" else []) \
+            + (["--processes", "2"] if name == "bare-close-x2" else [])
     else:
         data_dir = workdir / f"data-{name}-{port}"
         command = [PYTHON, "-m", "dtgserver", "serve", "-q", "--host", "127.0.0.1", "--port", str(port),
@@ -572,7 +583,7 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="bare,full,full+mqtt,workers=1,workers=2",
-                        help="contenders, comma-separated (bare, bare-close, full, full+mqtt, workers=N)")
+                        help="contenders, comma-separated: bare, bare-close, bare-close-x2, full, full+mqtt, workers=N")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per contender and round")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--rounds", type=int, default=1, help="rounds; every contender runs once per round")
@@ -585,11 +596,20 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print every run as JSON too")
     parser.add_argument("--bare-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--direct-close", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server is not None:
         import trio
 
-        trio.run(bare_server, args.bare_server, args.direct_close)
+        # --processes 2: this process and one child, both on the port with SO_REUSEPORT
+        child = subprocess.Popen([PYTHON, __file__, "--bare-server", str(args.bare_server), "--direct-close",
+                                  "--processes", "0"]) if args.processes > 1 else None
+        try:
+            trio.run(bare_server, args.bare_server, args.direct_close, args.processes != 1)
+        finally:
+            if child is not None:
+                child.terminate()
+                child.wait(timeout=10)
         return 0
     raise_file_limit()
     contenders = [c.strip() for c in args.only.split(",") if c.strip()]
@@ -634,13 +654,13 @@ def report(runs: dict[str, list[dict[str, Any]]], generator: str) -> None:
 
     print()
     print(generator)
-    print(f"{'contender':<11} {'sessions/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'server cores':>12} "
+    print(f"{'contender':<13} {'sessions/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'server cores':>12} "
           f"{'µs/session':>10} {'generator cores':>15} {'÷ bare':>7}")
     bare = median("bare", "sessions_per_s") if "bare" in runs else None
     for name in runs:
         rate = median(name, "sessions_per_s")
         ratio = f"{rate / bare:.2f}×" if bare else "-"
-        print(f"{name:<11} {rate:10.0f} {median(name, 'p50_ms'):7.2f} {median(name, 'p99_ms'):7.2f} "
+        print(f"{name:<13} {rate:10.0f} {median(name, 'p50_ms'):7.2f} {median(name, 'p99_ms'):7.2f} "
               f"{median(name, 'server_cores'):12.2f} {median(name, 'server_cpu_us_per_session'):10.0f} "
               f"{median(name, 'generator_cores'):15.2f} {ratio:>7}")
     def per_round(name: str, baseline: str, key: str = "sessions_per_s") -> str:
@@ -654,6 +674,9 @@ def report(runs: dict[str, list[dict[str, Any]]], generator: str) -> None:
     if "workers=1" in runs and "workers=2" in runs:
         print(f"workers=2 ÷ workers=1: {per_round('workers=2', 'workers=1')} (target 1.6×); the generator "
               f"shares the same {os.cpu_count()} cores")
+    if "bare-close" in runs and "bare-close-x2" in runs:  # what two processes gain here with no work at all
+        print(f"bare-close-x2 ÷ bare-close: {per_round('bare-close-x2', 'bare-close')} (the same scaling "
+              f"for two bare processes: this machine's ceiling for workers=2 ÷ workers=1)")
     for name in ("full", "bare-close"):
         if name in runs and "bare" in runs:
             target = " (target 0.6×)" if name == "full" else ""

@@ -91,6 +91,36 @@ async def test_without_mqtt_the_trip_state_is_kept_as_with_it(tmp_path: Path) ->
     assert outbox(tmp_path / "off" / "store-0.db") == []
 
 
+async def test_a_commit_waits_for_a_write_lock_held_elsewhere(tmp_path: Path) -> None:
+    """The writer begins on the event loop when the lock is free; when another connection holds
+    it (the forwarder deleting delivered rows), it waits in a thread and the loop keeps running."""
+    store = PacketStore(tmp_path)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    results: list[Result] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            assert await store.submit(received(dtg_bytes("01055550004", bodies=1)), "peer") is Result.OK
+            other.execute("BEGIN IMMEDIATE")
+
+            async def submit() -> None:
+                results.append(await store.submit(received(dtg_bytes("01055550004", minute=1, bodies=1)), "peer"))
+
+            nursery.start_soon(submit)
+            await trio.sleep(0.3)  # the event loop runs meanwhile: this sleep ends
+            assert results == []  # not answered while the lock is held elsewhere
+            other.execute("COMMIT")
+            with trio.fail_after(5):
+                while not results:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        other.close()
+        store.close()
+    assert results == [Result.OK]
+    assert stored_modems(store.path) == ["01055550004"] * 2
+
+
 async def test_outbox_ids_not_reused_after_the_outbox_drained(tmp_path: Path) -> None:
     """The forwarder fetches after the highest id it saw: a drained outbox must not start again at 1."""
     store = PacketStore(tmp_path, mapper=mapper, forward=True)

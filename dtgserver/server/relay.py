@@ -155,7 +155,7 @@ class RemoteShard:
             while True:
                 data = await stream.receive_some(RECEIVE_SIZE)
                 if not data:
-                    log.warning("worker %d closed the relay link", self.shard)
+                    log.info("worker %d closed the relay link (it stopped or restarts)", self.shard)
                     return
                 buffer += data
                 whole = len(buffer) - len(buffer) % ANSWER.size
