@@ -81,6 +81,7 @@ class RemoteShard:
         self._next_id = 0
         self._wake = trio.Event()
         self._down_until = -math.inf
+        self._down_since: float | None = None  # the outage being logged, if any
 
     def bind(self, port: int) -> None:
         """The port is known once listening (`--port 0` picks one)."""
@@ -110,11 +111,16 @@ class RemoteShard:
                 await sock.connect(self.address)
             except OSError as e:
                 sock.close()
-                log.warning("worker %d cannot be reached (%s): its terminals' packets are answered 4 for %.1f s",
-                            self.shard, e, RETRY_S)
+                if self._down_since is None:  # once per outage, not once per retry
+                    self._down_since = trio.current_time()
+                    log.warning("worker %d cannot be reached (%s): its terminals' packets are answered 4 "
+                                "until it can", self.shard, e)
                 self._down_until = trio.current_time() + RETRY_S
                 self._fail_all()
                 continue
+            if self._down_since is not None:
+                log.info("worker %d reached again after %.1f s", self.shard, trio.current_time() - self._down_since)
+                self._down_since = None
             stream = trio.SocketStream(sock)
             try:
                 async with trio.open_nursery() as nursery:
