@@ -312,9 +312,9 @@ class PacketStore:
     async def _write_batch(self, batch: Sequence[Pending]) -> tuple[list[str | None], dict[str, Any], int]:
         """One transaction for the whole batch; all or nothing.
 
-        Only what may block goes to a worker thread: BEGIN IMMEDIATE (it waits for the write lock
-        that the forwarder's deletes may hold) and the durable end (status log files written and
-        fsynced, then COMMIT and its fsync). The statements in between run here, on the event
+        Only what may block goes to a worker thread: the durable end (status log files written
+        and fsynced, then COMMIT and its fsync), and BEGIN IMMEDIATE when the write lock is busy
+        (`_begin`). The statements in between run here, on the event
         loop's thread, in chunks between which sessions run: done in the worker thread, each of
         the thousands of sqlite3 steps gives up the GIL and must win it back from the busy event
         loop, and commits took tens of milliseconds of waiting for the GIL (docs/performance.md).
