@@ -109,8 +109,10 @@ class RemoteShard:
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 await sock.connect(self.address)
-            except OSError as e:
+            except BaseException as e:
                 sock.close()
+                if not isinstance(e, OSError):
+                    raise  # cancelled while connecting: shutting down
                 if self._down_since is None:  # once per outage, not once per retry
                     self._down_since = trio.current_time()
                     log.warning("worker %d cannot be reached (%s): its terminals' packets are answered 4 "
@@ -220,8 +222,12 @@ class RelayListener:
                 log.error("relay accept failed (%s); retrying in 100 ms", e)
                 await trio.sleep(0.1)
                 continue
-            _, uid, _ = _CREDENTIALS.unpack(stream.socket.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+            try:
+                _, uid, _ = _CREDENTIALS.unpack(stream.socket.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+            except OSError as e:
+                uid = -1
+                log.warning("relay link without credentials (%s)", e)
             if uid != os.geteuid():
                 log.warning("refused a relay link from uid %d", uid)
                 stream.socket.close()
