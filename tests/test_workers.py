@@ -409,7 +409,7 @@ async def test_each_packet_is_stored_by_the_worker_of_its_terminal(tmp_path: Pat
         with trio.fail_after(20):
             answers = [await send(port, dtg_bytes(m, minute=k, bodies=2)) for k in range(2) for m in modems]
         relayed = [sum(r.relayed for r in s.remotes.values()) for s in servers]
-        stored_for_others = [s.relay.stored if s.relay else 0 for s in servers]
+        received_for_others = [s.relay.received if s.relay else 0 for s in servers]
     assert answers == [OK] * len(answers)
     for shard in (0, 1):
         rows = stored_modems(tmp_path / f"store-{shard}.db")
@@ -420,7 +420,7 @@ async def test_each_packet_is_stored_by_the_worker_of_its_terminal(tmp_path: Pat
             assert peer.startswith("127.0.0.1:")  # the terminal's address, not the relaying worker's
             assert started <= received_at <= time.time()
     assert sum(relayed) > 0, "with 48 connections spread by the kernel, some reached the other worker"
-    assert relayed[0] == stored_for_others[1] and relayed[1] == stored_for_others[0]
+    assert relayed[0] == received_for_others[1] and relayed[1] == received_for_others[0]
 
 
 async def test_one_connection_may_carry_terminals_of_both_shards(tmp_path: Path) -> None:

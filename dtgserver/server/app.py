@@ -106,7 +106,7 @@ class DtgServer:
             "commit_seconds_sum": lambda: sum(s.stats.commit_seconds_sum for s in self.stores.values()),
             "maintenance": lambda: int(self.control_state.maintenance),
             "relayed_packets_total": lambda: sum(r.relayed for r in self.remotes.values()),
-            "relay_stored_packets_total": lambda: self.relay.stored if self.relay else 0,
+            "relay_received_packets_total": lambda: self.relay.received if self.relay else 0,
         })
 
     def _bridge(self) -> tuple[Any, bool]:

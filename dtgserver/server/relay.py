@@ -193,7 +193,7 @@ class RelayListener:
         self.data_dir, self.shard, self.shards = Path(data_dir), shard, shards
         self.store = store
         self.max_body_count = max_body_count
-        self.stored = 0  # relayed packets queued for this shard's commits
+        self.received = 0  # packets other workers relayed here, queued for this shard's commits
         self._sock: trio.socket.SocketType | None = None
 
     async def open(self, port: int) -> None:
@@ -284,7 +284,7 @@ class RelayListener:
         item = self.store.enqueue(packet, peer, received_at)
         if item is None:
             return Result.OVERLOADED
-        self.stored += 1
+        self.received += 1
         return item
 
     @staticmethod

@@ -51,10 +51,13 @@ class ControlState:
     cancelled: frozenset[str] = frozenset()
 
 
+BUSY_TIMEOUT_S = 10.0  # how long a statement waits for another connection's lock
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode with the pragmas every dtgserver database uses."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")

@@ -27,7 +27,7 @@ import trio
 from ..bridge.mapping import next_state
 from ..bridge.outbox import OutboxRow
 from ..protocol import BadTime, Received, Result, StatusLog, decode
-from .control import connect
+from .control import BUSY_TIMEOUT_S, connect
 
 log = logging.getLogger("dtgserver.store")
 
@@ -62,7 +62,6 @@ CREATE TABLE IF NOT EXISTS outbox (
 DIGEST_SIZE = 16
 _STAGE_CHUNK = 32  # packets staged between two turns of the event loop
 _STAGE_CHUNK_MQTT = 4  # the same when each packet's MQTT messages are built too
-BUSY_TIMEOUT_MS = 10_000  # how long a commit waits for the write lock (as connect()'s timeout)
 SHARD_COUNT_KEY = "shards"  # in control.db settings: how many shards DIR's data is spread over
 
 
@@ -357,7 +356,7 @@ class PacketStore:
         await trio.to_thread.run_sync(self._begin_waiting)
 
     def _begin_waiting(self) -> None:
-        self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self.db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         try:
             self.db.execute("BEGIN IMMEDIATE")
         finally:
