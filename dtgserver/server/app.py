@@ -7,7 +7,6 @@ PacketStore.submit (group commit) → answer `0x09 <result>` → (forwarder → 
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import logging
 import math
@@ -27,14 +26,13 @@ from ..store.packets import ShardCountMismatch, shard_of
 from .config import ServerConfig
 from .metrics import Metrics, serve_metrics
 from .relay import RelayListener, RemoteShard
+from .tcp import RECEIVE_SIZE, TcpStream, accept
 from .timeouts import Timeouts
 
 log = logging.getLogger("dtgserver.server")
 session_log = logging.getLogger("dtgserver.session")
 
-RECEIVE_SIZE = 65536
 _ANSWER_TIMEOUT = "answer not read in time"
-_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def printable(text: str) -> str:
@@ -213,15 +211,7 @@ class DtgServer:
 
     async def _accept_loop(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
         while True:
-            try:
-                stream = await listener.accept()
-            except OSError as e:
-                if e.errno in _ACCEPT_RETRY_ERRNOS:
-                    log.error("accept failed (%s); retrying in 100 ms", errno.errorcode.get(e.errno or 0, e))
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            sessions.start_soon(self.handle, stream)
+            sessions.start_soon(self.handle, await accept(listener))
 
     async def _poll_control(self) -> None:
         """Reload the registry and the maintenance switch when another process changed them."""
@@ -370,7 +360,7 @@ async def _drain(stream: trio.abc.Stream, seconds: float = 1.0, limit: int = 1 <
     """
     with trio.move_on_after(seconds):
         try:
-            if isinstance(stream, trio.SocketStream):
+            if isinstance(stream, (TcpStream, trio.SocketStream)):
                 await stream.send_eof()
             received = 0
             while received < limit and (chunk := await stream.receive_some(RECEIVE_SIZE)):
@@ -387,7 +377,7 @@ async def _close(stream: trio.abc.Stream) -> None:
     (about half of a bare session's CPU, docs/performance.md). Other streams (tests' memory
     streams) go through aclose_forcefully.
     """
-    if isinstance(stream, trio.SocketStream):
+    if isinstance(stream, (TcpStream, trio.SocketStream)):
         stream.socket.close()
     else:
         await trio.aclose_forcefully(stream)
@@ -405,6 +395,8 @@ def check_shard_count(control: Control, data_dir: Path, shards: int) -> None:
 
 
 def _peer(stream: trio.abc.Stream) -> str:
+    if isinstance(stream, TcpStream):
+        return stream.peer
     sock = getattr(stream, "socket", None)
     try:
         host, port = sock.getpeername()[:2] if sock is not None else ("memory", 0)
