@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -399,6 +400,20 @@ def test_trip_state_round_trips_through_json_and_ignores_unknown_keys() -> None:
     data = json.loads(json.dumps(state.to_dict()))
     assert TripState.from_dict(data) == state
     assert TripState.from_dict(data | {"added_in_a_later_version": 1}) == state
+
+
+def test_trip_state_stored_form_is_an_array_and_older_forms_still_load() -> None:
+    _, state = run(trip_packets())
+    assert state is not None and state.fwv is not None  # every kind of field set, text included
+    stored = state.to_json()
+    values = json.loads(stored)
+    assert isinstance(values, list) and values == [state.to_dict()[name] for name in state.to_dict()]
+    assert TripState.from_json(stored) == state
+    assert TripState.from_json(json.dumps(state.to_dict())) == state  # the object form stored before
+    assert TripState.from_json("null") is None
+    assert TripState.from_json(json.dumps([*values, 1, "later"])) == state  # a newer version's array
+    fewer = TripState.from_json(json.dumps(values[:-2]))  # an older version's array: defaults after it
+    assert fewer == attrs.evolve(state, status_code=0, fwv=None)
 
 
 # -- docs/mqtt.md's examples are this mapping's output ---------------------------------------------------------

@@ -47,7 +47,7 @@ CREATE INDEX IF NOT EXISTS packets_by_modem ON packets(modem, id);
 CREATE INDEX IF NOT EXISTS packets_by_time ON packets(received_at);
 CREATE TABLE IF NOT EXISTS trip_state (
     modem TEXT PRIMARY KEY,
-    state TEXT NOT NULL                   -- JSON of dtgserver.bridge.mapping.TripState
+    state TEXT NOT NULL                   -- TripState.to_json(): array of its values, or null
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: the forwarder's cursor only moves forward
@@ -434,7 +434,7 @@ class PacketStore:
             db.executemany(
                 "INSERT INTO trip_state(modem, state) VALUES (?, ?) "
                 "ON CONFLICT(modem) DO UPDATE SET state = excluded.state",
-                [(modem, "null" if state is None else json.dumps(state.to_dict())) for modem, state in changed.items()])
+                [(modem, "null" if state is None else state.to_json()) for modem, state in changed.items()])
         if outbox:  # in packet order: the forwarder publishes in id order, each terminal's order
             db.executemany("INSERT INTO outbox(packet_id, modem, topic, payload, retain) VALUES (?, ?, ?, ?, ?)",
                            outbox)
@@ -455,7 +455,7 @@ class PacketStore:
             chunk = wanted[start:start + 500]
             for modem, stored in db.execute(
                     f"SELECT modem, state FROM trip_state WHERE modem IN ({','.join('?' * len(chunk))})", chunk):
-                states[modem] = None if stored == "null" else TripState.from_dict(json.loads(stored))
+                states[modem] = TripState.from_json(stored)
         return states
 
     # -- the outbox (dtgserver.bridge.outbox.Outbox) -------------------------------------------
