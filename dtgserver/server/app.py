@@ -360,7 +360,7 @@ async def _drain(stream: trio.abc.Stream, seconds: float = 1.0, limit: int = 1 <
     """
     with trio.move_on_after(seconds):
         try:
-            if isinstance(stream, (TcpStream, trio.SocketStream)):
+            if isinstance(stream, TcpStream):
                 await stream.send_eof()
             received = 0
             while received < limit and (chunk := await stream.receive_some(RECEIVE_SIZE)):
@@ -377,7 +377,7 @@ async def _close(stream: trio.abc.Stream) -> None:
     (about half of a bare session's CPU, docs/performance.md). Other streams (tests' memory
     streams) go through aclose_forcefully.
     """
-    if isinstance(stream, (TcpStream, trio.SocketStream)):
+    if isinstance(stream, TcpStream):
         stream.socket.close()
     else:
         await trio.aclose_forcefully(stream)
@@ -395,14 +395,8 @@ def check_shard_count(control: Control, data_dir: Path, shards: int) -> None:
 
 
 def _peer(stream: trio.abc.Stream) -> str:
-    if isinstance(stream, TcpStream):
-        return stream.peer
-    sock = getattr(stream, "socket", None)
-    try:
-        host, port = sock.getpeername()[:2] if sock is not None else ("memory", 0)
-    except OSError:
-        return "unknown"
-    return f"{host}:{port}"
+    """The session log's peer: accept's address for a connection, "memory:0" for tests' streams."""
+    return stream.peer if isinstance(stream, TcpStream) else "memory:0"
 
 
 @contextlib.contextmanager
