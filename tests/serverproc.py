@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -62,3 +63,42 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> tuple[i
     log = process.stderr.read().decode("utf-8", "replace")
     process.stderr.close()
     return code, log
+
+
+# -- processes of `serve --workers N` / `--writer-process`, from /proc ------------------------------
+
+
+def children(pid: int) -> list[int]:
+    """The worker processes: listed under the thread that started them (trio starts processes from threads)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(p) for p in f.read().split())
+        except FileNotFoundError:  # the thread ended
+            pass
+    return sorted(found)
+
+
+def listening(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a socket listening on 127.0.0.1:port (from /proc, no connection made)."""
+    try:
+        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        return False
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.split(":")[1], 16) == port and f"socket:[{inode}]" in inodes:
+                return True
+    return False
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie has exited: it only waits for its parent to collect it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

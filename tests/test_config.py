@@ -78,7 +78,37 @@ NON_DEFAULTS: dict[str, tuple[str, object]] = {
 
 
 # Options of the command itself, not of the server: logging, the config file, worker processes.
-CLI_ONLY = {"config", "verbose", "quiet", "workers"}
+CLI_ONLY = {"config", "verbose", "quiet", "workers", "writer_process"}
+
+
+@pytest.mark.parametrize(("how", "expected"), [
+    ("", (1, False)),  # one process: app.serve, not the supervisor
+    ("--writer-process", (1, True)),
+    ("--workers 3 --writer-process", (3, True)),
+    ("--workers 2", (2, False)),
+    ("env", (1, True)),
+    ("file", (1, True)),
+])
+def test_workers_and_writer_process_reach_the_supervisor(monkeypatch: pytest.MonkeyPatch, configs: list[ServerConfig],
+                                                         tmp_path: Path, how: str, expected: tuple[int, bool]) -> None:
+    from dtgserver.server import workers
+
+    supervised: list[tuple[int, bool]] = []
+
+    async def capture(config: ServerConfig, count: int, verbosity: int, *, writer_process: bool = False) -> int:
+        supervised.append((count, writer_process))
+        return 0
+
+    monkeypatch.setattr(workers, "serve_workers", capture)
+    env = {"DTGSERVER_WRITER_PROCESS": "1"} if how == "env" else None
+    args = ["--config", write(tmp_path / "c.toml", "writer-process = true\n")] if how == "file" \
+        else [] if how == "env" else how.split()
+    result = serve(*args, env=env)
+    assert result.exit_code == 0, (result.output, result.exception)
+    if expected == (1, False):
+        assert supervised == [] and len(configs) == 1
+    else:
+        assert supervised == [expected] and configs == []
 
 
 def test_every_serve_option_is_covered_here() -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 from packets import dtg_bytes, key_off
-from serverproc import free_port, send
+from serverproc import alive, children, free_port, listening, send
 
 from dtgserver.bridge.mapping import TripState, map_record
 from dtgserver.protocol import Connection, Received, Result, Role, encode
@@ -172,18 +172,6 @@ async def test_a_data_dir_from_one_process_cannot_be_split(tmp_path: Path) -> No
 # -- real worker processes ---------------------------------------------------------------------
 
 
-def children(pid: int) -> list[int]:
-    """The worker processes: listed under the thread that started them (trio starts processes from threads)."""
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                found.extend(int(p) for p in f.read().split())
-        except FileNotFoundError:  # the thread ended
-            pass
-    return sorted(found)
-
-
 async def start_workers(data_dir: Path, port: int, workers: int = 2, *options: str) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", "dtgserver", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -195,30 +183,6 @@ async def start_workers(data_dir: Path, port: int, workers: int = 2, *options: s
             assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
             await trio.sleep(0.05)
     return process
-
-
-def listening(pid: int, port: int) -> bool:
-    """Whether process `pid` holds a socket listening on 127.0.0.1:port (from /proc, no connection made)."""
-    try:
-        inodes = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
-    except OSError:
-        return False
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and int(local.split(":")[1], 16) == port and f"socket:[{inode}]" in inodes:
-                return True
-    return False
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie has exited: it only waits for its parent to collect it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def stop(process: subprocess.Popen[bytes]) -> int:

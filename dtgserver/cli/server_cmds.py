@@ -11,6 +11,7 @@ import sys
 import tomllib
 from collections.abc import Iterator
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,7 +98,8 @@ def _env(name: str) -> dict[str, Any]:
 @click.option("--grace-period", type=click.FloatRange(min=0), default=10.0, **_env("GRACE_PERIOD"),
               help="Seconds in-flight sessions get to finish on SIGINT/SIGTERM.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, **_env("METRICS_PORT"),
-              help="Serve Prometheus /metrics and /healthz on this port (off when not given).")
+              help="Serve Prometheus /metrics and /healthz on this port (off when not given). With several "
+                   "processes, one endpoint each: this port + 0, 1, … for the sessions' processes, then the writers.")
 @click.option("--metrics-host", default="127.0.0.1", **_env("METRICS_HOST"), help="Address of the metrics endpoint.")
 @click.option("--mqtt", "mqtt_url", default=None, **_env("MQTT"),
               help="Forward records to this broker: mqtt://[user:pass@]host[:port] or mqtts://...")
@@ -114,9 +116,13 @@ def _env(name: str) -> dict[str, Any]:
 @click.option("--workers", default="1", callback=_workers, **_env("WORKERS"),
               help="Server processes on the one port (SO_REUSEPORT), a shard each; auto = one per CPU. "
                    "A data dir keeps the number it was first served with.")
+@click.option("--writer-process", is_flag=True, **_env("WRITER_PROCESS"),
+              help="Commit in separate processes: per shard, one writer process (store and MQTT forwarder) "
+                   "takes the packets of the sessions' processes, which answer after its commit. Uses a "
+                   "second core even with one worker.")
 @click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="More logging (-v: debug).")
 @click.option("-q", "--quiet", is_flag=True, **_env("QUIET"), help="Warnings only (no line per session).")
-def serve(verbose: int, quiet: bool, workers: int, **options: Any) -> None:
+def serve(verbose: int, quiet: bool, workers: int, writer_process: bool, **options: Any) -> None:
     """Accept terminal connections, store every packet durably, answer 0x09 <result>.
 
     An answer of 0 is sent only after the packet is committed to disk (SQLite WAL, synchronous=FULL).
@@ -133,10 +139,10 @@ def serve(verbose: int, quiet: bool, workers: int, **options: Any) -> None:
     config = ServerConfig(**options)
     exit_code = 0
     try:
-        if workers == 1:
+        if workers == 1 and not writer_process:
             trio.run(run_server, config)
         else:
-            exit_code = trio.run(serve_workers, config, workers, verbosity)
+            exit_code = trio.run(partial(serve_workers, writer_process=writer_process), config, workers, verbosity)
     except* (OSError, sqlite3.Error, ShardCountMismatch) as group:  # nurseries wrap errors in groups: say the first one
         click.echo(f"dtgserver: error: {_first_error(group)}", err=True)
         sys.exit(1)

@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -33,6 +33,8 @@ log = logging.getLogger("dtgserver.server")
 session_log = logging.getLogger("dtgserver.session")
 
 _ANSWER_TIMEOUT = "answer not read in time"
+
+ProcessRole = Literal["combined", "front", "writer"]
 
 
 def printable(text: str) -> str:
@@ -61,11 +63,20 @@ class Session:
 class DtgServer:
     """The whole service: listeners, sessions, the store's writer, control polling, metrics, forwarder."""
 
-    def __init__(self, config: ServerConfig, *, shard: int = 0, shards: int = 1, reuse_port: bool = False):
-        """shards > 1 with reuse_port: worker `shard` of `serve --workers N`. It writes and forwards
-        its own shard only, and relays every packet whose terminal lives in another shard to that
-        shard's worker (server/relay.py). Without reuse_port (one process, as in tests) the
-        server writes every shard itself."""
+    def __init__(self, config: ServerConfig, *, shard: int = 0, shards: int = 1, reuse_port: bool = False,
+                 role: ProcessRole = "combined"):
+        """One process of the service; `role` says which parts it runs.
+
+        - "combined" (`serve`, and each worker of `serve --workers N`): sessions and the writer.
+          With shards > 1 and reuse_port it is worker `shard`: it writes and forwards its own
+          shard only, and relays every packet whose terminal lives in another shard to that
+          shard's worker (server/relay.py). Without reuse_port (one process, as in tests) it
+          writes every shard itself.
+        - "front" (`serve --writer-process`): sessions only. Every packet is relayed to the
+          writer of its terminal's shard and answered with that writer's result.
+        - "writer" (`serve --writer-process`): shard `shard`'s writer and MQTT forwarder, taking
+          packets from the front processes' relay links; it listens on no TCP port.
+        """
         self.config = config
         self.metrics = Metrics()
         self.timeouts = Timeouts()
@@ -74,18 +85,24 @@ class DtgServer:
         self.control_state: ControlState = self.control.load()
         self.control.changed()
         mapper, forward = self._bridge()
-        self.shard, self.shards, self.reuse_port = shard, shards, reuse_port
-        self.owned = [shard] if reuse_port else list(range(shards))
+        self.shard, self.shards, self.reuse_port, self.role = shard, shards, reuse_port, role
+        if role == "front":
+            self.owned: list[int] = []
+        elif reuse_port or role == "writer":
+            self.owned = [shard]
+        else:
+            self.owned = list(range(shards))
         self.stores = {i: PacketStore(
             config.data_dir, shard=i, mapper=mapper, forward=forward, max_batch=config.max_batch,
             queue_high_water=config.queue_high_water, outbox_high_water=config.outbox_high_water,
         ) for i in self.owned}
-        self.store = self.stores[shard]  # the shard whose outbox this process forwards
+        self.store: PacketStore | None = self.stores.get(shard)  # whose outbox this process forwards
         self.remotes = {i: RemoteShard(config.data_dir, config.port, i)
                         for i in range(shards) if i not in self.stores}
         self.destinations: dict[int, PacketStore | RemoteShard] = {**self.stores, **self.remotes}
+        # the end of the links other processes relay this shard's packets over
         self.relay = RelayListener(config.data_dir, shard, shards, self.store, max_body_count=config.max_body_count) \
-            if self.remotes else None
+            if self.store is not None and (self.remotes or role == "writer") else None
         self.forwarder: Any = None
         self._stop = trio.Event()
         self._accepting = False
@@ -93,14 +110,14 @@ class DtgServer:
         self.metrics_port: int | None = None
         self.metrics.gauges.update({
             "commit_queue": lambda: sum(s.queued for s in self.stores.values()),
-            "mqtt_backlog": self.store.backlog,
+            "mqtt_backlog": lambda: self.store.backlog() if self.store is not None else 0,
             "commits_total": lambda: sum(s.stats.commits for s in self.stores.values()),
             "commit_failures_total": lambda: sum(s.stats.failed_commits for s in self.stores.values()),
             "committed_packets_total": lambda: sum(s.stats.committed_packets for s in self.stores.values()),
             "duplicate_packets_total": lambda: sum(s.stats.duplicates for s in self.stores.values()),
-            "commit_batch_size_last": lambda: self.store.stats.last_batch_size,
+            "commit_batch_size_last": lambda: self.store.stats.last_batch_size if self.store is not None else 0,
             "commit_batch_size_sum": lambda: sum(s.stats.batch_size_sum for s in self.stores.values()),
-            "commit_seconds_last": lambda: self.store.stats.last_commit_seconds,
+            "commit_seconds_last": lambda: self.store.stats.last_commit_seconds if self.store is not None else 0,
             "commit_seconds_sum": lambda: sum(s.stats.commit_seconds_sum for s in self.stores.values()),
             "maintenance": lambda: int(self.control_state.maintenance),
             "relayed_packets_total": lambda: sum(r.relayed for r in self.remotes.values()),
@@ -141,15 +158,18 @@ class DtgServer:
                 if cfg.metrics_port is not None:
                     self.metrics_port = await services.start(
                         serve_metrics, self.metrics, cfg.metrics_host, cfg.metrics_port, self.healthy)
-                if cfg.mqtt_url is not None:
+                if cfg.mqtt_url is not None and self.store is not None:  # a front process forwards nothing
                     await services.start(self._run_forwarder)
-                if self.reuse_port:
+                listeners: list[trio.SocketListener]
+                if self.role == "writer":
+                    listeners = []  # its packets come over the relay links only
+                elif self.reuse_port:
                     from .workers import reuse_port_listener
 
                     listeners = [await reuse_port_listener(cfg.host, cfg.port)]
                 else:
                     listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
-                self.port = listeners[0].socket.getsockname()[1]
+                self.port = listeners[0].socket.getsockname()[1] if listeners else cfg.port
                 if self.relay is not None:
                     await self.relay.open(self.port)
                 for remote in self.remotes.values():
@@ -168,7 +188,7 @@ class DtgServer:
         from ..bridge.forwarder import Forwarder
 
         cfg = self.config
-        assert cfg.mqtt_url is not None
+        assert cfg.mqtt_url is not None and self.store is not None
         client_id = cfg.client_id
         if self.shards > 1:  # one MQTT session per shard: a broker drops the older of two equal client ids
             client_id = f"{client_id or 'dtgserver-' + socket.gethostname()}-shard{self.shard}"
@@ -195,7 +215,11 @@ class DtgServer:
                     if self.relay is not None:
                         acceptors.start_soon(self.relay.accept_loop, sessions)
                     self._accepting = True
-                    log.info("listening on %s:%d, data in %s", cfg.host, self.port, cfg.data_dir)
+                    if self.role == "writer":
+                        log.info("writer of shard %d: packets from the front processes of port %d, data in %s",
+                                 self.shard, self.port, cfg.data_dir)
+                    else:
+                        log.info("listening on %s:%d, data in %s", cfg.host, self.port, cfg.data_dir)
                     assert self.port is not None
                     task_status.started(self.port)
                     await self._stop.wait()
@@ -205,8 +229,11 @@ class DtgServer:
                 self._accepting = False
                 for listener in listeners:
                     await trio.aclose_forcefully(listener)
-            log.info("stopped accepting; %d sessions get %.1f s to finish", self.metrics.open_connections,
-                     cfg.grace_period)
+            if self.role == "writer":
+                log.info("stopped taking new links; open ones get %.1f s to finish", cfg.grace_period)
+            else:
+                log.info("stopped accepting; %d sessions get %.1f s to finish", self.metrics.open_connections,
+                         cfg.grace_period)
             sessions.cancel_scope.deadline = trio.current_time() + cfg.grace_period
 
     async def _accept_loop(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
@@ -335,7 +362,7 @@ class DtgServer:
             return Result.MAINTENANCE
         if modem in state.cancelled or (state.registry_enforced and modem not in state.active):
             return Result.UNKNOWN_SUBSCRIBER
-        store = self.destinations[shard_of(modem, self.shards)] if self.shards > 1 else self.store
+        store = self.destinations[shard_of(modem, self.shards) if self.shards > 1 else 0]
         return await store.submit(event, session.peer)
 
     async def _answer(self, stream: trio.abc.Stream, result: Result, session: Session) -> bool:
@@ -420,14 +447,14 @@ def _tuned_gc() -> Iterator[None]:
 
 
 async def serve(config: ServerConfig, *, shard: int = 0, shards: int = 1, reuse_port: bool = False,
-                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+                role: ProcessRole = "combined", task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a server until SIGINT or SIGTERM, then shut down gracefully.
 
     The signals stay caught until the end: a second one (Ctrl-C pressed again, or a supervisor's
     SIGTERM after the terminal's SIGINT) is logged and does not cut the grace period short or
     interrupt the final commits; the grace period already bounds the wait.
     """
-    server = DtgServer(config, shard=shard, shards=shards, reuse_port=reuse_port)
+    server = DtgServer(config, shard=shard, shards=shards, reuse_port=reuse_port, role=role)
     with _tuned_gc(), trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 

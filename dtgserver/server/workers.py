@@ -1,12 +1,21 @@
-"""`serve --workers N`: N server processes sharing one port (SO_REUSEPORT) and the supervisor keeping them up.
+"""`serve --workers N` and `serve --writer-process`: server processes and the supervisor keeping them up.
 
 Each worker binds its own listening socket to the same address with SO_REUSEPORT, so the kernel
 spreads new connections over the workers without a shared accept queue. A terminal's data lives
 in the shard its modem hashes to; worker i is the only writer of shard i, runs its MQTT
 forwarder, and relays a packet whose terminal belongs to another shard to that shard's
-worker (server/relay.py). The supervisor starts the workers as separate Python
-processes, restarts one that dies (with a growing delay, reset after it has run a while), and on
-SIGTERM or SIGINT passes SIGTERM on to every worker and waits for their graceful shutdown.
+worker (server/relay.py).
+
+With `--writer-process` the two halves of a worker run as two processes: N front processes take
+the connections (sessions, framing, registry, answers) and relay every packet to the writer of
+its terminal's shard; N writer processes listen on no TCP port, commit the packets relayed to
+them and forward their shard's outbox to MQTT. The sessions' CPU and the commits' CPU are then
+spent in separate processes, each with its own GIL, so a second core is used even with N = 1.
+
+The supervisor starts the workers as separate Python processes (the writers first, and the front
+processes once the writers take links), restarts one that dies (with a growing delay, reset after
+it has run a while), and on SIGTERM or SIGINT stops them gracefully: the front processes first,
+so that the packets of their last sessions still reach a writer, then the writers.
 """
 
 from __future__ import annotations
@@ -25,13 +34,15 @@ import attrs
 import trio
 
 from ..store import Control
-from .app import check_shard_count, serve
+from .app import ProcessRole, check_shard_count, serve
 from .config import ServerConfig
+from .relay import address as relay_address
 
 log = logging.getLogger("dtgserver.workers")
 
 SECONDS = 1.0
 LISTEN_BACKLOG = 65535  # the kernel clips it to net.core.somaxconn
+WRITER_READY_S = 30 * SECONDS  # the front processes start when the writers take links, or after this
 
 
 def worker_count(value: str | int) -> int:
@@ -99,10 +110,10 @@ def _config_from_json(fields: dict[str, Any]) -> ServerConfig:
     return ServerConfig(**fields)
 
 
-async def _run_worker(config: ServerConfig, shard: int, shards: int, supervisor_pid: int) -> None:
+async def _run_worker(config: ServerConfig, shard: int, shards: int, role: ProcessRole, supervisor_pid: int) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_when_orphaned, supervisor_pid)
-        await serve(config, shard=shard, shards=shards, reuse_port=True)
+        await serve(config, shard=shard, shards=shards, reuse_port=True, role=role)
         nursery.cancel_scope.cancel()
 
 
@@ -130,12 +141,12 @@ def worker_main() -> int:
     config = _config_from_json(spec["config"])
     exit_code = 0
     try:
-        trio.run(_run_worker, config, spec["shard"], spec["shards"], spec["supervisor_pid"])
+        trio.run(_run_worker, config, spec["shard"], spec["shards"], spec["role"], spec["supervisor_pid"])
     except* OSError as group:  # e.g. the address is taken by a process that did not set SO_REUSEPORT
         error: BaseException = group
         while isinstance(error, BaseExceptionGroup):
             error = error.exceptions[0]
-        log.error("worker %d: %s", spec["shard"], error)
+        log.error("%s %d: %s", _ROLE_NAMES[spec["role"]], spec["shard"], error)
         exit_code = 1
     return exit_code
 
@@ -143,21 +154,35 @@ def worker_main() -> int:
 # -- the supervisor ---------------------------------------------------------------------------------
 
 
+_ROLE_NAMES = {"combined": "worker", "front": "front process", "writer": "writer"}
+
+
 @attrs.define
 class Worker:
-    index: int
+    index: int  # its shard (a writer's, a combined worker's); a front process's number
+    role: ProcessRole = "combined"
     process: trio.Process | None = None
     starts: int = 0
 
+    @property
+    def name(self) -> str:
+        return f"{_ROLE_NAMES[self.role]} {self.index}"
+
 
 class Supervisor:
-    """Runs `workers` worker processes until stop(); restarts any that exits while running."""
+    """Runs the worker processes until stop(); restarts any that exits while running.
 
-    def __init__(self, config: ServerConfig, workers: int, *, verbosity: int = 0,
+    `workers` combined workers, or with `writer_process` as many writers and front processes.
+    """
+
+    def __init__(self, config: ServerConfig, workers: int, *, writer_process: bool = False, verbosity: int = 0,
                  backoff_initial_s: float = 0.5 * SECONDS, backoff_max_s: float = 30 * SECONDS,
                  stable_s: float = 30 * SECONDS):
         self.config = config
-        self.workers = [Worker(i) for i in range(workers)]
+        self.shards = workers
+        self.writers = [Worker(i, "writer") for i in range(workers)] if writer_process else []
+        self.fronts = [Worker(i, "front" if writer_process else "combined") for i in range(workers)]
+        self.workers = self.fronts + self.writers
         self.verbosity = verbosity
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
@@ -172,33 +197,64 @@ class Supervisor:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         control = Control(cfg.data_dir)
-        check_shard_count(control, cfg.data_dir, len(self.workers))  # refuse before any worker starts
+        check_shard_count(control, cfg.data_dir, self.shards)  # refuse before any worker starts
         control.close()
         reserved = _reserve_port(cfg.host, cfg.port)
         try:
             self.port = int(reserved.getsockname()[1])
             config = attrs.evolve(cfg, port=self.port)
             async with trio.open_nursery() as nursery:
-                for worker in self.workers:
+                for worker in self.writers:
                     nursery.start_soon(self._keep_running, worker, config)
-                log.info("%d workers on %s:%d, data in %s", len(self.workers), cfg.host, self.port, cfg.data_dir)
+                for worker in self.writers:  # a front process would answer 4 until its writer is up
+                    await self._wait_taking_links(worker, config)
+                for worker in self.fronts:
+                    nursery.start_soon(self._keep_running, worker, config)
+                if self.writers:
+                    log.info("front processes: %d, writers: %d, on %s:%d, data in %s", len(self.fronts),
+                             len(self.writers), cfg.host, self.port, cfg.data_dir)
+                else:
+                    log.info("%d workers on %s:%d, data in %s", len(self.fronts), cfg.host, self.port, cfg.data_dir)
                 task_status.started(self.port)
                 await self._stopping.wait()
-                for worker in self.workers:
-                    _signal(worker, signal.SIGTERM)
-                # A worker that outlives its own grace period by far is stuck: kill it.
-                await trio.sleep(cfg.grace_period + 15 * SECONDS)
-                for worker in self.workers:
-                    if _signal(worker, signal.SIGKILL):
-                        log.error("worker %d did not stop in time: killed", worker.index)
+                await self._stop_all(self.fronts)  # their last packets still reach the writers
+                await self._stop_all(self.writers)
         finally:
             reserved.close()
 
+    async def _stop_all(self, workers: list[Worker]) -> None:
+        """SIGTERM, then wait for the graceful exits; one that outlives its grace period by far is stuck: kill it."""
+        for worker in workers:
+            _signal(worker, signal.SIGTERM)
+        with trio.move_on_after(self.config.grace_period + 15 * SECONDS):
+            while any(w.process is not None and w.process.returncode is None for w in workers):
+                await trio.sleep(0.05)
+        for worker in workers:
+            if _signal(worker, signal.SIGKILL):
+                log.error("%s did not stop in time: killed", worker.name)
+
+    async def _wait_taking_links(self, writer: Worker, config: ServerConfig) -> None:
+        """Until the writer accepts a relay link (it has opened its shard), at most WRITER_READY_S."""
+        name = relay_address(config.data_dir, config.port, writer.index)
+        with trio.move_on_after(WRITER_READY_S):
+            while not self._stopping.is_set():
+                sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    await sock.connect(name)
+                    return
+                except OSError:
+                    await trio.sleep(0.05)
+                finally:
+                    sock.close()
+        if not self._stopping.is_set():
+            log.error("%s takes no links after %.0f s; starting the front processes anyway (its terminals "
+                      "are answered 4 until it does)", writer.name, WRITER_READY_S)
+
     async def _keep_running(self, worker: Worker, config: ServerConfig) -> None:
         delay = self.backoff_initial_s
-        if config.metrics_port:  # one endpoint per worker: METRICS_PORT + worker index
-            config = attrs.evolve(config, metrics_port=config.metrics_port + worker.index)
-        spec = {"config": _config_to_json(config), "shard": worker.index, "shards": len(self.workers),
+        if config.metrics_port:  # one endpoint per process: METRICS_PORT + its place in self.workers
+            config = attrs.evolve(config, metrics_port=config.metrics_port + self.workers.index(worker))
+        spec = {"config": _config_to_json(config), "shard": worker.index, "shards": self.shards, "role": worker.role,
                 "verbosity": self.verbosity, "supervisor_pid": os.getpid()}
         command = [sys.executable, "-m", "dtgserver.server.workers"]
         env = {**os.environ, SPEC_VARIABLE: json.dumps(spec)}
@@ -208,17 +264,17 @@ class Supervisor:
             process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, env=env,
                                                        start_new_session=True)
             worker.process, worker.starts = process, worker.starts + 1
-            log.info("worker %d started (pid %d)", worker.index, process.pid)
+            log.info("%s started (pid %d)", worker.name, process.pid)
             with trio.CancelScope(shield=True):  # the nursery ends only when its workers have exited
                 returncode = await process.wait()
             if self._stopping.is_set():
                 if returncode != 0:
                     self.failed_exits += 1
-                    log.error("worker %d exited with %s while stopping", worker.index, _describe(returncode))
+                    log.error("%s exited with %s while stopping", worker.name, _describe(returncode))
                 return
             if trio.current_time() - started >= self.stable_s:
                 delay = self.backoff_initial_s
-            log.error("worker %d (pid %d) exited with %s; restarting in %.1f s", worker.index, process.pid,
+            log.error("%s (pid %d) exited with %s; restarting in %.1f s", worker.name, process.pid,
                       _describe(returncode), delay)
             with trio.move_on_after(delay):
                 await self._stopping.wait()
@@ -245,16 +301,16 @@ def _describe(returncode: int) -> str:
     return f"code {returncode}"
 
 
-async def serve_workers(config: ServerConfig, workers: int, verbosity: int = 0,
-                        *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> int:
-    """Supervise `workers` processes until SIGINT or SIGTERM; 0 when every worker stopped cleanly."""
-    supervisor = Supervisor(config, workers, verbosity=verbosity)
+async def serve_workers(config: ServerConfig, workers: int, verbosity: int = 0, *, writer_process: bool = False,
+                        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> int:
+    """Supervise the processes until SIGINT or SIGTERM; 0 when every one stopped cleanly."""
+    supervisor = Supervisor(config, workers, writer_process=writer_process, verbosity=verbosity)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(supervisor.run)
             task_status.started(port)
             async for signum in signals:
-                log.info("%s: stopping %d workers", signal.Signals(signum).name, workers)
+                log.info("%s: stopping %d processes", signal.Signals(signum).name, len(supervisor.workers))
                 supervisor.stop()
                 break
             # run() returns once every worker has exited; its kill timer must not hold us up
