@@ -10,6 +10,8 @@ A session is what a terminal does once a minute: connect, send one 60-body DTG r
 - full+mqtt: the same with `--mqtt` to a Mosquitto started here on a free port (the outbox row is
   written in the same transaction; the forwarder publishes QoS 1 and deletes on PUBACK).
 - workers=1 / workers=2: `serve --workers N`, MQTT off.
+- full+writer, workers=N+writer, full+writer+mqtt: the same with `--writer-process` (the sessions
+  in one process per worker, each shard's commits and forwarder in a writer process of its own).
 
 The load generator is several processes (`--generators`), closed loop: K connections in flight in
 all, each starting the next session as soon as its answer is read. By default each process is
@@ -464,6 +466,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_pair() -> int:
+    """A free port whose successor is free too (a front process's metrics endpoint, then its writer's)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 def wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -525,17 +539,24 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
         command = [PYTHON, __file__, "--bare-server", str(port)] + (["--direct-close"] if name != "bare" else []) \
             + (["--processes", "2"] if name == "bare-close-x2" else [])
     else:
+        base, *modifiers = name.split("+")
+        if (base != "full" and not base.startswith("workers=")) or set(modifiers) - {"mqtt", "writer"}:
+            raise SystemExit(f"unknown contender {name!r}")
         data_dir = workdir / f"data-{name}-{port}"
         command = [PYTHON, "-m", "dtgserver", "serve", "-q", "--host", "127.0.0.1", "--port", str(port),
                    "--data-dir", str(data_dir), "--max-connections", "100000"]
-        if not name.startswith("workers="):
-            metrics_port = free_port()
+        if base == "full":
+            metrics_port = free_port_pair() if "writer" in modifiers else free_port()
             command += ["--metrics-port", str(metrics_port)]
-        if name == "full+mqtt":
+        if "mqtt" in modifiers:
             broker = Mosquitto(workdir)
             command += ["--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--client-id", f"bench-{port}"]
-        if name.startswith("workers="):
-            command += ["--workers", name.split("=")[1]]
+        if base.startswith("workers="):
+            command += ["--workers", base.split("=")[1]]
+        if "writer" in modifiers:
+            command += ["--writer-process"]
+            if metrics_port is not None:
+                metrics_port += 1  # the commits are counted by the writer: the endpoint after the front's
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_listening(port, server)
@@ -556,7 +577,7 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
             figures["broker_cores"] = broker_cores
             figures["server_cores"] -= broker_cores
             figures["server_cpu_us_per_session"] = 1e6 * figures["server_cores"] / figures["sessions_per_s"]
-        if metrics_port is not None and not name.startswith("workers="):
+        if metrics_port is not None:
             m = metrics(metrics_port)
             figures["committed_packets"] = m.get("dtg_committed_packets_total")
             commits = m.get("dtg_commits_total") or 0
@@ -583,7 +604,9 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="bare,full,full+mqtt,workers=1,workers=2",
-                        help="contenders, comma-separated: bare, bare-close, bare-close-x2, full, full+mqtt, workers=N")
+                        help="contenders, comma-separated: bare, bare-close, bare-close-x2, full, full+mqtt, "
+                             "workers=N, and +writer after full or workers=N (e.g. full+writer, "
+                             "workers=2+writer, full+writer+mqtt)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per contender and round")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--rounds", type=int, default=1, help="rounds; every contender runs once per round")
@@ -629,7 +652,7 @@ def main() -> int:
             for name in contenders:
                 figures = run_contender(name, args, workdir, loadgen)
                 runs[name].append(figures)
-                print(f"round {round_ + 1} {name:<10} {figures['sessions_per_s']:8.0f} sessions/s  "
+                print(f"round {round_ + 1} {name:<16} {figures['sessions_per_s']:8.0f} sessions/s  "
                       f"p50 {figures['p50_ms'] or 0:6.2f} ms  p99 {figures['p99_ms'] or 0:6.2f} ms  "
                       f"server {figures['server_cores']:.2f} cores "
                       f"{figures['server_cpu_us_per_session'] or 0:5.0f} µs/session  "
@@ -654,13 +677,13 @@ def report(runs: dict[str, list[dict[str, Any]]], generator: str) -> None:
 
     print()
     print(generator)
-    print(f"{'contender':<13} {'sessions/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'server cores':>12} "
+    print(f"{'contender':<16} {'sessions/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'server cores':>12} "
           f"{'µs/session':>10} {'generator cores':>15} {'÷ bare':>7}")
     bare = median("bare", "sessions_per_s") if "bare" in runs else None
     for name in runs:
         rate = median(name, "sessions_per_s")
         ratio = f"{rate / bare:.2f}×" if bare else "-"
-        print(f"{name:<13} {rate:10.0f} {median(name, 'p50_ms'):7.2f} {median(name, 'p99_ms'):7.2f} "
+        print(f"{name:<16} {rate:10.0f} {median(name, 'p50_ms'):7.2f} {median(name, 'p99_ms'):7.2f} "
               f"{median(name, 'server_cores'):12.2f} {median(name, 'server_cpu_us_per_session'):10.0f} "
               f"{median(name, 'generator_cores'):15.2f} {ratio:>7}")
     def per_round(name: str, baseline: str, key: str = "sessions_per_s") -> str:
@@ -677,9 +700,13 @@ def report(runs: dict[str, list[dict[str, Any]]], generator: str) -> None:
     if "bare-close" in runs and "bare-close-x2" in runs:  # what two processes gain here with no work at all
         print(f"bare-close-x2 ÷ bare-close: {per_round('bare-close-x2', 'bare-close')} (the same scaling "
               f"for two bare processes: this machine's ceiling for workers=2 ÷ workers=1)")
-    for name in ("full", "bare-close"):
+    if "workers=1+writer" in runs and "workers=2+writer" in runs:
+        print(f"workers=2+writer ÷ workers=1+writer: {per_round('workers=2+writer', 'workers=1+writer')}")
+    if "full" in runs and "full+writer" in runs:
+        print(f"full+writer ÷ full: {per_round('full+writer', 'full')}")
+    for name in ("full", "full+writer", "bare-close"):
         if name in runs and "bare" in runs:
-            target = " (target 0.6×)" if name == "full" else ""
+            target = " (target 0.6×)" if name.startswith("full") else ""
             print(f"{name} ÷ bare: {per_round(name, 'bare')}{target}; "
                   f"by CPU per session: {per_round('bare', name, 'server_cpu_us_per_session')}")
 
