@@ -466,15 +466,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def free_port_pair() -> int:
-    """A free port whose successor is free too (a front process's metrics endpoint, then its writer's)."""
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (one metrics endpoint per server process)."""
     while True:
         port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
+        taken = []
+        try:
+            for other in range(port + 1, port + count):
+                s = socket.socket()
+                taken.append(s)
+                s.bind(("127.0.0.1", other))
+        except OSError:
+            continue
+        finally:
+            for s in taken:
+                s.close()
         return port
 
 
@@ -520,21 +526,23 @@ class Mosquitto:
         stop(self.process)
 
 
-def metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
+def metrics(ports: list[int]) -> dict[str, float]:
+    """Every endpoint's figures, summed (the server's processes count apart)."""
+    values: dict[str, float] = {}
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = values.get(name, 0.0) + float(value)
     return values
 
 
 def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: Path | None) -> dict[str, Any]:
     port = free_port()
     broker: Mosquitto | None = None
-    metrics_port: int | None = None
+    endpoints: list[int] = []
     if name in ("bare", "bare-close", "bare-close-x2"):
         command = [PYTHON, __file__, "--bare-server", str(port)] + (["--direct-close"] if name != "bare" else []) \
             + (["--processes", "2"] if name == "bare-close-x2" else [])
@@ -545,9 +553,12 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
         data_dir = workdir / f"data-{name}-{port}"
         command = [PYTHON, "-m", "dtgserver", "serve", "-q", "--host", "127.0.0.1", "--port", str(port),
                    "--data-dir", str(data_dir), "--max-connections", "100000"]
-        if base == "full":
-            metrics_port = free_port_pair() if "writer" in modifiers else free_port()
-            command += ["--metrics-port", str(metrics_port)]
+        # one metrics endpoint per server process: (front or combined) processes, then writers
+        workers = int(base.split("=")[1]) if base.startswith("workers=") else 1
+        processes = workers * (2 if "writer" in modifiers else 1)
+        metrics_port = free_ports(processes)
+        endpoints = list(range(metrics_port, metrics_port + processes))
+        command += ["--metrics-port", str(metrics_port)]
         if "mqtt" in modifiers:
             broker = Mosquitto(workdir)
             command += ["--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--client-id", f"bench-{port}"]
@@ -555,8 +566,6 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
             command += ["--workers", base.split("=")[1]]
         if "writer" in modifiers:
             command += ["--writer-process"]
-            if metrics_port is not None:
-                metrics_port += 1  # the commits are counted by the writer: the endpoint after the front's
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_listening(port, server)
@@ -577,8 +586,8 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
             figures["broker_cores"] = broker_cores
             figures["server_cores"] -= broker_cores
             figures["server_cpu_us_per_session"] = 1e6 * figures["server_cores"] / figures["sessions_per_s"]
-        if metrics_port is not None:
-            m = metrics(metrics_port)
+        if endpoints:
+            m = metrics(endpoints)
             figures["committed_packets"] = m.get("dtg_committed_packets_total")
             commits = m.get("dtg_commits_total") or 0
             if commits:  # over the whole run, warm-up included
@@ -586,7 +595,7 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
                 figures["batch_mean"] = m.get("dtg_commit_batch_size_sum", 0.0) / commits
             if broker is not None:
                 time.sleep(1.0)
-                m = metrics(metrics_port)
+                m = metrics(endpoints)
                 figures["mqtt_acknowledged"] = m.get("dtg_mqtt_acknowledged_total")
                 figures["mqtt_backlog_1s_after"] = m.get("dtg_mqtt_backlog")
     finally:
@@ -660,7 +669,8 @@ def main() -> int:
                       f"{figures['generator_cpu_us_per_session'] or 0:3.0f} µs/session  "
                       f"errors {figures['timeouts'] + figures['connection_errors'] + figures['other_result']}"
                       + (f"  commit {figures['commit_ms_mean']:.1f} ms × {figures['batch_mean']:.0f} packets"
-                         if "commit_ms_mean" in figures else ""),
+                         if "commit_ms_mean" in figures else "")
+                      + (f"  broker {figures['broker_cores']:.2f} cores" if "broker_cores" in figures else ""),
                       flush=True)
                 if args.json:
                     print(json.dumps({"contender": name, **figures}), flush=True)
@@ -694,14 +704,14 @@ def report(runs: dict[str, list[dict[str, Any]]], generator: str) -> None:
         return f"{statistics.median(ratios):.2f}× median of rounds [{listed}]" if ratios else "-"
 
     print()
-    if "workers=1" in runs and "workers=2" in runs:
-        print(f"workers=2 ÷ workers=1: {per_round('workers=2', 'workers=1')} (target 1.6×); the generator "
-              f"shares the same {os.cpu_count()} cores")
+    for suffix in ("", "+mqtt", "+writer", "+writer+mqtt"):
+        one, two = f"workers=1{suffix}", f"workers=2{suffix}"
+        if one in runs and two in runs:
+            print(f"{two} ÷ {one}: {per_round(two, one)} (target 1.6×); the generator shares the same "
+                  f"{os.cpu_count()} cores")
     if "bare-close" in runs and "bare-close-x2" in runs:  # what two processes gain here with no work at all
         print(f"bare-close-x2 ÷ bare-close: {per_round('bare-close-x2', 'bare-close')} (the same scaling "
               f"for two bare processes: this machine's ceiling for workers=2 ÷ workers=1)")
-    if "workers=1+writer" in runs and "workers=2+writer" in runs:
-        print(f"workers=2+writer ÷ workers=1+writer: {per_round('workers=2+writer', 'workers=1+writer')}")
     if "full" in runs and "full+writer" in runs:
         print(f"full+writer ÷ full: {per_round('full+writer', 'full')}")
     for name in ("full", "full+writer", "bare-close"):
