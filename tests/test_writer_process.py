@@ -319,3 +319,8 @@ async def test_the_writer_forwards_its_shard_to_mqtt(tmp_path: Path, broker: Mos
     assert code == 0, log
     assert [(m.topic, json.loads(m.payload)) for m in subscriber.messages] == \
         [(m.topic, m.payload) for m in messages]
+
+
+def test_a_writer_needs_the_port_of_its_front_processes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not port 0"):
+        DtgServer(ServerConfig(port=0, data_dir=tmp_path), role="writer")

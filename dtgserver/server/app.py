@@ -77,6 +77,8 @@ class DtgServer:
         - "writer" (`serve --writer-process`): shard `shard`'s writer and MQTT forwarder, taking
           packets from the front processes' relay links; it listens on no TCP port.
         """
+        if role == "writer" and config.port == 0:
+            raise ValueError("a writer needs the front processes' port to name its relay socket, not port 0")
         self.config = config
         self.metrics = Metrics()
         self.timeouts = Timeouts()
