@@ -233,6 +233,37 @@ async def test_serve_writer_process_runs_a_writer_then_a_front(tmp_path: Path) -
 
 
 @pytest.mark.slow
+async def test_two_workers_with_writer_processes_store_each_terminal_in_its_shard(tmp_path: Path) -> None:
+    port = free_port()
+    process = await start_split(tmp_path, port, workers=2)
+    modems = [f"0107779{n:04d}" for n in range(30)]
+    packets = [dtg_bytes(m, minute=k, bodies=2) for k in range(2) for m in modems]
+    answers: list[bytes] = []
+    try:
+        fronts, writers = roles(process, port)
+        assert len(fronts) == 2 and len(writers) == 2
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                limit = trio.CapacityLimiter(16)
+
+                async def one(raw: bytes) -> None:
+                    async with limit:
+                        answers.append(await send(port, raw))
+
+                for raw in packets:
+                    nursery.start_soon(one, raw)
+    finally:
+        code, log = finish(process)
+    assert code == 0, log
+    assert answers == [OK] * len(packets)
+    for shard in (0, 1):
+        rows = stored(tmp_path / f"store-{shard}.db")
+        assert rows and all(shard_of(m, 2) == shard for m, _, _, _ in rows)
+    assert sorted(r for shard in (0, 1) for _, r, _, _ in stored(tmp_path / f"store-{shard}.db")) == sorted(packets)
+    assert not any(alive(pid) for pid in fronts + writers)
+
+
+@pytest.mark.slow
 async def test_a_writer_killed_under_load_loses_no_acknowledged_packet(tmp_path: Path) -> None:
     """SIGKILL the writer mid-stream: what was answered 0 is stored once; the restarted writer serves."""
     port = free_port()
