@@ -17,7 +17,17 @@ from hypothesis import strategies as st
 from strategies import records
 
 from dtgserver.bridge import Message, TripState, map_record
-from dtgserver.bridge.mapping import MAX_PAYLOAD_BYTES, next_state, summarize, summarize_raw, to_ms
+from dtgserver.bridge.mapping import (
+    _VALUE_BOUND,
+    MAX_PAYLOAD_BYTES,
+    _element_bound,
+    _element_builder,
+    _split,
+    next_state,
+    summarize,
+    summarize_raw,
+    to_ms,
+)
 from dtgserver.bridge.profiles import KEY_SOURCES, PROFILES, SEED, SF2019, TRIP_KEYS
 from dtgserver.protocol import (
     KST,
@@ -356,6 +366,26 @@ def test_a_long_packet_is_split_in_order_under_64_kib() -> None:
     for message, following in itertools.pairwise(messages):
         grown = dict(message.payload, pld=message.payload["pld"] + following.payload["pld"][:1])
         assert len(json.dumps(grown, ensure_ascii=False).encode()) >= MAX_PAYLOAD_BYTES - 32
+
+
+@settings(max_examples=150, deadline=None)
+@given(record=st.one_of(records(DtgRealtime, max_bodies=6), records(ObdRealtime, max_bodies=6),
+                        records(MdtRealtime, max_bodies=6)),
+       profile=st.sampled_from(sorted(PROFILES)), first_total_km=st.none() | st.integers(0, 2**32 - 1))
+def test_no_element_encodes_longer_than_its_bound(record: Any, profile: str, first_total_km: int | None) -> None:
+    """The bound lets a minute's microtrip skip the encoding that measures it: it must hold for any
+    wire value (the strategies' values span each field's whole wire range)."""
+    table = PROFILES[profile]
+    keys = table.microtrip_keys[record.KIND]
+    build = _element_builder(keys, table.string_keys)
+    tid = to_ms(record.key_on_time)
+    elements = [build(body, tid, first_total_km) for body in record.bodies]
+    for element in elements:
+        assert len(json.dumps(element, ensure_ascii=False).encode()) <= _element_bound(keys)
+        for value in element.values():
+            assert len(json.dumps(value, ensure_ascii=False).encode()) <= _VALUE_BOUND
+    for limit in (600, 2000, MAX_PAYLOAD_BYTES):  # and the shortcut never changes how a packet is split
+        assert _split(elements, 2, "p" * 64, limit, _element_bound(keys)) == _split(elements, 2, "p" * 64, limit)
 
 
 def test_a_small_limit_splits_into_single_elements() -> None:

@@ -177,10 +177,13 @@ def _text(value: float) -> str:
 
 
 def _temperatures(body: Any) -> str | None:
-    readings = [t for t in (body.temp_a_c, body.temp_b_c)]
-    if all(isinstance(t, SensorState) for t in readings):
+    """Temperatures A and B as "A,B" in °C; a sensor that reports no reading (a SensorState) leaves its place empty, and
+    with neither reading there is no value."""
+    a, b = body.temp_a_c, body.temp_b_c
+    a_missing, b_missing = isinstance(a, SensorState), isinstance(b, SensorState)
+    if a_missing and b_missing:
         return None
-    return ",".join("" if isinstance(t, SensorState) else _text(t) for t in readings)
+    return f"{'' if a_missing else f'{a:g}'},{'' if b_missing else f'{b:g}'}"
 
 
 # Microtrip keys read straight from one body field: key -> (field, conversion).
@@ -200,42 +203,54 @@ BODY_FIELDS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
-_TID, _CLT, _CDIT, _TMP, _FIELD = range(5)
-_SPECIAL_KEYS = {"tid": _TID, "clt": _CLT, "cdit": _CDIT, "tmp": _TMP}
+_SPECIAL_KEYS = ("tid", "clt", "cdit", "tmp")
+_CONVERSIONS: Mapping[Callable[[Any], Any], str] = {float: "float", int: "int", _ml: "_ml"}
 
 
 @functools.lru_cache(maxsize=64)
-def _element_plan(keys: tuple[str, ...], string_keys: frozenset[str],
-                  ) -> tuple[tuple[str, int, str, Callable[[Any], Any] | None, bool], ...]:
-    """Per microtrip key list: (key, how to get it, body field, conversion, as text), worked out once."""
-    plan = []
+def _element_builder(keys: tuple[str, ...], string_keys: frozenset[str],
+                     ) -> Callable[[Any, int, int | None], dict[str, Any]]:
+    """A function `(body, tid, first_total_km) -> element` for one microtrip key list, generated
+    once: one statement per key, in the list's order (the JSON's order), so that building 60
+    elements per packet costs no per-key dispatch. A key without a value is left out (never
+    invented): a body time that is no calendar time has no `clt`, a trip without a known first
+    odometer (or a body behind it) no `cdit`, a body whose sensors report no reading no `tmp`.
+    """
+    namespace: dict[str, Any] = {"_text": _text, "_temperatures": _temperatures, "_ml": _ml,
+                                 "datetime": datetime, "_EPOCH": _EPOCH, "_MS": _MS}
+    lines = ["def element(body, tid, first_total_km):", "    out = {}"]
+
+    def put(key: str, expr: str, indent: str = "    ") -> None:
+        lines.append(f"{indent}out[{key!r}] = {f'_text({expr})' if key in string_keys else expr}")
+
     for key in keys:
-        how = _SPECIAL_KEYS.get(key, _FIELD)
-        name, convert = BODY_FIELDS[key] if how == _FIELD else ("", None)
-        plan.append((key, how, name, convert, key in string_keys))
-    return tuple(plan)
-
-
-def _element(body: Any, keys: tuple[str, ...], tid: int, first_total_km: int | None,
-             string_keys: frozenset[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, how, name, convert, as_text in _element_plan(keys, string_keys):
-        value: Any
-        if how == _FIELD:
-            value = convert(getattr(body, name))  # type: ignore[misc]
-        elif how == _TID:
-            value = tid
-        elif how == _CLT:
-            value = to_ms(body.time)
-        elif how == _CDIT:
-            driven_m = None if first_total_km is None else (body.total_distance_km - first_total_km) * 1000
-            value = driven_m if driven_m is not None and driven_m >= 0 else None
+        if key == "tid":
+            lines.append("    if tid is not None:")
+            put(key, "tid", " " * 8)
+        elif key == "clt":
+            lines.append("    t = body.time")
+            lines.append("    if isinstance(t, datetime):")
+            put(key, "(t - _EPOCH) // _MS", " " * 8)
+        elif key == "cdit":
+            lines.append("    if first_total_km is not None:")
+            lines.append("        driven_m = (body.total_distance_km - first_total_km) * 1000")
+            lines.append("        if driven_m >= 0:")
+            put(key, "driven_m", " " * 12)
+        elif key == "tmp":  # already text
+            lines.append("    tmp = _temperatures(body)")
+            lines.append("    if tmp is not None:")
+            lines.append(f"        out[{key!r}] = tmp")
         else:
-            value = _temperatures(body)
-        if value is None:
-            continue  # never invent: a key without a value is left out
-        out[key] = _text(value) if as_text and not isinstance(value, str) else value
-    return out
+            name, convert = BODY_FIELDS[key]
+            function = _CONVERSIONS.get(convert)
+            if function is None:  # a conversion without a name of its own: passed in
+                function = f"convert_{key}"
+                namespace[function] = convert
+            put(key, f"{function}(body.{name})")
+    lines.append("    return out")
+    exec("\n".join(lines), namespace)  # the code is made from our own key table, not from input
+    builder: Callable[[Any, int, int | None], dict[str, Any]] = namespace["element"]
+    return builder
 
 
 def _realtime(record: Realtime, state: TripState | None, table: Profile, packet_id: str,
@@ -260,9 +275,10 @@ def _realtime(record: Realtime, state: TripState | None, table: Profile, packet_
     keys = table.microtrip_keys[record.KIND]
     # the trip's first odometer is known from the first body on: the same for every element
     first_total_km = None if stale else current.first_total_km
-    elements = [_element(body, keys, tid, first_total_km, table.string_keys) for body in bodies]
+    element = _element_builder(keys, table.string_keys)
+    elements = [element(body, tid, first_total_km) for body in bodies]
     ty = table.microtrip_ty[record.KIND]
-    chunks = _split(elements, ty, packet_id, max_payload_bytes)
+    chunks = _split(elements, ty, packet_id, max_payload_bytes, _element_bound(keys))
     payloads = []
     for chunk in chunks:
         times = [e["clt"] for e in chunk if "clt" in e]
@@ -506,10 +522,29 @@ def _size(value: Any) -> int:
     return len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
 
 
-def _split(elements: list[dict[str, Any]], ty: int, packet_id: str, limit: int) -> list[list[dict[str, Any]]]:
-    """Elements in consecutive chunks whose encoded envelope stays below `limit` bytes."""
+_VALUE_BOUND = 32
+"""Characters an element's value takes in JSON at most: a float's repr is at most 24, a wire
+integer (even × 1000, or in ms) at most 20, a `%g` text with its quotes at most 14, the
+temperatures' "A,B" at most 27."""
+
+
+@functools.lru_cache(maxsize=64)
+def _element_bound(keys: tuple[str, ...]) -> int:
+    """Bytes one element with these keys takes in JSON at most: `{`, each `"key": value, `, `}`."""
+    return 2 + sum(len(json.dumps(key)) + 4 + _VALUE_BOUND for key in keys)
+
+
+def _split(elements: list[dict[str, Any]], ty: int, packet_id: str, limit: int,
+           element_bound: int | None = None) -> list[list[dict[str, Any]]]:
+    """Elements in consecutive chunks whose encoded envelope stays below `limit` bytes.
+
+    `element_bound`: no element encodes to more bytes than this; when even that many per
+    element fit, nothing is encoded to find out (a minute's 60 elements are far below the limit).
+    """
     # the envelope around the array, with the widest ts and message number it can get
     overhead = _size(_envelope(10**13, ty, []) | {"id": f"{packet_id}:99999"})
+    if element_bound is not None and overhead + len(elements) * (element_bound + 2) < limit:
+        return [elements] if elements else []
     # The usual case, one dumps: the whole array's size is overhead + element sizes + the ", "
     # between them, exactly what the loop below adds up, and below the limit no split happens.
     if overhead - 2 + _size(elements) < limit:
