@@ -309,6 +309,28 @@ async def test_a_writer_killed_under_load_loses_no_acknowledged_packet(tmp_path:
 
 
 @pytest.mark.slow
+async def test_a_killed_front_process_is_restarted_and_the_writer_keeps_its_data(tmp_path: Path) -> None:
+    port = free_port()
+    process = await start_split(tmp_path, port)
+    first, second = dtg_bytes("01077770025", minute=0, bodies=2), dtg_bytes("01077770025", minute=1, bodies=2)
+    try:
+        [front], [writer] = roles(process, port)
+        assert await send(port, first) == OK
+        os.kill(front, signal.SIGKILL)
+        with trio.fail_after(30):
+            while not (replacement := [p for p in roles(process, port)[0] if p != front]):
+                await trio.sleep(0.05)
+        assert roles(process, port)[1] == [writer]  # the writer ran on
+        assert await send(port, first) == OK  # a resend: stored once
+        assert await send(port, second) == OK
+    finally:
+        code, log = finish(process)
+    assert code == 0, log
+    assert replacement
+    assert [r for _, r, _, _ in stored(tmp_path / "store-0.db")] == [first, second]
+
+
+@pytest.mark.slow
 async def test_a_session_finishing_in_the_grace_period_is_committed(tmp_path: Path) -> None:
     """The fronts stop first: a packet completed after SIGTERM still reaches a running writer."""
     port = free_port()
