@@ -18,6 +18,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports (the metrics endpoints of several processes)."""
+    while True:
+        first = free_port()
+        held: list[socket.socket] = []
+        try:
+            for port in range(first + 1, first + count):
+                held.append(socket.socket())
+                held[-1].bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+
+
 async def send(port: int, packet: bytes, timeout_s: float = 10) -> bytes:
     """One packet on its own connection: the 2-byte answer, or less if the server closed first."""
     with trio.fail_after(timeout_s):

@@ -24,7 +24,7 @@ import pytest
 import trio
 from mosquitto import Mosquitto, Subscriber, broker_fixture  # noqa: F401  (the broker fixture)
 from packets import dtg, dtg_bytes
-from serverproc import alive, children, free_port, listening, send
+from serverproc import alive, children, free_port, free_ports, listening, send
 
 from dtgserver.bridge import map_record
 from dtgserver.protocol import encode
@@ -171,11 +171,15 @@ async def start_split(data_dir: Path, port: int, *options: str, workers: int = 1
          *options],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
-    with trio.fail_after(30):
-        while len(children(process.pid)) < 2 * workers or \
-                sum(listening(p, port) for p in children(process.pid)) < workers:
-            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-            await trio.sleep(0.05)
+    try:
+        with trio.fail_after(30):
+            while len(children(process.pid)) < 2 * workers or \
+                    sum(listening(p, port) for p in children(process.pid)) < workers:
+                assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+                await trio.sleep(0.05)
+    except BaseException:
+        code, log = finish(process)  # no process left behind; say what it logged
+        raise AssertionError(f"serve --writer-process did not come up (exit {code}): {log}") from None
     return process
 
 
@@ -214,7 +218,7 @@ def metric(port: int, name: str) -> float:
 
 @pytest.mark.slow
 async def test_serve_writer_process_runs_a_writer_then_a_front(tmp_path: Path) -> None:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_port(), free_ports(2)  # the front's endpoint, then the writer's
     process = await start_split(tmp_path, port, "--metrics-port", str(metrics_port))
     try:
         fronts, writers = roles(process, port)
