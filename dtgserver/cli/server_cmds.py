@@ -115,7 +115,8 @@ def _env(name: str) -> dict[str, Any]:
               help="Undelivered MQTT messages above which new packets are answered 4.")
 @click.option("--workers", default="1", callback=_workers, **_env("WORKERS"),
               help="Server processes on the one port (SO_REUSEPORT), a shard each; auto = one per CPU. "
-                   "A data dir keeps the number it was first served with.")
+                   "A data dir keeps the number it was first served with. With --writer-process: N "
+                   "sessions' processes on the port and N writers.")
 @click.option("--writer-process", is_flag=True, **_env("WRITER_PROCESS"),
               help="Commit in separate processes: per shard, one writer process (store and MQTT forwarder) "
                    "takes the packets of the sessions' processes, which answer after its commit. Uses a "
