@@ -177,8 +177,9 @@ def _text(value: float) -> str:
 
 
 def _temperatures(body: Any) -> str | None:
-    """Temperatures A and B as "A,B" in °C; a sensor that reports no reading (a SensorState) leaves its place empty, and
-    with neither reading there is no value."""
+    """Temperatures A and B as "A,B" in °C (`_text`'s format, inlined: 60 calls per packet); a
+    sensor that reports no reading (a SensorState) leaves its place empty, and with neither
+    reading there is no value."""
     a, b = body.temp_a_c, body.temp_b_c
     a_missing, b_missing = isinstance(a, SensorState), isinstance(b, SensorState)
     if a_missing and b_missing:
@@ -203,7 +204,6 @@ BODY_FIELDS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
-_SPECIAL_KEYS = ("tid", "clt", "cdit", "tmp")
 _CONVERSIONS: Mapping[Callable[[Any], Any], str] = {float: "float", int: "int", _ml: "_ml"}
 
 
