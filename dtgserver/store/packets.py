@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sqlite3
 import time
 import zlib
@@ -26,8 +25,9 @@ import trio
 
 from ..bridge.mapping import next_state
 from ..bridge.outbox import OutboxRow
-from ..protocol import BadTime, Received, Result, StatusLog, decode
+from ..protocol import Received, Result, StatusLog, decode
 from .control import BUSY_TIMEOUT_S, connect
+from .logfiles import write_status_log
 
 log = logging.getLogger("dtgserver.store")
 
@@ -131,58 +131,6 @@ class StoreStats:
 
 def digest(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()[:DIGEST_SIZE]
-
-
-def status_log_path(data_dir: Path, record: StatusLog) -> Path:
-    """logs/<modem>/<send time>.log, built from validated digits only."""
-    modem = str(record.modem)
-    if not modem.isascii() or not modem.isdigit():  # the framer guarantees this; never trust a path
-        raise ValueError(f"modem {modem!r} is not digits")
-    t = record.sent_time
-    if isinstance(t, BadTime):
-        stamp = "".join(f"{b:03d}" for b in t.raw)
-    else:
-        stamp = f"{t:%Y%m%d%H%M%S}{t.microsecond // 10000:02d}"
-    return data_dir / "logs" / modem / f"{stamp}.log"
-
-
-def _write_durably(path: Path, text: str) -> Path:
-    """Write a new file (never overwrite: a second log with the same send time gets a suffix) and fsync it.
-
-    A file that already holds exactly this text is this log, written before a commit that then
-    failed; the terminal's resend reuses it instead of leaving a `_1` copy.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    candidate, n = path, 0
-    encoded = text.encode("utf-8")
-    while True:
-        try:
-            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            try:
-                if candidate.read_bytes() == encoded:
-                    return candidate
-            except OSError:
-                pass
-            n += 1
-            candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
-    try:
-        data = memoryview(encoded)
-        while data:  # a write can be short (a full disk, a file size limit): the rest, or an error
-            data = data[os.write(fd, data):]
-        os.fsync(fd)
-    except BaseException:
-        candidate.unlink(missing_ok=True)  # the commit fails with this error: leave no half log behind
-        raise
-    finally:
-        os.close(fd)
-    dir_fd = os.open(candidate.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return candidate
 
 
 class PacketStore:
@@ -376,7 +324,7 @@ class PacketStore:
     def _finish(self, logs: Sequence[StatusLog]) -> None:
         """In a worker thread: the status logs durable on disk, then COMMIT."""
         for record in logs:
-            _write_durably(status_log_path(self.data_dir, record), str(record.log))
+            write_status_log(self.data_dir, record)
         self.db.execute("COMMIT")
 
     def _write_rows(self, db: sqlite3.Connection, batch: Sequence[Pending], rows: list[tuple[Any, ...]],
