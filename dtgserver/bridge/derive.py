@@ -1,0 +1,40 @@
+"""One stored packet's bytes and its terminal's trip state → the messages to publish, encoded.
+
+`derive` is the one function that live forwarding and `dtgserver replay` both call, so the two
+publish the same bytes by construction: a pure function (no I/O, no clock) of the packet exactly
+as stored, the terminal's `TripState` before it, and the options. The state it returns is the one
+the terminal's next packet is derived with.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ..protocol import decode
+from .mapping import TripState, encode_payload, map_record
+
+__all__ = ["Outgoing", "TripState", "derive"]
+
+
+@attrs.frozen
+class Outgoing:
+    """One message ready to publish: `topic` without the configured prefix, `payload` the JSON bytes."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+def derive(raw: bytes, state: TripState | None, *, packet_id: str, received_ms: int, profile: str,
+           battery_warning_v: float) -> tuple[list[Outgoing], TripState | None]:
+    """The messages of one stored packet in publish order, and the terminal's next trip state.
+
+    `raw` is one whole packet as the framer accepted it (the store's `raw`); bytes the framer
+    would refuse raise ProtocolError. `packet_id` is the store's stable id of the packet (every
+    message's `id` is `<packet_id>:<n>`); `received_ms` its receive time, used only where the
+    packet carries no time of its own (basic info's `ts`); `profile` names a message profile
+    (ValueError for an unknown one); `battery_warning_v` 0 disables Battery Warning events.
+    """
+    messages, state = map_record(decode(raw), state, packet_id=packet_id, profile=profile,
+                                 battery_warning_v=battery_warning_v, received_ms=received_ms)
+    return [Outgoing(m.topic, encode_payload(m.payload), m.retain) for m in messages], state
