@@ -3,6 +3,7 @@ sticky errors, the answer bytes, and the one-frame `decode`/`encode` helpers."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from conftest import load_sample
 
@@ -12,6 +13,7 @@ from dtgserver.protocol import (
     NEED_DATA,
     Connection,
     ProtocolError,
+    Realtime,
     Received,
     Response,
     Result,
@@ -20,6 +22,7 @@ from dtgserver.protocol import (
     encode,
     frame_length,
     iter_packets,
+    received,
 )
 
 DTG = load_sample("dtg_spec_sample").data
@@ -136,3 +139,96 @@ def test_packets_are_returned_as_soon_as_complete() -> None:
     event = conn.next_event()
     assert isinstance(event, Received) and event.raw == DTG
     assert conn.next_event() is NEED_DATA
+
+
+# -- what the server reads from a realtime packet without decoding its bodies ----------------------------
+REALTIME = ["dtg_seoul_bus_60", "obd_busan_highway_20", "mdt_incheon_reefer_15"]
+
+
+def header_as_framed(event: Received) -> tuple[str, str, int]:
+    assert isinstance(event.modem, str) and type(event.body_count) is int
+    return event.kind, event.modem, event.body_count
+
+
+@pytest.mark.parametrize("name", REALTIME)
+def test_a_realtime_packets_modem_and_body_count_come_from_the_framer(name: str) -> None:
+    # The server answers, picks the shard and stores by `Received.modem` and `.body_count`
+    # without building the body records: both must be right before `record` is ever read.
+    sample = load_sample(name)
+    expected = (sample.expected["kind"], sample.expected["modem"], sample.expected["body_count"])
+    conn = Connection(Role.SERVER)
+    conn.receive_data(KEY_OFF + sample.data)
+    assert header_as_framed(conn.next_event()) == ("key_off", "01099998888", 0)  # type: ignore[arg-type]
+    event = conn.next_event()
+    assert isinstance(event, Received)
+    assert header_as_framed(event) == expected
+    assert header_as_framed(received(sample.data)) == expected  # a frame relayed between workers
+    assert event.record == decode(sample.data)
+
+
+@pytest.mark.parametrize("name", REALTIME)
+@pytest.mark.parametrize("modem", ["0104", "01012345678"])
+def test_a_modem_the_fast_path_cannot_read_is_decoded_from_the_header(name: str, modem: str) -> None:
+    # A short modem is '#'-padded and the spec's own samples write raw digit bytes 0x00-0x09:
+    # the framer decodes those headers. A report period whose high byte is an ASCII digit
+    # (12,345 min is 0x30 0x39) must not be read as a twelfth digit of the modem.
+    original = decode(load_sample(name).data)
+    assert isinstance(original, Realtime)
+    record = attrs.evolve(original, modem=modem, report_period_min=12_345)  # type: ignore[misc]
+    raw = encode(record)
+    raw_digits = raw[:1] + bytes(b - 0x30 if b != 0x23 else b for b in raw[1:12]) + raw[12:]
+    for frame in (raw, raw_digits):
+        [event] = iter_packets(frame)
+        assert header_as_framed(event) == (record.KIND, modem, len(record.bodies))
+        assert header_as_framed(received(frame)) == header_as_framed(event)
+        assert event.record.modem == modem and type(event.modem) is type(event.record.modem)  # WireStr for raw digits
+
+
+def test_received_takes_exactly_one_whole_frame() -> None:
+    for frame in (BUS[:-1], BUS + KEY_OFF, b"\x09\x00"):  # a terminal never sends an answer
+        with pytest.raises(ProtocolError) as caught:
+            received(frame)
+        assert (caught.value.offset, caught.value.result) == (0, Result.FORMAT_ERROR)
+    with pytest.raises(ProtocolError, match=f"not one whole packet: {len(BUS) - 1} bytes, the header says {len(BUS)}"):
+        received(BUS[:-1])
+    with pytest.raises(ProtocolError, match="above the maximum of 59"):
+        received(BUS, max_body_count=59)
+
+
+def test_iter_packets_honours_a_max_body_count_below_the_count() -> None:
+    assert [e.body_count for e in iter_packets(KEY_OFF + BUS, max_body_count=60)] == [0, 60]
+    stream = iter_packets(KEY_OFF + BUS, max_body_count=59)
+    assert next(stream).kind == "key_off"  # what came before the refused packet is still handed out
+    with pytest.raises(ProtocolError, match="body count 60 is above the maximum of 59") as caught:
+        next(stream)
+    assert caught.value.offset == len(KEY_OFF) + 14
+
+
+def test_equal_events_are_the_same_bytes_at_the_same_offset() -> None:
+    first, again = list(iter_packets(KEY_OFF)), list(iter_packets(KEY_OFF))
+    assert first == again and hash(first[0]) == hash(again[0])
+    elsewhere = list(iter_packets(DTG + KEY_OFF))[1]
+    assert elsewhere.raw == first[0].raw and elsewhere != first[0]
+    assert len({first[0], again[0], elsewhere}) == 2
+    assert first[0] != KEY_OFF
+
+
+def test_data_after_end_of_stream_names_where_it_arrived() -> None:
+    conn = Connection(Role.SERVER)
+    conn.receive_data(KEY_OFF + BUS[:10])
+    conn.receive_data(b"")
+    assert isinstance(conn.next_event(), Received)
+    with pytest.raises(ProtocolError) as caught:
+        conn.receive_data(b"\x03")
+    assert str(caught.value) == "at byte 46: data after end of stream"
+
+
+def test_an_answer_outside_the_result_table_is_still_two_bytes() -> None:
+    # The server only sends `Result`s; a caller's other byte goes out as given (the terminal
+    # decides what it means), and one that is no byte is refused naming the field.
+    assert Connection.send(5) == b"\x09\x05"
+    assert Connection.send(255) == b"\x09\xff"
+    assert Connection.send(int(Result.OVERLOADED)) == b"\x09\x04"
+    for result in (256, -1):
+        with pytest.raises(ValueError, match=r"^result: value does not fit its wire type$"):
+            Connection.send(result)

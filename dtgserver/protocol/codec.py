@@ -130,7 +130,7 @@ class StructCodec:
         """Bytes for `record`; a ValueError naming the field when a value does not fit the wire."""
         try:
             return self._encode(record)
-        except (ValueError, TypeError, struct.error, AttributeError):
+        except _ENCODE_ERRORS:
             self._explain_failure(record)
             raise
 
@@ -139,13 +139,15 @@ class StructCodec:
             records = tuple(records)
         try:
             return self._encode_many(records)
-        except (ValueError, TypeError, struct.error, AttributeError):
+        except _ENCODE_ERRORS:
             for record in records:  # the first record that fails says which field and why
                 self.encode(record)
             raise
 
     def _explain_failure(self, record: Any) -> None:
-        for name, adapter in self.fixed + ([self.tail] if self.tail else []):
+        # The tail first: a header field derived from it (body_count, log_size) fails because
+        # of it, and the tail's own error says why (which body, how long the log is).
+        for name, adapter in ([self.tail] if self.tail else []) + self.fixed:
             try:
                 value = getattr(record, name)
             except AttributeError:
@@ -156,6 +158,11 @@ class StructCodec:
                     struct.pack(">" + adapter.fmt, *(raw if adapter.arity > 1 else (raw,)))
             except (ValueError, TypeError, struct.error) as e:
                 raise ValueError(f"{name}: {_plain(e)}") from None
+
+
+# What the generated encoder can raise for a value it cannot write: `round` raises OverflowError
+# for an infinite float. Each is explained by the field's own `encode` as a ValueError.
+_ENCODE_ERRORS = (ValueError, TypeError, OverflowError, struct.error, AttributeError)
 
 
 def _variable(adapter: Any) -> bool:

@@ -1,0 +1,149 @@
+"""What each kind of field refuses and keeps at its edges: the status log's size limit, numbers that
+are no numbers in a scaled field, non-integers in an integer field, and raw digit bytes, which only
+the digit fields (modem, firmware version) read as digits."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import attrs
+import pytest
+from conftest import load_sample, verify_frame
+from packets import basic_info, dtg, key_off, status_log
+
+from dtgserver.protocol import BasicInfo, JsonError, SensorState, StatusLog, WireStr, decode, encode, from_json, to_json
+
+# -- the status log: L is a signed 16-bit size, so at most 32,767 bytes of text --------------------------
+
+
+@pytest.mark.parametrize("text", ["a" * 32_767, "가" * 16_383 + "a"], ids=["ascii", "hangul"])
+def test_a_status_log_of_32767_bytes_round_trips(text: str) -> None:
+    record = status_log(text=text)
+    raw = encode(record)
+    assert len(raw) == 21 + 32_767 and record.log_size == 32_767
+    assert decode(raw) == record
+    assert to_json(decode(raw))["log_size"] == 32_767
+    verify_frame(encode(from_json(json.loads(json.dumps(to_json(record), ensure_ascii=False)))), raw)
+
+
+@pytest.mark.parametrize("text", ["a" * 32_768, "가" * 16_384], ids=["ascii", "hangul"])
+def test_a_status_log_of_32768_bytes_is_refused_naming_its_size(text: str) -> None:
+    # The limit counts EUC-KR bytes, not characters: 16,384 Hangul syllables are 32,768 bytes.
+    message = "log of 32768 bytes is longer than the wire's 32767"
+    with pytest.raises(ValueError, match=f"^log: {message}$"):
+        encode(status_log(text=text))
+    with pytest.raises(JsonError, match=f"^log: {message}$"):
+        from_json(to_json(status_log(text="")) | {"log": text})
+
+
+def test_a_kept_log_of_32768_bytes_is_refused_too() -> None:
+    # A log kept verbatim (WireStr: bytes that are not canonical text) is written as it came; the
+    # wire's size field still cannot say 32,768.
+    log = WireStr("x", b"\xff" * 32_768)
+    with pytest.raises(ValueError, match=r"^log_size: value does not fit its wire type$"):
+        encode(StatusLog("01012345678", key_off().sent_time, log))
+
+
+# -- scaled fields: a float × scale, exactly; NaN and ±inf have no wire value ----------------------------
+NOT_NUMBERS = [math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("value", NOT_NUMBERS, ids=str)
+@pytest.mark.parametrize("field", ["lat", "battery_v"])
+def test_nan_and_infinity_in_a_scaled_field_are_value_errors_naming_it(value: float, field: str) -> None:
+    # Never an OverflowError from deep inside the encoder: the documented error names the field.
+    changes: dict[str, Any] = {field: value}
+    record = attrs.evolve(key_off(), **changes)
+    with pytest.raises(ValueError, match=f"^{field}: {value!r} is not a number the wire can carry$"):
+        encode(record)
+    with pytest.raises(JsonError, match=f"^{field}: {value!r} is not a number the wire can carry$"):
+        from_json(to_json(key_off()) | {field: value})
+
+
+@pytest.mark.parametrize("value", NOT_NUMBERS, ids=str)
+@pytest.mark.parametrize("field", ["daily_fuel_l", "temp_a_c", "accel_x_ms2"])
+def test_nan_and_infinity_in_a_body_name_the_body_field(value: float, field: str) -> None:
+    packet = dtg(bodies=3)
+    bodies = list(packet.bodies)
+    changes: dict[str, Any] = {field: value}
+    bodies[1] = attrs.evolve(bodies[1], **changes)
+    with pytest.raises(ValueError, match=f"^bodies: {field}: {value!r} is not a number the wire can carry$"):
+        encode(attrs.evolve(packet, bodies=bodies))
+
+
+def test_a_scaled_field_takes_integers_and_floats_on_its_grid() -> None:
+    assert decode(encode(attrs.evolve(key_off(), battery_v=24))).battery_v == 24.0  # type: ignore[attr-defined]
+    assert decode(encode(attrs.evolve(key_off(), battery_v=24.1 + 0.2))).battery_v == 24.3  # type: ignore[attr-defined]
+    wrong: list[tuple[Any, str]] = [(24.15, "24.15 is not a multiple of 1/10 V"), (True, "expected a number, got True"),
+                                    ("24.1", "expected a number, got '24.1'")]
+    for value, problem in wrong:
+        with pytest.raises(ValueError, match=f"^battery_v: {problem}$"):
+            encode(attrs.evolve(key_off(), battery_v=value))
+
+
+def test_a_temperature_reading_that_spells_a_sensor_state_is_refused() -> None:
+    body = dtg(bodies=1).bodies[0]
+    for value, state in [(99.0, "absent"), (98.0, "off")]:
+        with pytest.raises(ValueError, match=f"temp_a_c: {value!r} °C means '{state}' on the wire"):
+            encode(attrs.evolve(dtg(bodies=1), bodies=[attrs.evolve(body, temp_a_c=value)]))
+    with pytest.raises(ValueError, match="state 'ok' needs a reading"):
+        encode(attrs.evolve(dtg(bodies=1), bodies=[attrs.evolve(body, temp_a_c=SensorState.OK)]))
+
+
+# -- integer fields: an int, and neither a bool nor a float that happens to be whole ---------------------
+
+
+@pytest.mark.parametrize("value", [True, False, 40.0, "40", None], ids=repr)
+def test_an_integer_field_refuses_anything_but_an_int(value: Any) -> None:
+    packet = dtg(bodies=2)
+    bodies = [packet.bodies[0], attrs.evolve(packet.bodies[1], speed_kmh=value)]
+    with pytest.raises(ValueError, match=f"^bodies: speed_kmh: expected an integer, got {value!r}$"):
+        encode(attrs.evolve(packet, bodies=bodies))
+    with pytest.raises(ValueError, match=f"^report_period_min: expected an integer, got {value!r}$"):
+        encode(attrs.evolve(packet, report_period_min=value))
+    obj = to_json(packet)
+    obj["bodies"][1]["speed_kmh"] = value
+    with pytest.raises(JsonError, match=r"^bodies\[1\]\.speed_kmh: "):
+        from_json(obj)
+
+
+def test_a_flag_is_a_bool_or_the_byte_it_came_as() -> None:
+    body = dtg(bodies=1).bodies[0]
+    for brake in (True, False, 7):
+        packet = attrs.evolve(dtg(bodies=1), bodies=[attrs.evolve(body, brake=brake)])
+        again = decode(encode(packet))
+        assert again.bodies[0].brake is brake if isinstance(brake, bool) else again.bodies[0].brake == 7  # type: ignore[attr-defined]
+    wrong: tuple[Any, ...] = ("1", 1.0, None)
+    for brake in wrong:
+        with pytest.raises(ValueError, match=f"^bodies: brake: expected an integer, got {brake!r}$"):
+            encode(attrs.evolve(dtg(bodies=1), bodies=[attrs.evolve(body, brake=brake)]))
+
+
+# -- raw digit bytes: read as digits in the digit fields only --------------------------------------------
+
+
+def test_raw_digit_bytes_are_digits_only_in_the_digit_fields() -> None:
+    # The spec's samples write the modem's and the firmware version's digits as values 0x00-0x09.
+    # Any other text field keeps such bytes as the control characters they are.
+    info = basic_info()
+    raw = bytearray(encode(info))
+    model, firmware = encode(basic_info()).index(b"DTG-1000"), len(raw) - len(b"1.0.2")
+    raw[model:model + 8] = b"\x01\x02\x00-\x09\x00\x00\x05"
+    raw[firmware:] = b"\x01.\x00.\x02"
+    record = decode(bytes(raw))
+    assert isinstance(record, BasicInfo)
+    assert record.model == "\x01\x02\x00-\t\x00\x00\x05" and not isinstance(record.model, WireStr)
+    assert record.firmware_version == "1.0.2" and isinstance(record.firmware_version, WireStr)
+    obj = to_json(record)
+    assert (obj["model"], obj["firmware_version"]) == (record.model, "1.0.2")
+    assert obj["verbatim"] == {"firmware_version": "2323232323012e002e02"}
+    verify_frame(encode(from_json(json.loads(json.dumps(obj)))), bytes(raw))
+
+
+def test_a_spec_sample_modem_of_raw_digits_is_the_modem() -> None:
+    sample = load_sample("basic_info_spec_sample")
+    record = decode(sample.data)
+    assert record.modem == "01099998888" and isinstance(record.modem, WireStr)
+    assert to_json(record)["verbatim"]["modem"] == "0001003939393938383838"
