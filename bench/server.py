@@ -153,7 +153,7 @@ def write_plan(pool: Any, path: Path) -> Path:
     Templates are rendered with zero modem, KEY ON time and minutes: loadgen patches all three, so
     the exactness check (`check_loadgen`) sees its patching, not a copy of Python's.
     """
-    from dtgserver.sim.load import BODY_SIZES
+    from dtgserver.protocol.layout import REALTIME_BY_KIND
 
     assert pool.next_terminal == 0 and not any(pool.minutes), "a used pool: loadgen starts at minute 0"
     templates: list[bytes] = []
@@ -168,8 +168,8 @@ def write_plan(pool: Any, path: Path) -> Path:
                 if id(template) not in template_index:
                     template_index[id(template)] = len(templates)
                     raw = template.render(bytes(11), bytes(7), bytes(5))
-                    templates.append(struct.pack("<III", len(raw), BODY_SIZES[template.kind], template.body_count)
-                                     + raw)
+                    body_size = REALTIME_BY_KIND[template.kind].body_size
+                    templates.append(struct.pack("<III", len(raw), body_size, template.body_count) + raw)
                 indices.append(template_index[id(template)])
             drive_index[id(drive)] = len(drives)
             drives.append(struct.pack(f"<I{len(indices)}I", len(indices), *indices))

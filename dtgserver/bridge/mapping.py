@@ -20,15 +20,14 @@ from __future__ import annotations
 import functools
 import json
 import operator
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import attrs
 
-from ..protocol.fields import KST, SensorState
-from ..protocol.framing import BODY_SIZES, REALTIME_HEADER_SIZE
+from ..protocol.fields import SensorState
+from ..protocol.layout import realtime as realtime_layout
 from ..protocol.records import BasicInfo, DtgBody, KeyOff, Packet, Realtime
 from .profiles import PARKING_KEYS, TRIP_KEYS, Profile, get_profile
 
@@ -358,94 +357,24 @@ def summarize(bodies: Sequence[Any]) -> BodySummary:
 _ENDS = ("total_distance_km", "lon", "lat", "total_fuel_l", "status_code")  # read from the first and last body
 
 
-@attrs.frozen
-class _RawLayout:
-    """Where the summary's fields sit in one body kind, derived from its schema."""
-
-    kind: str
-    body_size: int
-    time_offset: int
-    speed_offset: int
-    ends: struct.Struct  # _ENDS fields this kind has, in wire order, from ends_offset on
-    ends_offset: int
-    ends_fields: tuple[tuple[str, Any], ...]  # (name, adapter) per value `ends` unpacks
-    total_km_column: struct.Struct  # the odometer of every body, the rest skipped
-
-
-@functools.cache
-def _raw_layout(protocol_id: int) -> _RawLayout:
-    from ..protocol.schema import SCHEMAS
-
-    record = next(r for r in SCHEMAS if r.PROTOCOL_ID == protocol_id)
-    body = SCHEMAS[record].subcons[-1].subcon.body
-    offsets: dict[str, tuple[int, Any]] = {}
-    offset = 0
-    for sub in body.subcons:
-        offsets[sub.name] = (offset, sub.subcon)
-        offset += sub.subcon.size
-    if offsets["speed_kmh"][1].fmt != "B" or offsets["time"][1].size != 7:
-        raise TypeError("summarize_raw reads a speed as one byte and a time as 7")  # the schema changed
-    ends = sorted((offsets[name][0], name, offsets[name][1]) for name in _ENDS if name in offsets)
-    fmt, position = ">", ends[0][0]
-    for at, _, adapter in ends:
-        fmt += f"{at - position}x{adapter.fmt}" if at > position else adapter.fmt
-        position = at + adapter.size
-    km_at, km = offsets["total_distance_km"]
-    return _RawLayout(
-        record.KIND, offset, offsets["time"][0], offsets["speed_kmh"][0], struct.Struct(fmt), ends[0][0],
-        tuple((name, adapter) for _, name, adapter in ends),
-        struct.Struct(f">{km_at}x{km.fmt}{offset - km_at - km.size}x"))
-
-
-@functools.lru_cache(maxsize=4096)
-def _day_ms(yy: int, month: int, day: int) -> int | None:
-    try:
-        return to_ms(datetime(2000 + yy, month, day, tzinfo=KST))
-    except ValueError:
-        return None
-
-
-def wire_time_ms(raw: bytes) -> int | None:
-    """`to_ms(KstTime.decode(raw))` for the 7 wire bytes of a time, without building a datetime."""
-    yy, month, day, hour, minute, second, cc = raw
-    midnight = _day_ms(yy, month, day)
-    if midnight is None or hour > 23 or minute > 59 or second > 59 or cc > 99:
-        return None
-    return midnight + ((hour * 60 + minute) * 60 + second) * 1000 + cc * 10
-
-
 def summarize_raw(raw: bytes) -> BodySummary:
     """`summarize(decode(raw).bodies)` for a realtime frame, without building a record per body.
 
-    Column reads where the summary needs every body (one byte slice for the speeds, one struct
-    pass for the odometers), one struct read of the first and of the last body for the rest.
+    Column reads where the summary needs every body (the speeds, the odometers), the first and
+    the last body's values for the rest: through the protocol's layout of the packet's kind.
     """
-    layout = _raw_layout(raw[0])
-    size = layout.body_size
-    count = (len(raw) - REALTIME_HEADER_SIZE) // size
+    layout = realtime_layout(raw)
+    assert layout is not None, "a realtime packet"
+    count = layout.body_count(raw)
     if count <= 0:
         return BodySummary()
-    first, last = REALTIME_HEADER_SIZE, REALTIME_HEADER_SIZE + (count - 1) * size
-    first_ms = last_ms = None
-    t = layout.time_offset
-    for body in range(first + t, last + t + 1, size):
-        first_ms = wire_time_ms(raw[body:body + 7])
-        if first_ms is not None:
-            for back in range(last + t, body - 1, -size):
-                last_ms = wire_time_ms(raw[back:back + 7])
-                if last_ms is not None:
-                    break
-            break
-    at = layout.ends_offset
-    head = {name: adapter.decode(v) for (name, adapter), v in
-            zip(layout.ends_fields, layout.ends.unpack_from(raw, first + at), strict=True)}
-    tail = {name: adapter.decode(v) for (name, adapter), v in
-            zip(layout.ends_fields, layout.ends.unpack_from(raw, last + at), strict=True)}
-    speeds = raw[first + layout.speed_offset::size]
+    first_ms, last_ms = layout.times_ms(raw)
+    head, tail = layout.decoded(raw, 0, _ENDS), layout.decoded(raw, -1, _ENDS)
+    speeds = layout.column(raw, "speed_kmh")
     fuel = "total_fuel_l" in head
     return BodySummary(
         count, first_ms, last_ms, head["total_distance_km"], tail["total_distance_km"],
-        max(layout.total_km_column.iter_unpack(memoryview(raw)[REALTIME_HEADER_SIZE:]))[0],
+        max(layout.column(raw, "total_distance_km")),
         head["lat"], head["lon"], tail["lat"], tail["lon"], max(speeds), sum(speeds), count - speeds.count(0),
         _ml(head["total_fuel_l"]) if fuel else None, _ml(tail["total_fuel_l"]) if fuel else None,
         tail.get("status_code"),
@@ -459,16 +388,16 @@ def next_state(raw: bytes, state: TripState | None) -> TripState | None:
     realtime packet's bodies are read straight from the bytes (`summarize_raw`), not decoded
     into records; the other kinds are small and go through `map_record`.
     """
-    if raw[0] not in BODY_SIZES:
+    layout = realtime_layout(raw)
+    if layout is None:
         from ..protocol import decode
 
         return map_record(decode(raw), state, packet_id="", messages=False)[1]
-    trip = _advance(_raw_layout(raw[0]).kind, wire_time_ms(raw[16:REALTIME_HEADER_SIZE]), summarize_raw(raw), state)
+    trip = _advance(layout.kind, layout.key_on_ms(raw), summarize_raw(raw), state)
     if trip is None:
         return state
     _, _, stale, current = trip
     return state if stale else current
-
 
 
 def _account(state: TripState, summary: BodySummary) -> TripState:

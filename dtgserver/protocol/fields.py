@@ -492,10 +492,13 @@ class Modem(Digits):
 
 
 class LogText(Text):
-    """The status log: L bytes of EUC-KR text, no padding."""
+    """The status log: L bytes of EUC-KR text, no padding; L is the header field `length_field`."""
 
-    def __init__(self, size: Any):
-        construct.Adapter.__init__(self, construct.Bytes(size))
+    count_size = 1  # bytes per count of `length_field`
+
+    def __init__(self, length_field: str):
+        construct.Adapter.__init__(self, construct.Bytes(construct.this[length_field]))
+        self.length_field = length_field
         self.unit, self.lo, self.hi, self.doc, self.width = "", None, None, "log text", 0
 
     def canonical(self, value: str) -> bytes | None:

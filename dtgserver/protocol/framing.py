@@ -8,57 +8,19 @@ with the input is a `ProtocolError` carrying the result code to answer with.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable, Iterator
 
 from .codec import StructCodec
 from .errors import ProtocolError, Result
+from .layout import REALTIME, slots
 from .records import Packet, Response
-from .schema import CODECS, SCHEMAS
+from .schema import CODECS, SCHEMAS, Bodies
 
 DEFAULT_MAX_BODY_COUNT = 3600
 """One hour of 1 Hz bodies: above any report period a terminal is configured with by SMS."""
 
 FrameLength = Callable[[bytes | bytearray, int], int | None]
-
-
-def _fixed(size: int) -> FrameLength:
-    return lambda buf, max_body_count: size
-
-
-def _realtime(body_size: int) -> FrameLength:
-    def length(buf: bytes | bytearray, max_body_count: int) -> int | None:
-        if len(buf) < 16:
-            return None
-        count = int.from_bytes(buf[14:16], "big", signed=True)
-        if count <= 0:
-            raise ProtocolError(f"body count {count} is not positive", 14)
-        if count > max_body_count:
-            raise ProtocolError(f"body count {count} is above the maximum of {max_body_count}", 14)
-        return 23 + count * body_size
-
-    return length
-
-
-def _status_log(buf: bytes | bytearray, max_body_count: int) -> int | None:
-    if len(buf) < 21:
-        return None
-    size = int.from_bytes(buf[19:21], "big", signed=True)
-    if size < 0:
-        raise ProtocolError(f"log size {size} is negative", 19)
-    return 21 + size
-
-
-# Protocol ID → frame length from the bytes received so far (None: need more of the header).
-FRAME_LENGTHS: dict[int, FrameLength] = {
-    0x01: _fixed(101),
-    0x03: _realtime(51),
-    0x04: _fixed(36),
-    0x06: _realtime(42),
-    0x07: _realtime(30),
-    0x63: _status_log,
-    0x99: _status_log,  # the spec's ID table names the status log 0x99; its packet table says 0x63
-    0x09: _fixed(2),
-}
 
 _CODECS_BY_ID: dict[int, StructCodec] = {}
 for _record, _codec in CODECS.items():
@@ -67,11 +29,44 @@ for _record, _codec in CODECS.items():
             _CODECS_BY_ID[_pid] = _codec
 
 
+def _frame_length(codec: StructCodec) -> FrameLength:
+    """How long a frame of this codec's packet is, from the schema: its fixed size, or its
+    fixed header plus what the header's length field counts (bodies, log bytes)."""
+    if codec.tail is None:
+        size = codec.size
+        return lambda buf, max_body_count: size
+    tail = codec.tail[1]
+    field = slots(codec.schema)[tail.length_field]
+    header, at, end = codec.size, field.offset, field.end
+    unit: int = tail.count_size
+    read = struct.Struct(">" + field.adapter.fmt).unpack_from
+    what = tail.length_field.replace("_", " ")
+    bodies = isinstance(tail, Bodies)
+    lo = field.adapter.lo or 0
+
+    def length(buf: bytes | bytearray, max_body_count: int) -> int | None:
+        if len(buf) < end:
+            return None
+        count: int = read(buf, at)[0]
+        if count < lo:
+            raise ProtocolError(f"{what} {count} is {'not positive' if lo == 1 else 'negative'}", at)
+        if bodies and count > max_body_count:
+            raise ProtocolError(f"{what} {count} is above the maximum of {max_body_count}", at)
+        return header + count * unit
+
+    return length
+
+
+# Protocol ID → frame length from the bytes received so far (None: need more of the header).
+# 0x99 is the status log's alias: the spec's ID table names it 0x99, its packet table 0x63.
+FRAME_LENGTHS: dict[int, FrameLength] = {pid: _frame_length(codec) for pid, codec in sorted(_CODECS_BY_ID.items())}
+
+
 class Role(enum.Enum):
     """Which side's packets a connection reads: a server reads the terminal's, a client the answer."""
 
-    SERVER = frozenset(FRAME_LENGTHS) - {0x09}
-    CLIENT = frozenset({0x09})
+    SERVER = frozenset(FRAME_LENGTHS) - {Response.PROTOCOL_ID}
+    CLIENT = frozenset({Response.PROTOCOL_ID})
     ANY = frozenset(FRAME_LENGTHS)
 
 
@@ -84,11 +79,8 @@ NEED_DATA = Need.NEED_DATA
 CLOSED = Need.CLOSED
 
 
-REALTIME_HEADER_SIZE = 23
-"""The header the three realtime kinds share; their bodies follow it."""
 _RECORDS_BY_ID: dict[int, type[Packet]] = {pid: codec.record for pid, codec in _CODECS_BY_ID.items()}
-BODY_SIZES: dict[int, int] = {pid: codec.tail[1].codec.size for pid, codec in _CODECS_BY_ID.items()
-                               if codec.tail is not None and hasattr(codec.tail[1], "codec")}
+_MODEM = {pid: layout.header["modem"] for pid, layout in REALTIME.items()}
 
 
 class Received:
@@ -138,16 +130,17 @@ class Received:
 def _received(raw: bytes, offset: int) -> Received:
     """Frame `raw` (exactly one packet) as a Received; ProtocolError for a header it must refuse."""
     codec = _CODECS_BY_ID[raw[0]]
-    body_size = BODY_SIZES.get(raw[0])
-    if body_size is None:  # small packets: decoded whole, now
+    layout = REALTIME.get(raw[0])
+    if layout is None:  # small packets: decoded whole, now
         record = codec.decode(raw)
         return Received(raw, offset, record, 0, record)
-    body_count = (len(raw) - REALTIME_HEADER_SIZE) // body_size
-    modem = raw[1:12]
+    body_count = layout.body_count(raw)
+    slot = _MODEM[raw[0]]
+    modem = raw[slot.offset:slot.end]
     if modem.isdigit():  # eleven ASCII digits, the usual modem: what Modem.decode returns for it
         return Received(raw, offset, _RECORDS_BY_ID[raw[0]], body_count, modem=modem.decode("ascii"))
     # The header alone, through the same codec (the bodies' slice is empty): validates the modem.
-    header = codec.decode(raw[:REALTIME_HEADER_SIZE])
+    header = codec.decode(raw[:layout.header_size])
     return Received(raw, offset, header, body_count)
 
 

@@ -56,10 +56,14 @@ class VehicleType(Text):
 class Bodies(construct.Adapter):  # type: ignore[misc]
     """`body_count` bodies back to back, decoded in one pass by the codec derived from `body`."""
 
+    length_field = "body_count"
+    """The header field that says how many bodies follow (the framer reads it)."""
+
     def __init__(self, body: construct.Struct, record: type[Record]):
         self.codec = StructCodec(body, record)
         self.body = body
-        super().__init__(construct.Bytes(this.body_count * self.codec.size))
+        self.count_size = self.codec.size  # bytes per count of `length_field`
+        super().__init__(construct.Bytes(this[self.length_field] * self.count_size))
 
     def decode(self, raw: bytes) -> tuple[Any, ...]:
         return self.codec.decode_many(raw)
@@ -191,7 +195,7 @@ STATUS_LOG = construct.Struct(
     "modem" / Modem(),
     "sent_time" / KstTime("send time"),
     "log_size" / Field(Int16sb, unit="B", lo=0, doc="log size"),
-    "log" / LogText(this.log_size),
+    "log" / LogText("log_size"),
 )
 
 # §12 server response (0x09), 2 bytes --------------------------------------------------------------

@@ -29,6 +29,8 @@ import attrs
 import trio
 
 from ..protocol import KST, encode
+from ..protocol.layout import MINUTE_PREFIX, RealtimeCut, protocol_id, time_bytes
+from ..protocol.layout import realtime as realtime_layout
 from .engine import LoadEngine
 from .session import CpuTime, Link, Stats, resolve
 from .terminal import REALTIME, Policy, SimClock, Terminal
@@ -110,29 +112,21 @@ def make_identities(config: SimConfig, seed: int) -> list[Identity]:
 
 @attrs.frozen
 class Template:
-    """A realtime packet split around what changes per session: modem, KEY ON time, body minutes."""
+    """A realtime packet cut around what changes per session: modem, KEY ON time, body minutes."""
 
-    head: bytes  # protocol ID
-    period_and_count: bytes
-    pieces: tuple[bytes, ...]  # the bytes between the 5-byte YY MM DD hh mm of each body's time
+    cut: RealtimeCut
     kind: str
     body_count: int
 
     @classmethod
-    def from_packet(cls, raw: bytes, kind: str, body_size: int, body_count: int) -> Template:
-        pieces, start = [], 23
-        for i in range(body_count):
-            time_at = 23 + i * body_size + 6
-            pieces.append(raw[start:time_at])
-            start = time_at + 5
-        pieces.append(raw[start:])
-        return cls(raw[:1], raw[12:16], tuple(pieces), kind, body_count)
+    def from_packet(cls, raw: bytes) -> Template:
+        layout = realtime_layout(raw)
+        if layout is None:
+            raise ValueError(f"protocol ID 0x{protocol_id(raw):02X} is not a realtime packet")
+        return cls(layout.cut(raw), layout.kind, layout.body_count(raw))
 
     def render(self, modem: bytes, key_on_time: bytes, minute: bytes) -> bytes:
-        return self.head + modem + self.period_and_count + key_on_time + minute.join(self.pieces)
-
-
-BODY_SIZES = {"dtg": 51, "obd": 42, "mdt": 30}
+        return self.cut.render(modem, key_on_time, minute)
 
 
 def drive_templates(kind: str, rng: random.Random, start_minute_s: int, minutes: int,
@@ -147,13 +141,12 @@ def drive_templates(kind: str, rng: random.Random, start_minute_s: int, minutes:
         first = start_minute_s + m * 60
         bodies = [vehicle.step(first + i) for i in range(body_count)]
         record = REALTIME[kind](identity.modem, 1, datetime.fromtimestamp(start_minute_s, KST), bodies)
-        templates.append(Template.from_packet(encode(record), kind, BODY_SIZES[kind], body_count))
+        templates.append(Template.from_packet(encode(record)))
     return templates
 
 
 def _time_bytes(epoch_s: int) -> bytes:
-    t = datetime.fromtimestamp(epoch_s, KST)
-    return bytes((t.year - 2000, t.month, t.day, t.hour, t.minute, t.second, 0))
+    return time_bytes(datetime.fromtimestamp(epoch_s, KST))
 
 
 class PacketPool:
@@ -185,7 +178,7 @@ class PacketPool:
         minute_s = self.start_minute_s + 60 * minute
         prefix = self._minute_prefix.get(minute_s)
         if prefix is None:
-            prefix = self._minute_prefix[minute_s] = _time_bytes(minute_s)[:5]
+            prefix = self._minute_prefix[minute_s] = _time_bytes(minute_s)[:MINUTE_PREFIX]
         return template.render(modem, self.key_on_time, prefix), template.kind, template.body_count
 
 

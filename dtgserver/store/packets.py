@@ -267,7 +267,7 @@ class PacketStore:
         loop, and commits took tens of milliseconds of waiting for the GIL (docs/performance.md).
 
         """
-        rows = [(digest(item.received.raw), item.received.modem, item.received.kind, item.received.raw[0],
+        rows = [(digest(item.received.raw), item.received.modem, item.received.kind, item.received.protocol_id,
                  item.received.body_count, item.received_at, item.peer, item.received.raw) for item in batch]
         db = self.db
         try:

@@ -1,0 +1,234 @@
+"""Where each field sits in a packet, derived from the schemas: the only place offsets are known.
+
+Everything outside `protocol/` that reads a packet's bytes without decoding it into records goes
+through here: the framer's lengths (`framing`), the store's protocol ID, the bridge's reads of a
+realtime packet's bodies as `struct` tuples and columns, and the simulator's re-addressing of
+pre-rendered packets. Offsets, sizes and struct formats are computed from `schema` when this
+module loads, so a change to a schema changes every reader with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import attrs
+import construct
+
+from .codec import StructCodec, schema_fields
+from .fields import KST, Field, KstTime
+from .records import Packet, Realtime
+from .schema import CODECS, SCHEMAS, Bodies
+
+_EPOCH_DAY = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+@attrs.frozen
+class Slot:
+    """One fixed-size field: its byte offset, and where its values sit in its struct's tuple."""
+
+    name: str
+    offset: int
+    size: int
+    index: int  # of its first value in the tuple `struct.unpack` gives for the whole struct
+    arity: int  # how many values it takes there (a time: 7)
+    adapter: Field
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+def slots(schema: construct.Struct) -> dict[str, Slot]:
+    """The fixed-size fields of a schema, by name, in wire order (a variable tail is not one)."""
+    out: dict[str, Slot] = {}
+    offset = index = 0
+    for name, adapter in schema_fields(schema):
+        if not isinstance(adapter, Field) or _variable(adapter):
+            break
+        out[name] = Slot(name, offset, adapter.size, index, adapter.arity, adapter)
+        offset += adapter.size
+        index += adapter.arity
+    return out
+
+
+def _variable(adapter: Field) -> bool:
+    length = getattr(adapter.subcon, "length", None)
+    return isinstance(adapter.subcon, construct.Bytes) and not isinstance(length, int)
+
+
+# -- times ----------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def day_ms(yy: int, month: int, day: int) -> int | None:
+    """UTC ms of 00:00 KST on a wire date (year 2000 + yy); None when it is no calendar date."""
+    try:
+        return (datetime(2000 + yy, month, day, tzinfo=KST) - _EPOCH_DAY) // _MS
+    except ValueError:
+        return None
+
+
+def wire_time_ms(yy: int, month: int, day: int, hour: int, minute: int, second: int, cc: int) -> int | None:
+    """UTC ms of the seven values of a wire time (KST, cc in 1/100 s); None exactly where the
+    decoder gives a `BadTime` (no calendar time): the same as decoding it and converting."""
+    midnight = day_ms(yy, month, day)
+    if midnight is None or hour > 23 or minute > 59 or second > 59 or cc > 99:
+        return None
+    return midnight + ((hour * 60 + minute) * 60 + second) * 1000 + cc * 10
+
+
+def time_bytes(value: datetime) -> bytes:
+    """The 7 wire bytes of a time (KST); ValueError for one the wire cannot carry."""
+    return bytes(KstTime().encode(value))
+
+
+# -- realtime packets -----------------------------------------------------------------------------
+
+
+class RealtimeLayout:
+    """One realtime kind (DTG, OBD, MDT): its header and its bodies, as the schema lays them out.
+
+    `body` is the struct of one body (a time is 7 "B" values), `body_slots` says where each
+    field is in it and in the tuple it unpacks to.
+    """
+
+    def __init__(self, record: type[Realtime], header: Mapping[str, Slot], header_size: int, body: struct.Struct,
+                 body_slots: Mapping[str, Slot]):
+        self.protocol_id = record.PROTOCOL_ID
+        self.record = record
+        self.header = header
+        self.header_size = header_size
+        self.body = body
+        self.body_slots = body_slots
+        self._columns = {  # one field of every body, the rest of the body skipped
+            name: struct.Struct(f">{slot.offset}x{slot.adapter.fmt}{body.size - slot.end}x")
+            for name, slot in body_slots.items() if slot.arity == 1}
+
+    @property
+    def kind(self) -> str:
+        return self.record.KIND
+
+    @property
+    def body_size(self) -> int:
+        return self.body.size
+
+    def body_count(self, raw: bytes) -> int:
+        """How many bodies a framed packet holds (from its length, which the framer checked)."""
+        return (len(raw) - self.header_size) // self.body.size
+
+    def bodies(self, raw: bytes) -> memoryview:
+        """The bodies' bytes, back to back (no copy)."""
+        return memoryview(raw)[self.header_size:]
+
+    def tuples(self, raw: bytes) -> Iterator[tuple[Any, ...]]:
+        """Each body's wire values, in `body_slots` order (`struct.iter_unpack`)."""
+        return self.body.iter_unpack(memoryview(raw)[self.header_size:])
+
+    def body_values(self, raw: bytes, index: int) -> tuple[Any, ...]:
+        """The wire values of body `index` (negative counts from the last)."""
+        if index < 0:
+            index += self.body_count(raw)
+        return self.body.unpack_from(raw, self.header_size + index * self.body.size)
+
+    def decoded(self, raw: bytes, index: int, names: Sequence[str]) -> dict[str, Any]:
+        """The values of the fields `names` of body `index` (negative counts from the last), decoded
+        exactly as in its record; a name this kind's body does not have is left out."""
+        values = self.body_values(raw, index)
+        out = {}
+        for name in names:
+            slot = self.body_slots.get(name)
+            if slot is not None:
+                wire = values[slot.index] if slot.arity == 1 else bytes(values[slot.index:slot.index + slot.arity])
+                out[name] = slot.adapter.decode(wire)
+        return out
+
+    def column(self, raw: bytes, name: str) -> Sequence[int]:
+        """The wire value of field `name` in every body, in order (one-value fields only).
+
+        A one-byte unsigned field is a slice of the packet (a `bytes` of the values)."""
+        slot = self.body_slots[name]
+        if slot.adapter.fmt == "B":
+            return raw[self.header_size + slot.offset::self.body.size]
+        return [v for (v,) in self._columns[name].iter_unpack(memoryview(raw)[self.header_size:])]
+
+    def times_ms(self, raw: bytes) -> tuple[int | None, int | None]:
+        """UTC ms of the first and of the last body whose time is a calendar time (None, None: none is)."""
+        slot = self.body_slots["time"]
+        size, count = self.body.size, self.body_count(raw)
+        first_at = self.header_size + slot.offset
+        last_at = first_at + (count - 1) * size
+        for at in range(first_at, last_at + 1, size):
+            first = wire_time_ms(*raw[at:at + 7])
+            if first is not None:
+                for back in range(last_at, at - 1, -size):
+                    last = wire_time_ms(*raw[back:back + 7])
+                    if last is not None:
+                        return first, last
+        return None, None
+
+    def key_on_ms(self, raw: bytes) -> int | None:
+        """UTC ms of the header's KEY ON time; None when it is no calendar time."""
+        at = self.header["key_on_time"].offset
+        return wire_time_ms(*raw[at:at + 7])
+
+    def cut(self, raw: bytes) -> RealtimeCut:
+        """The packet cut around what a load generator changes in each copy (docs/simulator.md):
+        the modem, the KEY ON time, and each body's time down to the minute."""
+        modem, key_on = self.header["modem"], self.header["key_on_time"]
+        if not (modem.end <= key_on.offset and key_on.end == self.header_size):
+            raise TypeError("RealtimeLayout.cut expects the modem before the KEY ON time, which ends the header")
+        time_at = self.body_slots["time"].offset
+        pieces, start = [], self.header_size
+        for body in range(self.header_size, len(raw), self.body.size):
+            pieces.append(raw[start:body + time_at])
+            start = body + time_at + MINUTE_PREFIX
+        pieces.append(raw[start:])
+        return RealtimeCut(raw[:modem.offset], raw[modem.end:key_on.offset], tuple(pieces))
+
+
+MINUTE_PREFIX = 5
+"""Bytes of a wire time down to the minute: YY MM DD hh mm."""
+
+
+@attrs.frozen
+class RealtimeCut:
+    """A realtime packet without its modem, KEY ON time and body minutes: `render` puts new ones in."""
+
+    head: bytes
+    middle: bytes  # between the modem and the KEY ON time
+    pieces: tuple[bytes, ...]  # the bytes around each body's YY MM DD hh mm
+
+    def render(self, modem: bytes, key_on_time: bytes, minute: bytes) -> bytes:
+        """The packet with another modem (11 bytes), KEY ON time (7) and minute of every body (5)."""
+        return self.head + modem + self.middle + key_on_time + minute.join(self.pieces)
+
+
+def _realtime_layout(record: type[Packet], codec: StructCodec) -> RealtimeLayout:
+    assert codec.tail is not None and isinstance(codec.tail[1], Bodies)
+    bodies = codec.tail[1]
+    assert issubclass(record, Realtime)
+    return RealtimeLayout(record, slots(SCHEMAS[record]), codec.size, bodies.codec.struct, slots(bodies.body))
+
+
+REALTIME: dict[int, RealtimeLayout] = {
+    record.PROTOCOL_ID: _realtime_layout(record, codec) for record, codec in CODECS.items()
+    if codec.tail is not None and isinstance(codec.tail[1], Bodies)
+}
+"""Protocol ID → the layout of that realtime kind."""
+
+REALTIME_BY_KIND: dict[str, RealtimeLayout] = {layout.kind: layout for layout in REALTIME.values()}
+
+
+def protocol_id(raw: bytes) -> int:
+    """The protocol ID of a packet: its first byte."""
+    return raw[0]
+
+
+def realtime(raw: bytes) -> RealtimeLayout | None:
+    """The layout of a realtime packet's kind; None for a packet of another kind."""
+    return REALTIME.get(raw[0])

@@ -1,0 +1,198 @@
+"""protocol.layout: the offsets, lengths and column reads derived from the schemas agree with the
+decoder on every packet, and no code outside protocol/ reads a packet's bytes by hand."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from strategies import frames, records
+
+from dtgserver.protocol import (
+    FRAME_LENGTHS,
+    KST,
+    BadTime,
+    BasicInfo,
+    DtgRealtime,
+    KeyOff,
+    MdtRealtime,
+    ObdRealtime,
+    ProtocolError,
+    Realtime,
+    Response,
+    StatusLog,
+    decode,
+    encode,
+    frame_length,
+)
+from dtgserver.protocol.fields import KstTime
+from dtgserver.protocol.layout import REALTIME, protocol_id, realtime, time_bytes, wire_time_ms
+
+REALTIME_IDS = tuple(REALTIME)
+EPOCH = datetime(1970, 1, 1, tzinfo=KST) + timedelta(hours=9)
+
+
+def ms(value: Any) -> int | None:
+    return None if isinstance(value, BadTime) else (value - EPOCH) // timedelta(milliseconds=1)
+
+
+# -- lengths ----------------------------------------------------------------------------------------
+
+
+def test_frame_lengths_are_the_spec_tables_sizes() -> None:
+    """Derived from the schemas, and equal to what the spec's tables add up to."""
+    assert sorted(FRAME_LENGTHS) == [0x01, 0x03, 0x04, 0x06, 0x07, 0x09, 0x63, 0x99]
+    header = bytes(14)
+
+    def length(pid: int, count: int) -> int | None:
+        return frame_length(bytes([pid]) + header[1:] + count.to_bytes(2, "big") + bytes(8))
+
+    assert [length(pid, 0) for pid in (0x01, 0x04, 0x09)] == [101, 36, 2]
+    assert [length(pid, 2) for pid in (0x03, 0x06, 0x07)] == [23 + 2 * 51, 23 + 2 * 42, 23 + 2 * 30]
+    log = bytes([0x63]) + bytes(18) + (300).to_bytes(2, "big")
+    assert frame_length(log) == 21 + 300 and frame_length(log[:20]) is None
+    assert frame_length(bytes([0x03]) + bytes(14)) is None  # the body count not yet received
+
+
+@pytest.mark.parametrize(("frame", "offset", "message"), [
+    (bytes([0x03]) + bytes(13) + b"\x00\x00", 14, "body count 0 is not positive"),
+    (bytes([0x06]) + bytes(13) + b"\xff\xff", 14, "body count -1 is not positive"),
+    (bytes([0x07]) + bytes(13) + (3601).to_bytes(2, "big"), 14, "body count 3601 is above the maximum of 3600"),
+    (bytes([0x99]) + bytes(18) + b"\x80\x00", 19, "log size -32768 is negative"),
+])
+def test_a_length_field_out_of_range_is_refused_at_its_offset(frame: bytes, offset: int, message: str) -> None:
+    with pytest.raises(ProtocolError) as error:
+        frame_length(frame)
+    assert (error.value.offset, error.value.message) == (offset, message)
+
+
+def test_protocol_id_and_realtime_layouts() -> None:
+    raw = encode(KeyOff("0101", datetime(2026, 1, 1, tzinfo=KST), 127.0, 37.0, datetime(2026, 1, 1, tzinfo=KST), 12))
+    assert protocol_id(raw) == 0x04 and realtime(raw) is None
+    assert {layout.kind: (pid, layout.header_size, layout.body_size) for pid, layout in REALTIME.items()} == {
+        "dtg": (0x03, 23, 51), "obd": (0x06, 23, 42), "mdt": (0x07, 23, 30)}
+    assert protocol_id(encode(Response(0))) == 0x09
+    assert protocol_id(encode(StatusLog("1", datetime(2026, 1, 1, tzinfo=KST), "x", protocol_id=0x99))) == 0x99
+
+
+# -- times ------------------------------------------------------------------------------------------
+
+# each byte of a time anywhere in 0..255, with the values at the limits of a calendar time likely
+_TIME_BYTES = [st.integers(0, 255) | st.sampled_from(limits) for limits in (
+    (0, 255), (0, 1, 2, 12, 13), (0, 1, 28, 29, 30, 31, 32), (23, 24), (59, 60), (59, 60), (99, 100))]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.tuples(*_TIME_BYTES))
+@example((24, 2, 29, 23, 59, 59, 99))  # a leap day, the last 1/100 s of it
+@example((25, 2, 29, 0, 0, 0, 0))  # no such day
+@example((26, 1, 1, 24, 0, 0, 0))
+@example((26, 1, 1, 0, 60, 0, 0))
+@example((26, 1, 1, 0, 0, 60, 0))
+@example((26, 1, 1, 0, 0, 0, 100))
+def test_wire_time_ms_is_the_decoded_time_in_utc_ms(values: tuple[int, ...]) -> None:
+    """The raw fast path and the decoder agree on every 7 bytes, the calendar's limits included."""
+    assert wire_time_ms(*values) == ms(KstTime().decode(bytes(values)))
+
+
+def test_time_bytes_are_what_the_decoder_reads_back() -> None:
+    t = datetime(2026, 11, 21, 8, 0, 59, 990000, tzinfo=KST)
+    assert time_bytes(t) == bytes((26, 11, 21, 8, 0, 59, 99)) and KstTime().decode(time_bytes(t)) == t
+    with pytest.raises(ValueError):
+        time_bytes(datetime(1999, 12, 31, tzinfo=KST))
+
+
+# -- bodies -----------------------------------------------------------------------------------------
+
+realtime_frames = frames(REALTIME_IDS, max_bodies=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(realtime_frames)
+def test_tuples_columns_and_values_are_the_decoded_bodies(raw: bytes) -> None:
+    record = decode(raw)
+    assert isinstance(record, Realtime)
+    layout = realtime(raw)
+    assert layout is not None and layout.kind == record.KIND and layout.body_count(raw) == len(record.bodies)
+    assert len(list(layout.tuples(raw))) == len(record.bodies)
+    names = list(layout.body_slots)
+    for name in names:
+        if layout.body_slots[name].arity == 1:
+            column = [layout.body_slots[name].adapter.decode(v) for v in layout.column(raw, name)]
+            assert column == [getattr(body, name) for body in record.bodies], name
+    for index, body in [(0, record.bodies[0]), (-1, record.bodies[-1]), (len(record.bodies) - 1, record.bodies[-1])]:
+        assert layout.decoded(raw, index, [*names, "no_such_field"]) == {name: getattr(body, name) for name in names}
+    times = [t for t in (ms(body.time) for body in record.bodies) if t is not None]
+    assert layout.times_ms(raw) == ((times[0], times[-1]) if times else (None, None))
+    assert layout.key_on_ms(raw) == ms(record.key_on_time)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(records(DtgRealtime), records(ObdRealtime), records(MdtRealtime)),
+       st.text("0123456789", min_size=11, max_size=11).map(str.encode),
+       st.datetimes(datetime(2000, 1, 1), datetime(2255, 12, 31, 23, 59)))
+def test_a_cut_packet_renders_with_a_new_modem_key_on_time_and_minute(record: Realtime, modem: bytes,
+                                                                      when: datetime) -> None:
+    raw = encode(record)
+    layout = realtime(raw)
+    assert layout is not None
+    cut = layout.cut(raw)
+    key_on = time_bytes(when.replace(microsecond=0, tzinfo=KST))
+    rendered = cut.render(modem, key_on, key_on[:5])
+    assert len(rendered) == len(raw) and protocol_id(rendered) == protocol_id(raw)
+    again = decode(rendered)
+    assert isinstance(again, Realtime)
+    assert again.modem == modem.decode() and again.key_on_time == KstTime().decode(key_on)
+    assert again.report_period_min == record.report_period_min
+    original = decode(raw)
+    assert isinstance(original, Realtime)
+    for before, after in zip(original.bodies, again.bodies, strict=True):  # only each body's minute changed
+        assert after == attrs.evolve(before, time=KstTime().decode(key_on[:5] + KstTime().encode(before.time)[5:]))
+
+
+# -- nothing outside protocol/ reads a packet's bytes by hand -------------------------------------------
+
+PACKAGE = Path(__file__).parent.parent / "dtgserver"
+# a packet's bytes are called raw, frame, packet or buf wherever dtgserver handles them
+_PACKET = r"(?:\braw|\bframe|\bpacket|\bbuf|\.raw)\b"
+BY_HAND = {
+    "an index or slice of a packet's bytes": re.compile(_PACKET + r"\s*\["),
+    "an index or slice of a view of a packet's bytes": re.compile(r"memoryview\(\s*" + _PACKET + r"[^)]*\)\s*\["),
+    "a struct read of a packet's bytes": re.compile(r"(?:unpack|unpack_from|iter_unpack|from_bytes)\(\s*" + _PACKET),
+}
+
+
+def by_hand(text: str) -> list[str]:
+    return [f"{n}: {what}: {line.strip()}" for n, line in enumerate(text.splitlines(), 1)
+            for what, pattern in BY_HAND.items() if pattern.search(line)]
+
+
+def test_the_wire_format_is_read_only_in_protocol() -> None:
+    found = [f"{path.relative_to(PACKAGE)}:{hit}" for path in sorted(PACKAGE.rglob("*.py"))
+             if "protocol" not in path.relative_to(PACKAGE).parts for hit in by_hand(path.read_text("utf-8"))]
+    assert found == []
+
+
+@pytest.mark.parametrize("line", [
+    "modem = raw[1:12]", "kind = raw[0]", "x = item.received.raw[0]", "count = int.from_bytes(buf[14:16], 'big')",
+    "speeds = raw [first::size]", "struct.unpack_from(raw, 16)", "S.iter_unpack(memoryview(raw)[23:])",
+    "head = frame[:23]",
+])
+def test_the_check_finds_bytes_read_by_hand(line: str) -> None:
+    assert by_hand(line)
+
+
+def test_the_check_leaves_other_code_alone() -> None:
+    assert by_hand("raws = [p.raw for p in packets]\nframes[0]\nraw_len = len(raw)\nbuffer[at:end]\n"
+                   "view = memoryview(packet)\nsent = view[n:]") == []
+
+
+def test_basic_info_is_not_realtime() -> None:
+    raw = encode(BasicInfo("1", "m", "v", "11", "r", "b", "d", "1"))
+    assert realtime(raw) is None and protocol_id(raw) == 0x01
