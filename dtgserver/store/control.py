@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import attrs
+import trio
 
 CONTROL_SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -133,6 +134,11 @@ class Control:
             active=frozenset(d.modem for d in devices if d.status is DeviceStatus.ACTIVE),
             cancelled=frozenset(d.modem for d in devices if d.status is DeviceStatus.CANCELLED),
         )
+
+    async def wait_changed(self, poll: float) -> bool:
+        """In a server: after `poll` seconds, whether another process committed a change meanwhile."""
+        await trio.sleep(poll)
+        return await trio.to_thread.run_sync(self.changed)
 
     def changed(self) -> bool:
         """True when another connection committed since the last call (cheap: no table read)."""
