@@ -74,6 +74,11 @@ NON_DEFAULTS: dict[str, tuple[str, object]] = {
     "profile": ('"sf2019"', "sf2019"),
     "battery_warning_v": ("23.0", 23.0),
     "outbox_high_water": ("5", 5),
+    "store": ('"nats://n1.example:4222,n2.example:4222"', "nats://n1.example:4222,n2.example:4222"),
+    "store_tls_ca": ('"nats-ca.pem"', Path("nats-ca.pem")),
+    "store_replicas": ("1", 1),
+    "store_ack_timeout": ("2.5", 2.5),
+    "store_partitions": ("4", 4),
 }
 
 

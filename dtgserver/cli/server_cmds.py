@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 import trio
@@ -79,6 +79,54 @@ def _env(name: str) -> dict[str, Any]:
     return {"envvar": f"DTGSERVER_{name}", "show_envvar": True}
 
 
+def _store_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--store: checked here, so a bad URL is a usage error naming the option (never echoing a password)."""
+    if value is None:
+        return None
+    from ..store.nats import StoreUrl
+
+    try:
+        StoreUrl.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    return value
+
+
+def store_options(f: Any) -> Any:
+    """--store and what goes with it, on every command that reads or writes the store."""
+    for decorate in reversed((
+        click.option("--store", default=None, callback=_store_url, **_env("STORE"),
+                     help="Keep packets, registry and maintenance mode on a NATS JetStream cluster instead of "
+                          "SQLite in --data-dir: nats://[user:pass@]host[:port][,host[:port]...] or tls://... "
+                          "Give credentials through DTGSERVER_STORE, DTGSERVER_STORE_USER/_PASSWORD/_TOKEN or "
+                          "--config, not on the command line (ps shows it)."),
+        click.option("--store-tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     **_env("STORE_TLS_CA"), help="CA certificate file for a tls:// store."),
+        click.option("--store-replicas", type=click.IntRange(1, 5), default=3, **_env("STORE_REPLICAS"),
+                     help="Copies of the packet stream and control bucket, when this command creates them."),
+    )):
+        f = decorate(f)
+    return f
+
+
+@contextlib.contextmanager
+def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
+    """A command's connection to the cluster (stream and bucket made if missing); a clear error if it fails."""
+    from ..store.nats import NatsBackend, NatsOptions, PartitionMismatch, StoreUrl
+
+    url = StoreUrl.parse(store_url, tls_ca=tls_ca)
+    backend = NatsBackend(NatsOptions(url, replicas=replicas), name="dtgserver-cli")
+    try:
+        try:
+            backend.open_blocking()
+        except (ConnectionError, TimeoutError, PartitionMismatch) as e:
+            click.echo(f"dtgserver: error: {e}", err=True)
+            sys.exit(1)
+        yield backend
+    finally:
+        backend.close()
+
+
 @click.command()
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
               envvar="DTGSERVER_CONFIG", show_envvar=True, help="TOML file of options (keys as the long option names).")
@@ -121,6 +169,12 @@ def _env(name: str) -> dict[str, Any]:
               help="Commit in separate processes: per shard, one writer process (store and MQTT forwarder) "
                    "takes the packets of the sessions' processes, which answer after its commit. Uses a "
                    "second core even with one worker.")
+@store_options
+@click.option("--store-ack-timeout", type=click.FloatRange(min=0.1), default=10.0, **_env("STORE_ACK_TIMEOUT"),
+              help="With --store: seconds a packet may wait for the stream's PubAck (publishes are retried "
+                   "meanwhile) before it is answered 4.")
+@click.option("--store-partitions", type=click.IntRange(1, 1024), default=None, **_env("STORE_PARTITIONS"),
+              help="With --store: partitions of the packet stream, recorded by the first server (default 16).")
 @click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="More logging (-v: debug).")
 @click.option("-q", "--quiet", is_flag=True, **_env("QUIET"), help="Warnings only (no line per session).")
 def serve(verbose: int, quiet: bool, workers: int, writer_process: bool, **options: Any) -> None:
@@ -133,8 +187,12 @@ def serve(verbose: int, quiet: bool, workers: int, writer_process: bool, **optio
     from .. import logs
     from ..server.app import serve as run_server
     from ..server.workers import serve_workers
+    from ..store.nats import PartitionMismatch
     from ..store.packets import ShardCountMismatch
 
+    if options["store"] is not None and (workers != 1 or writer_process or options["mqtt_url"]):
+        raise click.UsageError("--store nats://... runs one process per node: no --workers, --writer-process or "
+                               "--mqtt (start more nodes instead; `dtgserver bridge` forwards from the stream)")
     verbosity = -1 if quiet else verbose
     logs.configure(verbosity)
     config = ServerConfig(**options)
@@ -144,7 +202,8 @@ def serve(verbose: int, quiet: bool, workers: int, writer_process: bool, **optio
             trio.run(run_server, config)
         else:
             exit_code = trio.run(partial(serve_workers, writer_process=writer_process), config, workers, verbosity)
-    except* (OSError, sqlite3.Error, ShardCountMismatch) as group:  # nurseries wrap errors in groups: say the first one
+    # nurseries wrap errors in groups: say the first one
+    except* (OSError, sqlite3.Error, ShardCountMismatch, PartitionMismatch) as group:
         click.echo(f"dtgserver: error: {_first_error(group)}", err=True)
         sys.exit(1)
     sys.exit(exit_code)
@@ -157,10 +216,21 @@ def _first_error(error: BaseException) -> BaseException:
 
 
 @contextlib.contextmanager
-def _control(data_dir: Path) -> Iterator[Control]:
-    """DIR/control.db for one command; a data dir that cannot hold it, or a broken file, is a clear error."""
+def _control(data_dir: Path, store: str | None = None, store_tls_ca: Path | None = None,
+             store_replicas: int = 3) -> Iterator[Control]:
+    """DIR/control.db (or the cluster's control bucket with --store) for one command; a clear error if it fails."""
     from ..store import Control
 
+    if store is not None:
+        from ..store.nats import NatsControl
+
+        with _nats(store, store_tls_ca, store_replicas) as backend:
+            try:
+                yield cast(Control, NatsControl(backend))
+            except (TimeoutError, ConnectionError) as e:
+                click.echo(f"dtgserver: error: {e}", err=True)
+                sys.exit(1)
+        return
     try:
         control = Control(data_dir)
         try:
@@ -182,14 +252,15 @@ def devices() -> None:
 @click.option("--note", default="", help="Free text kept with the entry.")
 @click.option("--cancelled", is_flag=True, help="Mark as cancelled: its packets are answered 2.")
 @data_dir_option
-def devices_add(modems: tuple[str, ...], note: str, cancelled: bool, data_dir: Path) -> None:
+@store_options
+def devices_add(modems: tuple[str, ...], note: str, cancelled: bool, data_dir: Path, **store_opts: Any) -> None:
     """Add (or update) terminals by modem number."""
     from ..store import DeviceStatus
 
     bad = [m for m in modems if not re.fullmatch(r"[0-9]{1,11}", m)]
     if bad:
         raise click.BadParameter(f"modem numbers are 1 to 11 digits: {', '.join(bad)}")
-    with _control(data_dir) as control:
+    with _control(data_dir, **store_opts) as control:
         for modem in modems:
             control.add_device(modem, note, DeviceStatus.CANCELLED if cancelled else DeviceStatus.ACTIVE)
     click.echo(f"{len(modems)} device(s) {'cancelled' if cancelled else 'active'}")
@@ -198,9 +269,10 @@ def devices_add(modems: tuple[str, ...], note: str, cancelled: bool, data_dir: P
 @devices.command("remove")
 @click.argument("modems", nargs=-1, required=True)
 @data_dir_option
-def devices_remove(modems: tuple[str, ...], data_dir: Path) -> None:
+@store_options
+def devices_remove(modems: tuple[str, ...], data_dir: Path, **store_opts: Any) -> None:
     """Remove terminals from the registry."""
-    with _control(data_dir) as control:
+    with _control(data_dir, **store_opts) as control:
         missing = [m for m in modems if not control.remove_device(m)]
     if missing:
         click.echo(f"dtgserver: error: not in the registry: {', '.join(missing)}", err=True)
@@ -209,10 +281,11 @@ def devices_remove(modems: tuple[str, ...], data_dir: Path) -> None:
 
 @devices.command("list")
 @data_dir_option
+@store_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per device.")
-def devices_list(data_dir: Path, as_json: bool) -> None:
+def devices_list(data_dir: Path, as_json: bool, **store_opts: Any) -> None:
     """List the registry and whether it is enforced."""
-    with _control(data_dir) as control:
+    with _control(data_dir, **store_opts) as control:
         state, entries = control.load(), control.devices()
     if as_json:
         for d in entries:
@@ -226,9 +299,10 @@ def devices_list(data_dir: Path, as_json: bool) -> None:
 @devices.command("enforce")
 @click.argument("switch", type=click.Choice(["on", "off"]))
 @data_dir_option
-def devices_enforce(switch: str, data_dir: Path) -> None:
+@store_options
+def devices_enforce(switch: str, data_dir: Path, **store_opts: Any) -> None:
     """Turn the allow-list on (unknown terminals get 2) or off; a running server follows within a second."""
-    with _control(data_dir) as control:
+    with _control(data_dir, **store_opts) as control:
         control.set_registry_enforced(switch == "on")
         active = len(control.load().active)
     click.echo(f"registry enforcement {switch}")
@@ -241,12 +315,14 @@ def devices_enforce(switch: str, data_dir: Path) -> None:
 @click.command()
 @click.argument("switch", type=click.Choice(["on", "off"]))
 @data_dir_option
-def maintenance(switch: str, data_dir: Path) -> None:
+@store_options
+def maintenance(switch: str, data_dir: Path, **store_opts: Any) -> None:
     """Maintenance mode on (every packet answered 3, nothing stored) or off.
 
-    Written to DIR/control.db; a running server on the same data dir follows within a second.
+    Written to DIR/control.db (with --store: the cluster's control bucket); every running server on the same
+    data dir (or cluster) follows within a second.
     """
-    with _control(data_dir) as control:
+    with _control(data_dir, **store_opts) as control:
         control.set_maintenance(switch == "on")
     click.echo(f"maintenance {switch}")
 
@@ -269,30 +345,47 @@ def _parse_time(value: str | None, option: str | None = None) -> float | None:
 
 @click.command()
 @data_dir_option
+@store_options
 @click.option("--modem", default=None, help="Only this terminal.")
 @click.option("--since", default=None, help="Received at or after (ISO 8601, KST when no offset; or Unix seconds).")
 @click.option("--until", default=None, help="Received before (same forms as --since).")
 @click.option("--format", "output_format", type=click.Choice(["jsonl", "geojson"]), default="jsonl",
               help="jsonl: the decode JSON plus received_at and peer; geojson: one LineString per trip.")
-def export(data_dir: Path, modem: str | None, since: str | None, until: str | None, output_format: str) -> None:
-    """Print stored packets (all shards) in receive order."""
+def export(data_dir: Path, modem: str | None, since: str | None, until: str | None, output_format: str,
+           store: str | None, store_tls_ca: Path | None, store_replicas: int) -> None:
+    """Print stored packets (all shards) in receive order (with --store: the stream's order)."""
     from ..store import read_stored, shard_paths
-    from ..store.export import geojson, jsonl
 
+    since_s, until_s = _parse_time(since, "--since"), _parse_time(until, "--until")
+    if store is not None:
+        from ..store.nats import read_stream
+
+        with _nats(store, store_tls_ca, store_replicas) as backend:
+            try:
+                _print_packets(read_stream(backend, modem=modem, since=since_s, until=until_s), output_format)
+            except (TimeoutError, ConnectionError) as e:
+                click.echo(f"dtgserver: error: cannot read the stream: {e}", err=True)
+                sys.exit(1)
+        return
     if not shard_paths(data_dir):
         click.echo(f"dtgserver: error: no store in {data_dir}", err=True)
         sys.exit(1)
-    packets = read_stored(data_dir, modem=modem, since=_parse_time(since, "--since"),
-                          until=_parse_time(until, "--until"))
+    packets = read_stored(data_dir, modem=modem, since=since_s, until=until_s)
     try:
-        if output_format == "geojson":
-            click.echo(json.dumps(geojson(packets), ensure_ascii=False))
-        else:
-            for obj in jsonl(packets):
-                click.echo(json.dumps(obj, ensure_ascii=False))
+        _print_packets(packets, output_format)
     except sqlite3.Error as e:
         click.echo(f"dtgserver: error: cannot read the store in {data_dir}: {e}", err=True)
         sys.exit(1)
+
+
+def _print_packets(packets: Any, output_format: str) -> None:
+    from ..store.export import geojson, jsonl
+
+    if output_format == "geojson":
+        click.echo(json.dumps(geojson(packets), ensure_ascii=False))
+    else:
+        for obj in jsonl(packets):
+            click.echo(json.dumps(obj, ensure_ascii=False))
 
 
 COMMANDS = [serve, devices, maintenance, export]

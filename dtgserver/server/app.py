@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import attrs
 import trio
@@ -82,6 +82,9 @@ class DtgServer:
         self.config = config
         self.metrics = Metrics()
         self.timeouts = Timeouts()
+        if config.store is not None:
+            self._open_nats(config, shard, shards, reuse_port, role)
+            return
         self.control = Control(config.data_dir)
         check_shard_count(self.control, config.data_dir, shards)
         self.control_state: ControlState = self.control.load()
@@ -105,6 +108,32 @@ class DtgServer:
         # the end of the links other processes relay this shard's packets over
         self.relay = RelayListener(config.data_dir, shard, shards, self.store, max_body_count=config.max_body_count) \
             if self.store is not None and (self.remotes or role == "writer") else None
+        self._init_rest()
+
+    def _open_nats(self, config: ServerConfig, shard: int, shards: int, reuse_port: bool, role: ProcessRole) -> None:
+        """`--store nats://…`: one JetStream store for every terminal, control in the cluster's bucket."""
+        from ..store.nats import NatsOptions, StoreUrl, open_server_store
+
+        if role != "combined" or config.mqtt_url is not None:
+            raise ValueError("with --store nats://, serve runs alone: no --writer-process, no --mqtt "
+                             "(the bridge consumes the stream)")
+        options = NatsOptions(StoreUrl.parse(config.store or "", tls_ca=config.store_tls_ca),
+                              replicas=config.store_replicas, ack_timeout=config.store_ack_timeout,
+                              partitions=config.store_partitions)
+        control, store = open_server_store(options, queue_high_water=config.queue_high_water)
+        # the same session-facing interface as Control and PacketStore (store/nats/control.py, packets.py)
+        self.control = cast(Any, control)
+        self.control_state = control.load()
+        self.shard, self.shards, self.reuse_port, self.role = shard, shards, reuse_port, role
+        self.owned = [shard]
+        self.stores = {shard: cast(Any, store)}
+        self.store = cast(Any, store)
+        self.remotes = {}
+        self.destinations = {i: cast(Any, store) for i in range(max(shards, shard + 1))}
+        self.relay = None
+        self._init_rest()
+
+    def _init_rest(self) -> None:
         self.forwarder: Any = None
         self._stop = trio.Event()
         self._accepting = False
@@ -245,8 +274,7 @@ class DtgServer:
     async def _poll_control(self) -> None:
         """Reload the registry and the maintenance switch when another process changed them."""
         while True:
-            await trio.sleep(self.config.control_poll)
-            if await trio.to_thread.run_sync(self.control.changed):
+            if await self.control.wait_changed(self.config.control_poll):
                 self.control_state = await trio.to_thread.run_sync(self.control.load)
                 log.info("control reloaded: maintenance=%s registry=%s devices=%d",
                          self.control_state.maintenance, self.control_state.registry_enforced,

@@ -36,3 +36,9 @@ class ServerConfig:
     profile: str = "seed"
     battery_warning_v: float = 11.5
     outbox_high_water: int = 100_000
+    # the store on a NATS JetStream cluster (dtgserver.store.nats) instead of SQLite in data_dir; None = SQLite
+    store: str | None = None  # nats://… URL
+    store_tls_ca: Path | None = None
+    store_replicas: int = 3
+    store_ack_timeout: float = 10 * SECONDS
+    store_partitions: int | None = None  # None: what the cluster has recorded (16 for a new one)

@@ -1,0 +1,137 @@
+"""`--store nats://…` on the commands: the URL, devices and maintenance on the cluster, export from the stream."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from click.testing import CliRunner, Result
+from natscluster import NatsCluster, nats_cluster_fixture
+from packets import basic_info, dtg, key_off, status_log
+from test_nats_store import running as running_nats
+from test_nats_store import until_ok
+from test_server import MAINTENANCE, OK, UNKNOWN, exchange
+from test_server import running as running_sqlite
+
+from dtgserver.cli import main
+from dtgserver.protocol import encode
+from dtgserver.store.nats import StoreUrl
+
+__all__ = ["nats_cluster_fixture"]
+
+
+def run(*args: object, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+# -- the URL ------------------------------------------------------------------------------------
+
+
+def test_store_url_takes_hosts_and_credentials_and_never_prints_a_secret() -> None:
+    url = StoreUrl.parse("nats://dtg:s3cr%40t@10.0.0.1:4222,10.0.0.2,[::1]:4333", env={})
+    assert url.hosts == (("10.0.0.1", 4222), ("10.0.0.2", 4222), ("::1", 4333))
+    assert (url.user, url.password, url.token, url.tls) == ("dtg", "s3cr@t", None, False)
+    assert url.servers == ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222", "nats://[::1]:4333"]
+    assert str(url) == "nats://dtg@10.0.0.1:4222,10.0.0.2:4222,[::1]:4333"
+    assert "s3cr" not in repr(url)
+    token = StoreUrl.parse("tls://t0ken@nats.example:4443", env={})
+    assert (token.token, token.tls, str(token)) == ("t0ken", True, "tls://***@nats.example:4443")
+    from_env = StoreUrl.parse("nats://127.0.0.1", env={"DTGSERVER_STORE_USER": "u", "DTGSERVER_STORE_PASSWORD": "p"})
+    assert (from_env.user, from_env.password) == ("u", "p")
+
+
+@pytest.mark.parametrize("bad", ["http://h:1", "nats://", "nats://h:99999", "nats://h:x", "nats://h/stream",
+                                 "nats://u:hunter2@h:0"])
+def test_a_bad_store_url_is_a_usage_error_naming_the_option_and_no_secret(tmp_path: Path, bad: str) -> None:
+    result = run("devices", "list", "--store", bad)
+    assert result.exit_code == 2, result.output
+    assert "--store" in result.output and "hunter2" not in result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_with_store_runs_one_process_per_node(tmp_path: Path) -> None:
+    for extra in (["--workers", "2"], ["--writer-process"], ["--mqtt", "mqtt://127.0.0.1"]):
+        result = run("serve", "--store", "nats://127.0.0.1:1", "--port", "0", *extra)
+        assert result.exit_code == 2 and "one process per node" in result.output, result.output
+
+
+def test_a_command_on_an_unreachable_cluster_is_a_clear_error() -> None:
+    from natscluster import free_ports
+
+    port = free_ports(1)[0]
+    result = run("maintenance", "on", "--store", f"nats://u:hunter2@127.0.0.1:{port}")
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("dtgserver: error: cannot connect to the NATS cluster nats://u@127.0.0.1:")
+    assert "hunter2" not in result.output and "Traceback" not in result.output
+
+
+# -- on the cluster -------------------------------------------------------------------------------
+
+pytestmark = pytest.mark.slow
+
+
+async def test_devices_and_maintenance_commands_reach_a_server_on_another_node(
+        tmp_path: Path, nats_cluster: NatsCluster) -> None:
+    other_node = nats_cluster.nodes[2].url
+    packet = encode(dtg("01055550001", bodies=2))
+
+    async def command(*args: str) -> Result:
+        result = await trio.to_thread.run_sync(lambda: run(*args, "--store", other_node))
+        assert result.exit_code == 0, result.output
+        return result
+
+    async with running_nats(tmp_path, nats_cluster.nodes[0].url) as server:
+        port = server.port or 0
+        await until_ok(port, packet)
+        await command("maintenance", "on")
+        with trio.fail_after(1.0):
+            while await exchange(port, packet) != MAINTENANCE:
+                await trio.sleep(0.02)
+        await command("maintenance", "off")
+        await command("devices", "add", "01055550002", "--note", "bus 7")
+        await command("devices", "enforce", "on")
+        with trio.fail_after(1.0):
+            while await exchange(port, packet) != UNKNOWN:
+                await trio.sleep(0.02)
+        listed = await command("devices", "list", "--json")
+        assert [json.loads(line) for line in listed.output.splitlines()] == [
+            {"modem": "01055550002", "status": "active", "note": "bus 7"}]
+        await command("devices", "remove", "01055550002")
+        assert (await command("devices", "list")).output == "registry enforced; 0 device(s)\n"
+
+
+def _without_receipt(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in o.items() if k not in ("received_at", "peer")} for o in objects]
+
+
+async def test_export_reads_the_stream_back_in_the_json_of_the_sqlite_export(
+        tmp_path: Path, nats_cluster: NatsCluster) -> None:
+    modem = "01066660001"
+    packets = [encode(basic_info(modem)), encode(dtg(modem, bodies=3)), encode(key_off(modem)),
+               encode(status_log(modem)), encode(dtg("01066660002", bodies=2))]
+    async with running_nats(tmp_path, nats_cluster.url) as server:
+        await until_ok(server.port or 0, packets[0])
+        for packet in packets[1:]:
+            assert await exchange(server.port or 0, packet) == OK
+    async with running_sqlite(tmp_path / "sqlite") as server:
+        for packet in packets:
+            assert await exchange(server.port or 0, packet) == OK
+
+    def exported(*args: object) -> list[dict[str, Any]]:
+        result = run("export", *args)
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    from_stream = await trio.to_thread.run_sync(exported, "--store", nats_cluster.url)
+    from_sqlite = await trio.to_thread.run_sync(exported, "--data-dir", tmp_path / "sqlite")
+    assert _without_receipt(from_stream) == _without_receipt(from_sqlite)
+    assert len(from_stream) == len(packets)
+    assert all(o["peer"].startswith("127.0.0.1:") and o["received_at"].endswith("+00:00") for o in from_stream)
+    one = await trio.to_thread.run_sync(exported, "--store", nats_cluster.url, "--modem", "01066660002")
+    assert [o["modem"] for o in one] == ["01066660002"]
+    later = await trio.to_thread.run_sync(exported, "--store", nats_cluster.url, "--since",
+                                          from_stream[2]["received_at"])
+    assert _without_receipt(later) == _without_receipt(from_stream[2:])
