@@ -360,9 +360,12 @@ def export(data_dir: Path, modem: str | None, since: str | None, until: str | No
     if store is not None:
         from ..store.nats import read_stream
 
-        with _nats(store, store_tls_ca, store_replicas) as backend:
+        with _nats(store, store_tls_ca, store_replicas) as backend, \
+                contextlib.closing(read_stream(backend, modem=modem, since=since_s, until=until_s)) as packets:
             try:
-                _print_packets(read_stream(backend, modem=modem, since=since_s, until=until_s), output_format)
+                _print_packets(packets, output_format)
+            except BrokenPipeError:  # the reader stopped reading (`| head`): as with the SQLite store
+                raise
             except (TimeoutError, ConnectionError) as e:
                 click.echo(f"dtgserver: error: cannot read the stream: {e}", err=True)
                 sys.exit(1)
@@ -370,9 +373,8 @@ def export(data_dir: Path, modem: str | None, since: str | None, until: str | No
     if not shard_paths(data_dir):
         click.echo(f"dtgserver: error: no store in {data_dir}", err=True)
         sys.exit(1)
-    packets = read_stored(data_dir, modem=modem, since=since_s, until=until_s)
     try:
-        _print_packets(packets, output_format)
+        _print_packets(read_stored(data_dir, modem=modem, since=since_s, until=until_s), output_format)
     except sqlite3.Error as e:
         click.echo(f"dtgserver: error: cannot read the store in {data_dir}: {e}", err=True)
         sys.exit(1)

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from functools import partial
 from typing import Any
 
@@ -191,7 +191,11 @@ class JetStreamStore:
         with self._done_lock:
             first = not self._done
             self._done.append((item, duplicate))
-        if first and self._token is not None:
+        if first:  # after the PubAcks this turn of the loop read: one hand-off for all of them
+            self.link.loop.call_soon(self._hand_back)
+
+    def _hand_back(self) -> None:
+        if self._token is not None:
             try:
                 self._token.run_sync_soon(self._deliver)
             except trio.RunFinishedError:
@@ -253,7 +257,7 @@ async def _fetch(sub: Any, batch: int) -> list[Any]:
 
 
 def read_stream(backend: NatsBackend, *, modem: str | None = None, since: float | None = None,
-                until: float | None = None, batch: int = 512) -> Iterator[StoredPacket]:
+                until: float | None = None, batch: int = 512) -> Generator[StoredPacket, None, None]:
     """The stream's packets in stream order (the order their PubAcks were given), filtered.
 
     Called from plain code (the CLI) on a backend opened with `open_blocking`; reads in batches
