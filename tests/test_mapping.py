@@ -1,4 +1,4 @@
-"""The record → Smart[Fleet] mapping, row by row of docs/mqtt.md, on records decoded from wire bytes."""
+"""The packet → Smart[Fleet] messages mapping, row by row of docs/mqtt.md, on records decoded from wire bytes."""
 
 from __future__ import annotations
 
@@ -16,19 +16,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import records
 
-from dtgserver.bridge import Message, TripState, map_record
-from dtgserver.bridge.mapping import (
-    _VALUE_BOUND,
+from dtgserver.bridge.messages import (
     MAX_PAYLOAD_BYTES,
-    _element_bound,
-    _element_builder,
-    _split,
-    next_state,
-    summarize,
-    summarize_raw,
-    to_ms,
+    VALUE_BOUND,
+    Message,
+    element_bound,
+    elements_builder,
+    map_record,
+    split,
 )
-from dtgserver.bridge.profiles import KEY_SOURCES, PROFILES, SEED, SF2019, TRIP_KEYS
+from dtgserver.bridge.messages import (
+    encode as encode_payload,
+)
+from dtgserver.bridge.profiles import KEY_SOURCES, PROFILES, SEED, SF2019
+from dtgserver.bridge.trips import TripState, next_state
+from dtgserver.bridge.trips import summarize as summarize_raw
 from dtgserver.protocol import (
     KST,
     BadTime,
@@ -43,11 +45,14 @@ from dtgserver.protocol import (
     Packet,
     ProtocolError,
     Realtime,
+    Response,
     SensorState,
     StatusLog,
     decode,
     encode,
 )
+from dtgserver.protocol.layout import realtime as realtime_layout
+from dtgserver.protocol.layout import time_ms as to_ms
 
 MODEM = "01099998888"
 KEY_ON = datetime(2026, 11, 21, 8, 0, 0, tzinfo=KST)
@@ -280,7 +285,7 @@ def test_basic_info_is_retained_attributes_and_remembers_the_firmware() -> None:
         "model": "DTG-1000", "vehicle_type": "31", "business_number": "1234567890",
         "driver_code": "123456789012345678", "fwv": "1.0.2", "id": "b:0",
     }
-    assert "서울".encode() in messages[0].encoded()  # UTF-8 text, not \\u escapes
+    assert "서울".encode() in encode_payload(messages[0].payload)  # UTF-8 text, not \\u escapes
     assert state == TripState(fwv="1.0.2")
     messages, _ = map_record(basic_info(), None, packet_id="b")
     assert "ts" not in messages[0].payload  # the packet has no time; none is invented
@@ -344,7 +349,37 @@ def test_every_key_of_every_profile_has_a_documented_source() -> None:
     for profile in PROFILES.values():
         for keys in profile.microtrip_keys.values():
             assert set(keys) <= set(KEY_SOURCES)
-    assert set(TRIP_KEYS) - {"fc"} <= set(KEY_SOURCES)
+        for keys in (profile.trip_keys, profile.parking_keys, profile.diagnostic_keys, profile.battery_warning_keys,
+                     profile.attribute_keys):
+            assert set(keys) <= set(KEY_SOURCES), keys
+
+
+def test_a_profile_is_data_its_topics_and_key_lists_included() -> None:
+    """A profile that names other keys, in another order, and other topics gets exactly those."""
+    custom = attrs.evolve(SEED, name="custom", trip_keys=("dis", "tid"), parking_keys=("try",),
+                          attribute_keys=("vin", "modem"), telemetry_topic="fleet/{modem}/t",
+                          attributes_topic="fleet/{modem}/a")
+    PROFILES[custom.name] = custom  # type: ignore[index]
+    try:
+        messages, _ = run([basic_info(), dtg(dtg_body(0), dtg_body(1, total_km=120_001)), key_off()],
+                          profile="custom")
+    finally:
+        del PROFILES[custom.name]  # type: ignore[attr-defined]
+    assert [(m.topic, list(m.payload["pld"]) if isinstance(m.payload.get("pld"), dict) else None)
+            for m in messages] == [
+        (f"fleet/{MODEM}/a", None), (f"fleet/{MODEM}/t", None), (f"fleet/{MODEM}/t", ["dis", "tid"]),
+        (f"fleet/{MODEM}/t", ["try"])]
+    assert messages[0].payload == {"vin": "KMHFC41MP6A123456", "modem": MODEM, "id": "p0:0"}
+
+
+def test_a_packet_kind_without_messages_is_an_error_not_silence(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dtgserver.bridge.messages as module
+
+    with pytest.raises(ProtocolError, match="0x09"):  # the server's own answer is never a stored packet
+        map_record(Response(0), None, packet_id="r")
+    monkeypatch.setattr(module, "SILENT_KINDS", frozenset())  # as if the status log were a kind added without messages
+    with pytest.raises(ValueError, match="status_log"):
+        map_record(wire(StatusLog(MODEM, KEY_ON, "GPS ok")), None, packet_id="s")
 
 
 # -- payload size ----------------------------------------------------------------------------------------
@@ -356,7 +391,7 @@ def test_a_long_packet_is_split_in_order_under_64_kib() -> None:
     messages, _ = map_record(record, None, packet_id="f" * 64)
     assert len(messages) > 5
     for message in messages:
-        assert len(message.encoded()) < MAX_PAYLOAD_BYTES
+        assert len(encode_payload(message.payload)) < MAX_PAYLOAD_BYTES
         assert len(json.dumps(message.payload, ensure_ascii=False).encode()) < MAX_PAYLOAD_BYTES
         assert message.payload["ts"] == message.payload["pld"][-1]["clt"]
     elements = [e for m in messages for e in m.payload["pld"]]
@@ -377,15 +412,31 @@ def test_no_element_encodes_longer_than_its_bound(record: Any, profile: str, fir
     wire value (the strategies' values span each field's whole wire range)."""
     table = PROFILES[profile]
     keys = table.microtrip_keys[record.KIND]
-    build = _element_builder(keys, table.string_keys)
+    raw = encode(record)
+    layout = realtime_layout(raw)
+    assert layout is not None
     tid = to_ms(record.key_on_time)
-    elements = [build(body, tid, first_total_km) for body in record.bodies]
+    elements = elements_builder(record.KIND, keys, table.string_keys)(layout.bodies(raw), tid, first_total_km)
     for element in elements:
-        assert len(json.dumps(element, ensure_ascii=False).encode()) <= _element_bound(keys)
+        assert len(json.dumps(element, ensure_ascii=False).encode()) <= element_bound(keys)
         for value in element.values():
-            assert len(json.dumps(value, ensure_ascii=False).encode()) <= _VALUE_BOUND
+            assert len(json.dumps(value, ensure_ascii=False).encode()) <= VALUE_BOUND
     for limit in (600, 2000, MAX_PAYLOAD_BYTES):  # and the shortcut never changes how a packet is split
-        assert _split(elements, 2, "p" * 64, limit, _element_bound(keys)) == _split(elements, 2, "p" * 64, limit)
+        assert split(elements, 2, "p" * 64, limit, element_bound(keys)) == split(elements, 2, "p" * 64, limit)
+
+
+def test_a_minutes_microtrip_is_not_encoded_to_measure_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dtgserver.bridge.messages as module
+
+    sized: list[Any] = []
+    real = module._size
+    monkeypatch.setattr(module, "_size", lambda value: sized.append(value) or real(value))
+    for profile in PROFILES:
+        for packet in (dtg(*(dtg_body(s) for s in range(60))), obd(*range(60)), mdt(*range(60))):
+            sized.clear()
+            messages, _ = map_record(packet, None, packet_id="f" * 32, profile=profile)
+            assert len(messages) == 1 and len(messages[0].payload["pld"]) == 60
+            assert [type(v) for v in sized] == [dict]  # the envelope's overhead only
 
 
 def test_a_small_limit_splits_into_single_elements() -> None:
@@ -505,13 +556,13 @@ def test_any_decodable_packet_sequence_maps_to_valid_messages(frames: list[bytes
         ids = [m.payload["id"] for m in messages]
         assert len(set(ids)) == len(ids)
         for message in messages:
-            assert len(message.encoded()) < 2048
+            assert len(encode_payload(message.payload)) < 2048
             assert message.topic.startswith(f"v1/sensors/{MODEM}/")
         if state is not None:
             assert TripState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
 
 
-# -- the server's cheap trip state (MQTT off) is the mapping's state -------------------------------------------
+# -- the trip state from bytes alone is the state the messages are built with ----------------------------
 
 
 def realistic_or_wire_packets() -> st.SearchStrategy[bytes]:
@@ -520,26 +571,49 @@ def realistic_or_wire_packets() -> st.SearchStrategy[bytes]:
     return st.one_of(wire_packets(), *(records(cls).map(encode) for cls in kinds))
 
 
+def summarize(bodies: Any) -> Any:
+    """The summary as the records give it: the oracle of the one read from the bytes."""
+    from dtgserver.bridge.trips import BodySummary
+
+    def ml(litres: float) -> int:
+        return round(litres * 1000)
+
+    first, last = bodies[0], bodies[-1]
+    speeds = [body.speed_kmh for body in bodies]
+    times = [ms for ms in map(to_ms, (body.time for body in bodies)) if ms is not None]
+    fuels = [ml(body.total_fuel_l) for body in bodies if hasattr(body, "total_fuel_l")]
+    codes = [body.status_code for body in bodies if isinstance(body, DtgBody)]
+    return BodySummary(
+        bodies=len(bodies), first_ms=times[0] if times else None, last_ms=times[-1] if times else None,
+        first_total_km=first.total_distance_km, last_total_km=last.total_distance_km,
+        max_total_km=max(body.total_distance_km for body in bodies),
+        first_lat=first.lat, first_lon=first.lon, last_lat=last.lat, last_lon=last.lon,
+        max_speed_kmh=max(speeds), speed_sum_kmh=sum(speeds), driving_s=len(speeds) - speeds.count(0),
+        first_total_fuel_ml=fuels[0] if fuels else None, last_total_fuel_ml=fuels[-1] if fuels else None,
+        last_status_code=codes[-1] if codes else None,
+    )
+
+
 @settings(max_examples=300, deadline=None)
 @given(wire_packets())
 def test_the_bodies_summary_read_from_bytes_is_the_one_read_from_records(frame: bytes) -> None:
     record = decode(frame)
     if isinstance(record, Realtime):
-        assert summarize_raw(frame) == summarize(record.bodies)
+        layout = realtime_layout(frame)
+        assert layout is not None
+        assert summarize_raw(frame, layout) == summarize(record.bodies)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(realistic_or_wire_packets(), min_size=1, max_size=8))
 def test_next_state_from_bytes_is_the_state_map_record_gives(frames: list[bytes]) -> None:
     with_messages: TripState | None = None
-    without: TripState | None = None
     from_bytes: TripState | None = None
     for n, frame in enumerate(frames):
         record = decode(frame)
         with_messages = map_record(record, with_messages, packet_id=f"{n:032x}")[1]
-        without = map_record(record, without, packet_id=f"{n:032x}", messages=False)[1]
         from_bytes = next_state(frame, from_bytes)
-        assert from_bytes == without == with_messages
+        assert from_bytes == with_messages
 
 
 def test_the_state_from_bytes_follows_a_real_trip() -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import attrs
 
-from ..protocol import decode
-from .mapping import TripState, encode_payload, map_record
+from .messages import build, encode
+from .trips import TripState
 
 __all__ = ["Outgoing", "TripState", "derive"]
 
@@ -35,6 +35,6 @@ def derive(raw: bytes, state: TripState | None, *, packet_id: str, received_ms: 
     packet carries no time of its own (basic info's `ts`); `profile` names a message profile
     (ValueError for an unknown one); `battery_warning_v` 0 disables Battery Warning events.
     """
-    messages, state = map_record(decode(raw), state, packet_id=packet_id, profile=profile,
-                                 battery_warning_v=battery_warning_v, received_ms=received_ms)
-    return [Outgoing(m.topic, encode_payload(m.payload), m.retain) for m in messages], state
+    messages, state = build(raw, state, packet_id=packet_id, profile=profile, battery_warning_v=battery_warning_v,
+                            received_ms=received_ms)
+    return [Outgoing(m.topic, encode(m.payload), m.retain) for m in messages], state

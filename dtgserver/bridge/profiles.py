@@ -1,8 +1,9 @@
-"""The Smart[Fleet] message tables: per profile, the `ty` of every message and each microtrip's keys.
+"""The Smart[Fleet] message profiles: per profile, the topics, the `ty` of every message and every message's keys.
 
-The mapping is data: `mapping.py` knows how to compute every key (the source table `KEY_SOURCES`
-below documents where each comes from); a profile only says which message type number and which
-keys each kind of packet gets. Adding a profile is adding a table here.
+A profile is data: `messages.py` knows how to compute every key (`KEY_SOURCES` below says where
+each comes from, and docs/mqtt.md is written from it); a profile says which topics, which type
+numbers and which keys, in which order, each kind of packet gets. Adding a profile is adding a
+table here (and its name to `PROFILES`): the CLI's `--profile` choices are the registry's names.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _DTG_KEYS = ("tid", "clt", "lat", "lon", "sp", "rpm", "fc", "cdit", "vv", "dtr",
 _OBD_KEYS = ("tid", "clt", "lat", "lon", "sp", "rpm", "fc", "cdit", "vv", "dtr", "dctr", "gan", "tmp")
 _MDT_KEYS = ("tid", "clt", "lat", "lon", "sp", "cdit", "vv", "dtr", "dctr", "gan", "tmp")
 
-# Keys of the messages whose shape does not depend on the profile (values left out when unknown).
+# The key lists both profiles share (values left out when unknown).
 TRIP_KEYS = ("tid", "stt", "edt", "dis", "stlat", "stlon", "edlat", "edlon", "hsts", "mesp", "dtvt", "fc", "fwv")
 PARKING_KEYS = ("tid", "clt", "lat", "lon", "try", "vlt")
 DIAGNOSTIC_KEYS = ("tid", "dtcc", "dtck", "dtcs")
@@ -61,17 +62,26 @@ KEY_SOURCES: Mapping[str, tuple[str, str]] = {
     "dtck": ("0 = confirmed", ""),
     "dtcs": ("1 = one code", ""),
     "wbv": ("KEY OFF packet battery (wire V×10)", "V"),
+    "ts": ("attributes: the server's receive time of the basic info", "ms UTC"),
+    "modem": ("basic info modem number (terminal phone number)", ""),
+    "vid": ("basic info registration plate", ""),
+    "vin": ("basic info VIN", ""),
+    "model": ("basic info model name", ""),
+    "vehicle_type": ("basic info vehicle type code", ""),
+    "business_number": ("basic info business registration number", ""),
+    "driver_code": ("basic info driver code", ""),
 }
-# `fc` in the Trip message has its own source: the trip's fuel, (last − first total fuel) × 1000 mL.
-TRIP_FUEL_SOURCE = ("trip state: (last total fuel − first total fuel), DTG/OBD trips only (wire L×1000)", "mL")
+# `fc` in the Trip message has its own source: the trip's fuel, last − first total fuel (wire L×1000), in mL.
 
 
 @attrs.frozen
 class Profile:
-    """One numbering of the message model: `ty` per message and keys per microtrip kind.
+    """One numbering of the message model: topics, `ty` per message, keys per message.
 
     Trip and parking messages take the `ty` of the kind of realtime packets the trip was made of
-    (key "" when no trip is known); string_keys are sent as text instead of numbers.
+    (key "" when no trip is known); `string_keys` are sent as text instead of numbers. Each key
+    list is the message's keys in JSON order; a key whose value is unknown is left out.
+    Topics are formats of `modem` (the terminal's phone number).
     """
 
     name: str
@@ -82,6 +92,13 @@ class Profile:
     diagnostic_ty: int
     battery_warning_ty: int
     string_keys: frozenset[str] = frozenset()
+    trip_keys: tuple[str, ...] = TRIP_KEYS
+    parking_keys: tuple[str, ...] = PARKING_KEYS
+    diagnostic_keys: tuple[str, ...] = DIAGNOSTIC_KEYS
+    battery_warning_keys: tuple[str, ...] = BATTERY_WARNING_KEYS
+    attribute_keys: tuple[str, ...] = ATTRIBUTE_KEYS
+    telemetry_topic: str = "v1/sensors/{modem}/tre"
+    attributes_topic: str = "v1/sensors/{modem}/attributes"
 
 
 SEED = Profile(

@@ -19,7 +19,7 @@ import attrs
 import construct
 
 from .codec import StructCodec, schema_fields
-from .fields import KST, Field, KstTime
+from .fields import KST, BadTime, Field, KstTime
 from .records import Packet, Realtime
 from .schema import CODECS, SCHEMAS, Bodies
 
@@ -80,6 +80,13 @@ def wire_time_ms(yy: int, month: int, day: int, hour: int, minute: int, second: 
     if midnight is None or hour > 23 or minute > 59 or second > 59 or cc > 99:
         return None
     return midnight + ((hour * 60 + minute) * 60 + second) * 1000 + cc * 10
+
+
+def time_ms(value: datetime | BadTime) -> int | None:
+    """UTC ms of a decoded wire time; None for a `BadTime` (no calendar time)."""
+    if isinstance(value, datetime):
+        return (value - _EPOCH_DAY) // _MS
+    return None
 
 
 def time_bytes(value: datetime) -> bytes:
@@ -170,6 +177,17 @@ class RealtimeLayout:
                     if last is not None:
                         return first, last
         return None, None
+
+    def body_time_ms(self, raw: bytes, index: int) -> int | None:
+        """UTC ms of body `index`'s time; None when it is no calendar time."""
+        at = self.header_size + index * self.body.size + self.body_slots["time"].offset
+        return wire_time_ms(*raw[at:at + 7])
+
+    def modem(self, raw: bytes) -> str:
+        """The header's modem, as the decoder reads it."""
+        slot = self.header["modem"]
+        wire = raw[slot.offset:slot.end]
+        return wire.decode("ascii") if wire.isdigit() else str(slot.adapter.decode(wire))
 
     def key_on_ms(self, raw: bytes) -> int | None:
         """UTC ms of the header's KEY ON time; None when it is no calendar time."""

@@ -1,0 +1,404 @@
+"""A stored packet's bytes and its terminal's trip state → Smart[Fleet] messages, and their JSON.
+
+`build` is a pure function (no I/O, no clock) of the packet exactly as stored, the state before
+it (`trips`) and the options; `derive` calls it and `encode`s each payload, for live forwarding and
+replay alike. A realtime packet's microtrip is built straight from its bytes: one `struct` pass
+over the bodies (`protocol.layout`) feeds a function generated once per profile and kind, with
+one expression per key, so 60 elements cost about what hand-written code costs (bench/bridge.py).
+KEY OFF and basic info are small: they are decoded into their record.
+
+Every message carries `"id": "<packet_id>:<n>"`, our extension of {ts, ty, pld}, so a consumer can
+drop the duplicates QoS 1 allows. A body whose time is not a calendar time keeps its element (in
+wire order) without `clt`. docs/mqtt.md has every ruling.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import orjson
+
+from ..protocol import BasicInfo, KeyOff, Packet, received
+from ..protocol import encode as encode_packet
+from ..protocol.fields import Scaled, Temperature
+from ..protocol.layout import REALTIME_BY_KIND, RealtimeLayout, day_ms, time_ms
+from ..protocol.layout import realtime as realtime_layout
+from . import trips
+from .profiles import Profile, get_profile
+from .trips import TripState
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+"""Every encoded payload stays strictly below this (the platform's limit)."""
+
+PARKING = 2  # BlackBox trip type `try`: 1 driving, 2 parking
+
+
+@attrs.frozen
+class Message:
+    """One MQTT message: `topic` without the configured prefix, `payload` before JSON encoding."""
+
+    topic: str
+    payload: dict[str, Any]
+    retain: bool = False
+
+
+# -- JSON -----------------------------------------------------------------------------------------
+
+
+class _Float(float):
+    """A float whose JSON is Python's repr (`1e-06`), where orjson would write `1e-6`: Python
+    writes an exponent below 1e-4 and from 1e16 on. Equal to the float it wraps."""
+
+    __slots__ = ()
+
+
+def exact(value: float) -> float:
+    """`value`, wrapped so that `encode` writes it as `json.dumps` does (only where they differ)."""
+    return _Float(value) if value and not 1e-4 <= abs(value) < 1e16 else value
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, _Float):
+        return orjson.Fragment(float.__repr__(value).encode())
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def encode(payload: Mapping[str, Any] | list[Any]) -> bytes:
+    """The bytes published, live and in a replay: compact UTF-8 JSON, Korean text unescaped; byte
+    for byte `json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)`.
+
+    orjson (measured against msgspec and json in docs/performance.md). No payload holds NaN or an
+    infinity: every float is a wire integer divided by its scale.
+    """
+    return orjson.dumps(payload, default=_default)
+
+
+def telemetry_topic(modem: str, profile: Profile | None = None) -> str:
+    return (profile or get_profile("seed")).telemetry_topic.format(modem=modem)
+
+
+def attributes_topic(modem: str, profile: Profile | None = None) -> str:
+    return (profile or get_profile("seed")).attributes_topic.format(modem=modem)
+
+
+def _envelope(ts: int | None, ty: int, pld: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {} if ts is None else {"ts": ts}
+    out["ty"] = ty
+    out["pld"] = pld
+    return out
+
+
+def _pick(values: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The values of `keys`, in that order, leaving out the unknown (None)."""
+    return {key: values[key] for key in keys if values[key] is not None}
+
+
+# -- one packet -----------------------------------------------------------------------------------
+
+Built = list[tuple[str, dict[str, Any], bool]]
+
+
+def build(raw: bytes, state: TripState | None, *, packet_id: str, profile: str = "seed",
+          battery_warning_v: float = 11.5, received_ms: int | None = None,
+          max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[list[Message], TripState | None]:
+    """The messages of one framed packet in publish order, and the terminal's next trip state.
+
+    `packet_id` is the store's stable id of the packet; `received_ms` (the store's receive time)
+    is only used where the packet carries no time of its own: the `ts` of basic info.
+    `battery_warning_v` 0 disables Battery Warning events. A status log publishes nothing (it is
+    stored as a file); a packet kind without messages defined here is a ValueError.
+    """
+    table = get_profile(profile)
+    frame = received(raw, max_body_count=_ANY_BODY_COUNT)  # one whole packet, its header valid
+    layout = realtime_layout(raw)
+    payloads: Built
+    if layout is not None:
+        payloads, state = _realtime(raw, layout, state, table, packet_id, max_payload_bytes)
+    else:
+        record = frame.record
+        if isinstance(record, KeyOff):
+            payloads, state = _key_off(record, state, table, battery_warning_v)
+        elif isinstance(record, BasicInfo):
+            payloads, state = _basic_info(record, state, table, received_ms)
+        elif record.KIND in SILENT_KINDS:
+            return [], state
+        else:
+            raise ValueError(f"no messages are defined for a packet of kind {record.KIND!r}")
+    out = []
+    for n, (topic, payload, retain) in enumerate(payloads):
+        payload["id"] = f"{packet_id}:{n}"
+        out.append(Message(topic, payload, retain))
+    return out, state
+
+
+_ANY_BODY_COUNT = 0x7FFF  # a stored packet was framed with the server's limit, whatever it was
+
+SILENT_KINDS = frozenset({"status_log"})
+"""Packet kinds stored but never published (the status log is kept as a file per terminal)."""
+
+
+def map_record(record: Packet, state: TripState | None, *, packet_id: str, profile: str = "seed",
+               battery_warning_v: float = 11.5, received_ms: int | None = None,
+               max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[list[Message], TripState | None]:
+    """`build` for a record: the messages of the packet it encodes to."""
+    return build(encode_packet(record), state, packet_id=packet_id, profile=profile,
+                 battery_warning_v=battery_warning_v, received_ms=received_ms, max_payload_bytes=max_payload_bytes)
+
+
+# -- realtime → microtrips (+ diagnostic events) ---------------------------------------------------
+
+
+# Microtrip keys read straight from one body field: key -> (field, what of it).
+#   "value": the wire integer as it is (a flag's byte too: 0/1, any other byte passed as it came)
+#   "scaled": the field's value, wire / scale
+#   "milli": the field's value × 1000, an integer (litres → mL)
+BODY_FIELDS: Mapping[str, tuple[str, str]] = {
+    "lat": ("lat", "scaled"),
+    "lon": ("lon", "scaled"),
+    "sp": ("speed_kmh", "value"),
+    "rpm": ("rpm", "value"),
+    "fc": ("daily_fuel_l", "milli"),
+    "vv": ("battery_v", "scaled"),
+    "dtr": ("daily_distance_km", "value"),
+    "dctr": ("total_distance_km", "value"),
+    "bsg": ("brake", "value"),
+    "gan": ("azimuth_deg", "value"),
+    "acx": ("accel_x_ms2", "scaled"),
+    "acy": ("accel_y_ms2", "scaled"),
+}
+# Keys computed from more than one field, or from the trip: built by `_element_source` itself.
+DERIVED_KEYS = ("tid", "clt", "cdit", "tmp")
+
+ElementsBuilder = Callable[[memoryview, int | None, int | None], list[dict[str, Any]]]
+
+
+def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: frozenset[str]) -> str:
+    """Python source of `elements(bodies, tid, first_total_km)`: every body's microtrip element.
+
+    One statement per key in the key list's order (the JSON's order), reading the body's wire
+    values by their place in the struct tuple. A key without a value is left out, never
+    invented: a body time that is no calendar time has no `clt`, a trip without a known first
+    odometer (or a body behind it) no `cdit`, a body whose sensors report no reading no `tmp`.
+    """
+    slots = layout.body_slots
+    width = sum(slot.arity for slot in slots.values())
+    wire = [f"w{i}" for i in range(width)]
+
+    def at(name: str) -> str:
+        return wire[slots[name].index]
+
+    def scale(name: str) -> int:
+        adapter = slots[name].adapter
+        if not isinstance(adapter, Scaled):
+            raise TypeError(f"{name} is not a scaled field")
+        return adapter.scale
+
+    def scaled(name: str) -> str:
+        value = f"{at(name)} / {scale(name)}"
+        # Python writes |x| < 1e-4 with an exponent: only a scale above 10**4 can get there
+        small = scale(name) // 10**4
+        return f"(_exact({value}) if -{small} < {at(name)} < {small} else {value})" if small > 1 else value
+
+    lines = ["def elements(bodies, tid, first_total_km):",
+             "    out = []",
+             f"    for {', '.join(wire)} in _iter(bodies):"]
+    body = []
+    values: list[str] = []
+    optional: list[str] = []
+    for key in keys:
+        if key == "tid":
+            values.append("tid")
+            optional.append("tid")
+        elif key == "clt":
+            y, mo, d, h, mi, s, cc = wire[slots["time"].index:slots["time"].index + 7]
+            body += [f"midnight = _day_ms({y}, {mo}, {d})",
+                     f"clt = None if midnight is None or {h} > 23 or {mi} > 59 or {s} > 59 or {cc} > 99 else"
+                     f" midnight + (({h} * 60 + {mi}) * 60 + {s}) * 1000 + {cc} * 10"]
+            values.append("clt")
+            optional.append("clt")
+        elif key == "cdit":
+            km = at("total_distance_km")
+            body.append(f"cdit = ({km} - first_total_km) * 1000 "
+                        f"if first_total_km is not None and {km} >= first_total_km else None")
+            values.append("cdit")
+            optional.append("cdit")
+        elif key == "tmp":
+            a, b = at("temp_a_c"), at("temp_b_c")
+            adapter = slots["temp_a_c"].adapter
+            assert isinstance(adapter, Temperature) and adapter.scale == slots["temp_b_c"].adapter.scale
+            missing = "_NO_READING"
+            body.append(f"tmp = None if {a} in {missing} and {b} in {missing} else "
+                        f"f\"{{'' if {a} in {missing} else format({a} / {adapter.scale}, 'g')}},"
+                        f"{{'' if {b} in {missing} else format({b} / {adapter.scale}, 'g')}}\"")
+            values.append("tmp")
+            optional.append("tmp")
+        else:
+            name, what = BODY_FIELDS[key]
+            if what == "value":
+                expr = plain = at(name)
+            elif what == "scaled":
+                expr, plain = scaled(name), f"{at(name)} / {scale(name)}"
+            elif what == "milli":  # round(wire / 1000 * 1000) is the wire integer itself (tests/test_messages.py)
+                expr = plain = at(name) if scale(name) == 1000 else f"round({at(name)} / {scale(name)} * 1000)"
+            else:
+                raise ValueError(f"{key}: no way to read {what!r}")
+            if key in string_keys:  # `%g` text: wire values have at most 5 digits, so it is exact
+                expr = f"format({plain}, 'g')"
+            values.append(expr)
+    items = ", ".join(f"{key!r}: {value}" for key, value in zip(keys, values, strict=True))
+    body.append(f"e = {{{items}}}")
+    body += [f"if {name} is None:\n            del e[{name!r}]" for name in optional]
+    body.append("out.append(e)")
+    lines += ["        " + line for line in body]
+    lines.append("    return out")
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=64)
+def elements_builder(kind: str, keys: tuple[str, ...], string_keys: frozenset[str]) -> ElementsBuilder:
+    """The generated `elements(bodies, tid, first_total_km)` for one realtime kind and key list."""
+    layout = REALTIME_BY_KIND[kind]
+    namespace: dict[str, Any] = {"_iter": layout.body.iter_unpack, "_day_ms": day_ms, "_exact": exact,
+                                 "_NO_READING": frozenset(Temperature.SPECIAL)}
+    source = _element_source(layout, keys, string_keys)
+    exec(compile(source, f"<microtrip elements {kind}>", "exec"), namespace)  # made from our own tables
+    builder: ElementsBuilder = namespace["elements"]
+    return builder
+
+
+def _realtime(raw: bytes, layout: RealtimeLayout, state: TripState | None, table: Profile, packet_id: str,
+              max_payload_bytes: int) -> tuple[Built, TripState | None]:
+    moved = trips.realtime_advance(raw, layout, state)
+    if moved is None:
+        return [], state  # no time at all to name a trip by: kept in the store, not published
+    tid = moved.tid
+    topic = table.telemetry_topic.format(modem=layout.modem(raw))
+
+    events: Built = []
+    if not moved.stale and "status_code" in layout.body_slots:
+        codes = layout.column(raw, "status_code")
+        for index, code in trips.status_changes((state or TripState()).status_code, codes):
+            values = {"tid": tid, "dtcc": f"{code:02d}", "dtck": 0, "dtcs": 1}
+            event = _pick(values, table.diagnostic_keys)
+            events.append((topic, _envelope(layout.body_time_ms(raw, index), table.diagnostic_ty, event), False))
+
+    kind = layout.kind
+    keys = table.microtrip_keys[kind]
+    # the trip's first odometer is known from the first body on: the same for every element
+    first_total_km = None if moved.stale else moved.trip.first_total_km
+    elements = elements_builder(kind, keys, table.string_keys)(layout.bodies(raw), tid, first_total_km)
+    ty = table.microtrip_ty[kind]
+    payloads: Built = []
+    for chunk in split(elements, ty, packet_id, max_payload_bytes, element_bound(keys)):
+        times = [e["clt"] for e in chunk if "clt" in e]
+        payloads.append((topic, _envelope(times[-1] if times else moved.key_on_ms, ty, chunk), False))
+    return payloads + events, moved.state
+
+
+# -- payload size ---------------------------------------------------------------------------------
+
+
+def _size(value: Any) -> int:
+    # json.dumps' default separators (", ", ": ") are the widest encoding anyone stores: a chunk
+    # sized with them stays under the limit in the compact encoding too
+    return len(json.dumps(value, ensure_ascii=False).encode("utf-8"))
+
+
+VALUE_BOUND = 32
+"""Characters an element's value takes in JSON at most: a float's repr is at most 24, a wire
+integer (even × 1000, or in ms) at most 20, a `%g` text with its quotes at most 14, the
+temperatures' "A,B" at most 27."""
+
+
+@functools.lru_cache(maxsize=64)
+def element_bound(keys: tuple[str, ...]) -> int:
+    """Bytes one element with these keys takes in JSON at most: `{`, each `"key": value, `, `}`."""
+    return 2 + sum(len(json.dumps(key)) + 4 + VALUE_BOUND for key in keys)
+
+
+def split(elements: list[dict[str, Any]], ty: int, packet_id: str, limit: int,
+          element_bound: int | None = None) -> list[list[dict[str, Any]]]:
+    """Elements in consecutive chunks whose encoded envelope stays below `limit` bytes.
+
+    `element_bound`: no element encodes to more bytes than this; when even that many per
+    element fit, nothing is encoded to find out (a minute's 60 elements are far below the limit).
+    """
+    # the envelope around the array, with the widest ts and message number it can get
+    overhead = _size(_envelope(10**13, ty, []) | {"id": f"{packet_id}:99999"})
+    if element_bound is not None and overhead + len(elements) * (element_bound + 2) < limit:
+        return [elements] if elements else []
+    # The usual case, one dumps: the whole array's size is overhead + element sizes + the ", "
+    # between them, exactly what the loop below adds up, and below the limit no split happens.
+    if overhead - 2 + _size(elements) < limit:
+        return [elements] if elements else []
+    chunks: list[list[dict[str, Any]]] = []
+    chunk: list[dict[str, Any]] = []
+    size = overhead
+    for element in elements:
+        element_size = _size(element) + (2 if chunk else 0)  # the ", " before it
+        if chunk and size + element_size >= limit:
+            chunks.append(chunk)
+            chunk, size, element_size = [], overhead, element_size - 2
+        chunk.append(element)
+        size += element_size
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
+# -- KEY OFF → Trip (once), parking microtrip (always), battery warning ---------------------------
+
+
+def _key_off(record: KeyOff, state: TripState | None, table: Profile,
+             battery_warning_v: float) -> tuple[Built, TripState | None]:
+    topic = table.telemetry_topic.format(modem=record.modem)
+    key_off_ms = time_ms(record.key_off_time)
+    sent_ms = time_ms(record.sent_time)
+    outcome = trips.key_off(state, key_off_ms)
+    trip = outcome.trip
+    messages: Built = []
+    if outcome.closes:
+        assert trip is not None
+        end_ms = key_off_ms if key_off_ms is not None else trip.last_ms
+        values = trips.trip_values(trip, end_ms)
+        for key in ("stlat", "stlon", "edlat", "edlon"):
+            if values[key] is not None:
+                values[key] = exact(values[key])
+        messages.append((topic, _envelope(end_ms, table.trip_ty[trip.kind], _pick(values, table.trip_keys)), False))
+
+    tid = trip.tid if trip is not None else None
+    parking = {"tid": tid, "clt": sent_ms, "lat": exact(record.lat), "lon": exact(record.lon), "try": PARKING,
+               "vlt": record.battery_v}
+    kind = trip.kind if trip is not None else ""
+    messages.append((topic, _envelope(sent_ms, table.parking_ty[kind], _pick(parking, table.parking_keys)), False))
+
+    if battery_warning_v > 0 and record.battery_v < battery_warning_v:
+        warning = {"tid": tid, "wbv": record.battery_v}
+        messages.append((topic, _envelope(sent_ms, table.battery_warning_ty,
+                                          _pick(warning, table.battery_warning_keys)), False))
+    return messages, outcome.state
+
+
+# -- basic info → retained attributes ------------------------------------------------------------
+
+
+def _basic_info(record: BasicInfo, state: TripState | None, table: Profile,
+                received_ms: int | None) -> tuple[Built, TripState]:
+    fwv = str(record.firmware_version)
+    attributes: dict[str, Any] = {
+        "ts": received_ms,
+        "modem": record.modem,
+        "vid": str(record.registration_number),
+        "vin": str(record.vin),
+        "model": str(record.model),
+        "vehicle_type": str(record.vehicle_type),
+        "business_number": str(record.business_number),
+        "driver_code": str(record.driver_code),
+        "fwv": fwv,
+    }
+    topic = table.attributes_topic.format(modem=record.modem)
+    return [(topic, _pick(attributes, table.attribute_keys), True)], trips.with_firmware(state, fwv)

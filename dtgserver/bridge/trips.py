@@ -1,0 +1,293 @@
+"""Trip state: what one terminal's messages need from its earlier packets, advanced packet by packet.
+
+Pure functions of the packet's bytes (read through `protocol.layout`, never decoded into a record
+per body) and the state before it; no I/O, no clock. `messages` builds the Smart[Fleet] messages
+from what this module decides: which trip (`tid`) a realtime packet belongs to, whether it is the
+terminal's backlog of an older trip, the trip's running figures, and which KEY OFF closes it.
+
+Rulings (docs/mqtt.md has them all):
+- `tid` is the KEY ON time in Unix seconds. When KEY ON is not a calendar time, the packet
+  continues the open trip of the terminal, or else the first body time stands in for KEY ON.
+- A realtime packet of an older trip than the one in the state (the terminal's backlog) leaves
+  the state alone; unless its odometer is beyond the state's trip: then the clock went back and
+  it starts a trip.
+- A KEY OFF from before the state's trip began is the terminal's backlog, not this trip's end.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import attrs
+
+from ..protocol import BasicInfo, KeyOff, StatusLog, decode
+from ..protocol.layout import RealtimeLayout, time_ms
+from ..protocol.layout import realtime as realtime_layout
+
+
+@attrs.frozen
+class TripState:
+    """What one terminal's messages need from earlier packets; JSON-safe through to_dict/from_dict.
+
+    Terminal-wide: `status_code` (last DTG device status, for events on change) and `fwv`.
+    Per trip (reset when a newer `tid` arrives): everything else.
+
+    Stored (`to_json`) as a JSON array of the values in the order declared here, which is why a
+    new field may only ever be added at the end, with a default.
+    """
+
+    tid: int | None = None
+    kind: str = ""  # the realtime kind the trip is made of: dtg, obd, mdt
+    key_on_ms: int | None = None
+    first_total_km: int | None = None
+    last_total_km: int | None = None
+    first_lat: float | None = None
+    first_lon: float | None = None
+    last_lat: float | None = None
+    last_lon: float | None = None
+    last_ms: int | None = None
+    max_speed_kmh: int = 0
+    speed_sum_kmh: int = 0
+    speed_count: int = 0
+    driving_s: int = 0
+    first_total_fuel_ml: int | None = None
+    last_total_fuel_ml: int | None = None
+    trip_sent: bool = False
+    status_code: int = 0
+    fwv: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in _STATE_NAMES}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TripState:
+        """The state `to_dict` wrote; unknown keys (from a newer version) are ignored."""
+        return cls(**{k: v for k, v in data.items() if k in _STATE_NAMES})
+
+    def to_json(self) -> str:
+        """The stored form: an array is about half the cost of an object."""
+        return json.dumps(_STATE_VALUES(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> TripState | None:
+        """What `to_json` wrote, or the object form older versions stored; "null" is no state.
+
+        An array from a newer version with more fields is cut to the fields known here; one from
+        an older version with fewer gets the defaults of the rest."""
+        data = json.loads(text)
+        if data is None:
+            return None
+        if isinstance(data, list):
+            return cls(*data[:len(_STATE_NAMES)])
+        return cls.from_dict(data)
+
+    def new_trip(self, tid: int, key_on_ms: int | None, kind: str) -> TripState:
+        return TripState(tid=tid, kind=kind, key_on_ms=key_on_ms, status_code=self.status_code, fwv=self.fwv)
+
+
+_STATE_NAMES = tuple(f.name for f in attrs.fields(TripState))
+_STATE_VALUES = operator.attrgetter(*_STATE_NAMES)
+
+
+def _ml(litres: float) -> int:
+    return round(litres * 1000)
+
+
+# -- a realtime packet's bodies ---------------------------------------------------------------------
+
+
+class BodySummary(NamedTuple):
+    """What the trip state takes from a realtime packet's bodies (`summarize`)."""
+
+    bodies: int = 0
+    first_ms: int | None = None  # of the first body whose time is a calendar time
+    last_ms: int | None = None  # of the last such body
+    first_total_km: int = 0
+    last_total_km: int = 0
+    max_total_km: int = 0
+    first_lat: float = 0.0
+    first_lon: float = 0.0
+    last_lat: float = 0.0
+    last_lon: float = 0.0
+    max_speed_kmh: int = 0
+    speed_sum_kmh: int = 0
+    driving_s: int = 0  # bodies with a speed above 0
+    first_total_fuel_ml: int | None = None  # DTG and OBD bodies only
+    last_total_fuel_ml: int | None = None
+    last_status_code: int | None = None  # DTG bodies only
+
+
+_ENDS = ("total_distance_km", "lon", "lat", "total_fuel_l", "status_code")  # read from the first and last body
+
+
+def summarize(raw: bytes, layout: RealtimeLayout) -> BodySummary:
+    """The summary of a realtime packet's bodies, from its bytes: columns where every body counts
+    (the speeds, the odometers), the first and the last body's values for the rest."""
+    count = layout.body_count(raw)
+    if count <= 0:
+        return BodySummary()
+    first_ms, last_ms = layout.times_ms(raw)
+    head, tail = layout.decoded(raw, 0, _ENDS), layout.decoded(raw, -1, _ENDS)
+    speeds = layout.column(raw, "speed_kmh")
+    fuel = "total_fuel_l" in head
+    return BodySummary(
+        count, first_ms, last_ms, head["total_distance_km"], tail["total_distance_km"],
+        max(layout.column(raw, "total_distance_km")),
+        head["lat"], head["lon"], tail["lat"], tail["lon"], max(speeds), sum(speeds), count - speeds.count(0),
+        _ml(head["total_fuel_l"]) if fuel else None, _ml(tail["total_fuel_l"]) if fuel else None,
+        tail.get("status_code"),
+    )
+
+
+class Advance(NamedTuple):
+    """Where a realtime packet belongs: its trip, and the state after it."""
+
+    tid: int
+    key_on_ms: int | None
+    stale: bool  # the terminal's backlog of an older trip: published, but the state is left alone
+    trip: TripState  # the trip the packet belongs to, with the packet accounted (unless stale)
+    state: TripState | None  # the terminal's next state
+
+
+def advance(kind: str, key_on_ms: int | None, summary: BodySummary, state: TripState | None) -> Advance | None:
+    """Where a realtime packet of `kind` with this KEY ON time and bodies belongs; None when it
+    has no time at all to name a trip by (stored, but nothing is published)."""
+    current = state or TripState()
+    if key_on_ms is not None:
+        tid = key_on_ms // 1000
+    elif current.tid is not None and not current.trip_sent:
+        tid, key_on_ms = current.tid, current.key_on_ms  # continues the terminal's open trip
+    else:
+        key_on_ms = summary.first_ms
+        if key_on_ms is None:
+            return None
+        tid = key_on_ms // 1000
+
+    # An older tid is the terminal's backlog of an earlier trip, unless the odometer shows the
+    # vehicle has driven on since the state's trip: then the terminal's clock went back, and
+    # waiting for it to catch up would hold every trip of the terminal until then.
+    stale = current.tid is not None and tid < current.tid and not (
+        current.last_total_km is not None
+        and (summary.max_total_km if summary.bodies else -1) > current.last_total_km)
+    if stale:
+        return Advance(tid, key_on_ms, True, current, state)
+    if tid != current.tid:
+        current = current.new_trip(tid, key_on_ms, kind)
+    current = account(current, summary)
+    return Advance(tid, key_on_ms, False, current, current)
+
+
+def account(state: TripState, summary: BodySummary) -> TripState:
+    """The trip state after one more packet of bodies of the current trip."""
+    if not summary.bodies:
+        return state
+    first_fuel, last_fuel = state.first_total_fuel_ml, state.last_total_fuel_ml
+    if summary.first_total_fuel_ml is not None:
+        first_fuel = summary.first_total_fuel_ml if first_fuel is None else first_fuel
+        last_fuel = summary.last_total_fuel_ml
+    return TripState(
+        tid=state.tid, kind=state.kind, key_on_ms=state.key_on_ms,
+        first_total_km=summary.first_total_km if state.first_total_km is None else state.first_total_km,
+        last_total_km=summary.last_total_km,
+        first_lat=summary.first_lat if state.first_lat is None else state.first_lat,
+        first_lon=summary.first_lon if state.first_lon is None else state.first_lon,
+        last_lat=summary.last_lat, last_lon=summary.last_lon,
+        last_ms=summary.last_ms if summary.last_ms is not None else state.last_ms,
+        max_speed_kmh=max(state.max_speed_kmh, summary.max_speed_kmh),
+        speed_sum_kmh=state.speed_sum_kmh + summary.speed_sum_kmh,
+        speed_count=state.speed_count + summary.bodies,
+        driving_s=state.driving_s + summary.driving_s,
+        first_total_fuel_ml=first_fuel, last_total_fuel_ml=last_fuel, trip_sent=state.trip_sent,
+        status_code=state.status_code if summary.last_status_code is None else summary.last_status_code,
+        fwv=state.fwv,
+    )
+
+
+def realtime_advance(raw: bytes, layout: RealtimeLayout, state: TripState | None) -> Advance | None:
+    """`advance` for one framed realtime packet of `layout`'s kind."""
+    return advance(layout.kind, layout.key_on_ms(raw), summarize(raw, layout), state)
+
+
+def status_changes(status_code: int, codes: Sequence[int]) -> list[tuple[int, int]]:
+    """(body index, code) of each body whose device status differs from the one before and is
+    not 0 (ok), the one before the first body being `status_code`."""
+    changes = []
+    for index, code in enumerate(codes):
+        if code != status_code and code != 0:
+            changes.append((index, code))
+        status_code = code
+    return changes
+
+
+# -- KEY OFF and basic info -------------------------------------------------------------------------
+
+
+class KeyOffOutcome(NamedTuple):
+    trip: TripState | None  # the trip the KEY OFF belongs to, after it (None: no trip is known)
+    closes: bool  # the trip's first KEY OFF: its Trip message is due now
+    state: TripState | None  # the terminal's next state
+
+
+def key_off(state: TripState | None, key_off_ms: int | None) -> KeyOffOutcome:
+    """What a KEY OFF at `key_off_ms` does to the terminal's trip: the first one after a trip
+    closes it (once); one from before the trip began is the terminal's backlog, not its end."""
+    if state is None or state.tid is None or (
+            key_off_ms is not None and state.key_on_ms is not None and key_off_ms < state.key_on_ms):
+        return KeyOffOutcome(None, False, state)
+    if state.trip_sent:
+        return KeyOffOutcome(state, False, state)
+    trip = attrs.evolve(state, trip_sent=True)
+    return KeyOffOutcome(trip, True, trip)
+
+
+def trip_values(trip: TripState, end_ms: int | None) -> dict[str, Any]:
+    """Every value the Trip message can carry, None where unknown (the profile picks the keys)."""
+    def difference(last: int | None, first: int | None, scale: int) -> int | None:
+        if last is None or first is None or last < first:
+            return None
+        return (last - first) * scale
+
+    return {
+        "tid": trip.tid,
+        "stt": trip.key_on_ms,
+        "edt": end_ms,
+        "dis": difference(trip.last_total_km, trip.first_total_km, 1000),
+        "stlat": trip.first_lat,
+        "stlon": trip.first_lon,
+        "edlat": trip.last_lat,
+        "edlon": trip.last_lon,
+        "hsts": trip.max_speed_kmh if trip.speed_count else None,
+        "mesp": round(trip.speed_sum_kmh / trip.speed_count) if trip.speed_count else None,
+        "dtvt": trip.driving_s if trip.speed_count else None,
+        "fc": difference(trip.last_total_fuel_ml, trip.first_total_fuel_ml, 1),
+        "fwv": trip.fwv or None,
+    }
+
+
+def with_firmware(state: TripState | None, fwv: str) -> TripState:
+    """The terminal's state after a basic info naming its firmware version."""
+    return attrs.evolve(state or TripState(), fwv=fwv)
+
+
+# -- without messages ---------------------------------------------------------------------------------
+
+
+def next_state(raw: bytes, state: TripState | None) -> TripState | None:
+    """The terminal's state after one framed packet, without building its messages: what a
+    consumer that only keeps trip state computes per packet. The state `messages.build` returns
+    with the messages (tests/test_trips.py)."""
+    layout = realtime_layout(raw)
+    if layout is not None:
+        moved = realtime_advance(raw, layout, state)
+        return state if moved is None else moved.state
+    record = decode(raw)
+    if isinstance(record, KeyOff):
+        return key_off(state, time_ms(record.key_off_time)).state
+    if isinstance(record, BasicInfo):
+        return with_firmware(state, str(record.firmware_version))
+    if isinstance(record, StatusLog):
+        return state
+    raise ValueError(f"no trip state is defined for a packet of kind {record.KIND!r}")

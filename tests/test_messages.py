@@ -1,0 +1,136 @@
+"""bridge.messages and bridge.trips beyond docs/mqtt.md's rows: the bytes path agrees with the
+records at the wire's limits, the JSON is exactly the documented encoding, the trip keeps its start."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import records
+from test_mapping import KEY_ON, KEY_ON_MS, TID, dtg, dtg_body, key_off, run, wire
+
+from dtgserver.bridge.messages import MAX_PAYLOAD_BYTES, encode, exact, map_record
+from dtgserver.bridge.profiles import PROFILES
+from dtgserver.protocol import BadTime, DtgRealtime, KeyOff, MdtRealtime, ObdRealtime
+from dtgserver.protocol import encode as encode_packet
+from dtgserver.protocol.layout import time_ms
+
+
+def compact(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+# -- times at the calendar's limits: the elements' own conversion agrees with the decoder ------------------
+
+
+@pytest.mark.parametrize("time", [
+    bytes((26, 11, 21, 23, 59, 59, 99)), bytes((26, 11, 21, 24, 0, 0, 0)), bytes((26, 11, 21, 8, 60, 0, 0)),
+    bytes((26, 11, 21, 8, 0, 60, 0)), bytes((26, 11, 21, 8, 0, 0, 100)), bytes((24, 2, 29, 0, 0, 0, 0)),
+    bytes((25, 2, 29, 0, 0, 0, 0)), bytes((26, 12, 31, 23, 59, 59, 0)), bytes((26, 13, 1, 0, 0, 0, 0)),
+])
+def test_clt_is_the_decoded_body_time_at_the_limits(time: bytes) -> None:
+    from dtgserver.protocol.fields import KstTime
+
+    decoded = KstTime().decode(time)
+    messages, _ = map_record(dtg(dtg_body(0), dtg_body(1, time=decoded)), None, packet_id="x")
+    element = messages[0].payload["pld"][1]
+    assert element.get("clt") == time_ms(decoded)
+    assert ("clt" in element) == (not isinstance(decoded, BadTime))
+
+
+# -- JSON ------------------------------------------------------------------------------------------------
+
+
+def test_payload_bytes_are_compact_with_integer_tids() -> None:
+    messages, _ = run([dtg(dtg_body(0, status_code=11)), key_off(battery_v=11.0)])
+    encoded = [encode(m.payload) for m in messages]
+    assert encoded[0].startswith(b'{"ts":%d,"ty":2,"pld":[{"tid":%d,"clt":%d,"lat":37.497942,' % (
+        KEY_ON_MS, TID, KEY_ON_MS))
+    for message, raw in zip(messages, encoded, strict=True):
+        assert raw == compact(message.payload)
+        pld = message.payload["pld"]
+        for element in pld if isinstance(pld, list) else [pld]:
+            assert type(element["tid"]) is int  # a float tid would be written 1795215600.0
+    assert b'"tid":%d,' % TID in encoded[1] and b'"tid":%d,' % TID in encoded[2]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**31), 2**31 - 1), st.sampled_from([1, 10, 100, 1000, 1_000_000]))
+def test_encode_writes_every_wire_float_as_json_dumps_does(wire_value: int, scale: int) -> None:
+    """orjson writes 1e-6 where Python writes 1e-06: `exact` keeps Python's form where they differ."""
+    value = exact(wire_value / scale)
+    assert value == wire_value / scale
+    assert encode({"v": value, "l": [value]}) == compact({"v": wire_value / scale, "l": [wire_value / scale]})
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(records(DtgRealtime), records(ObdRealtime), records(MdtRealtime), records(KeyOff)),
+                min_size=1, max_size=4), st.sampled_from(sorted(PROFILES)))
+def test_every_payload_is_exactly_compact_json(packets: list[Any], profile: str) -> None:
+    state = None
+    for n, packet in enumerate(packets):
+        messages, state = map_record(packet, state, packet_id=f"{n:032x}", profile=profile)
+        for message in messages:
+            assert encode(message.payload) == compact(message.payload)
+
+
+def test_a_coordinate_near_zero_is_written_as_python_writes_it() -> None:
+    messages, _ = map_record(dtg(attrs.evolve(dtg_body(0), lat=0.000012, lon=-0.000001)), None, packet_id="x")
+    assert b'"lat":1.2e-05,"lon":-1e-06,' in encode(messages[0].payload)
+
+
+# -- the 64 KiB bound ----------------------------------------------------------------------------------------
+
+
+def test_the_payload_limit_is_64_kib() -> None:
+    """Pinned from both sides: every message of a one-hour packet is below 65 536 bytes, and the
+    split only happens because one more element would not have fitted."""
+    assert MAX_PAYLOAD_BYTES == 65_536
+    bodies = [dtg_body(s, total_km=120_000 + s // 60) for s in range(3600)]
+    messages, _ = map_record(dtg(*bodies), None, packet_id="f" * 32)
+    sizes = [len(encode(m.payload)) for m in messages]
+    assert max(sizes) < 65_536
+    assert sum(len(m.payload["pld"]) for m in messages) == 3600
+    widest = [len(json.dumps(m.payload, ensure_ascii=False).encode()) for m in messages[:-1]]
+    assert min(widest) > 65_536 - 700  # as full as the widest spacing allows: one element is ~600 bytes
+
+
+# -- trip state across packets -------------------------------------------------------------------------------
+
+
+def test_the_trip_keeps_its_first_position_and_odometer_across_packets() -> None:
+    def at(second: int, lat: float, lon: float, km: int) -> Any:
+        return attrs.evolve(dtg_body(second, total_km=km), lat=lat, lon=lon)
+
+    packets = [dtg(at(0, 37.1, 127.1, 100), at(1, 37.2, 127.2, 100)),
+               dtg(at(60, 37.3, 127.3, 101), at(61, 37.4, 127.4, 102)),
+               dtg(at(120, 37.5, 127.5, 103), at(121, 37.6, 127.6, 104)),
+               key_off(minutes=5)]
+    messages, state = run(packets, restart=True)
+    (trip,) = [m.payload["pld"] for m in messages if m.payload["ty"] == 1]
+    assert (trip["stlat"], trip["stlon"], trip["edlat"], trip["edlon"]) == (37.1, 127.1, 37.6, 127.6)
+    assert trip["dis"] == 4000 and trip["stt"] == KEY_ON_MS
+    cdits = [e["cdit"] for m in messages if isinstance(m.payload["pld"], list) for e in m.payload["pld"]]
+    assert cdits == [0, 0, 1000, 2000, 3000, 4000]  # from the trip's first odometer, not the packet's
+    assert state is not None and (state.first_lat, state.first_total_km) == (37.1, 100)
+
+
+def test_a_key_off_at_exactly_the_key_on_time_closes_the_trip() -> None:
+    messages, state = run([dtg(dtg_body(0)), wire(type(key_off())(  # KEY OFF time == KEY ON time
+        "01099998888", KEY_ON + timedelta(minutes=1), 127.03, 37.5, KEY_ON, 24.1))])
+    assert [m.payload["ty"] for m in messages] == [2, 1, 2]
+    assert state is not None and state.trip_sent
+    early, _ = run([dtg(dtg_body(0)), wire(type(key_off())(
+        "01099998888", KEY_ON + timedelta(minutes=1), 127.03, 37.5, KEY_ON - timedelta(milliseconds=10), 24.1))])
+    assert [m.payload["ty"] for m in early] == [2, 2]  # 1/100 s before the trip began: backlog, not its end
+
+
+def test_the_record_and_its_bytes_give_the_same_messages() -> None:
+    packet = dtg(dtg_body(0), dtg_body(1))
+    assert map_record(packet, None, packet_id="x") == map_record(wire(packet), None, packet_id="x")
+    assert encode_packet(wire(packet)) == encode_packet(packet)
