@@ -5,6 +5,7 @@ The store is filled the way terminals fill it: a real server on 127.0.0.1 port 0
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import UTC, datetime, timedelta, timezone
@@ -295,7 +296,8 @@ async def test_geojson_without_positions_is_an_empty_collection(tmp_path: Path) 
 
 # -- status logs: 0x63 and its alias 0x99, and their files ---------------------------------------
 
-LOG_NAME = re.compile(r"[0-9]+(_[0-9]+)?\.log")  # digits from the packet; _N from the server only
+SECOND = hashlib.sha256(b"second, same send time").hexdigest()[:16]
+LOG_NAME = re.compile(r"[0-9]+(_[0-9a-f]{16})?\.log")  # digits from the packet; _<hex> from the server only
 
 
 async def test_status_log_alias_0x99_stored_and_written(tmp_path: Path) -> None:
@@ -314,6 +316,7 @@ async def test_status_log_alias_0x99_stored_and_written(tmp_path: Path) -> None:
 
 
 async def test_status_log_file_names_are_digits(tmp_path: Path) -> None:
+    """Digits, and for a second log with the same send time the start of its bytes' SHA-256."""
     bad_time = BadTime(bytes([26, 13, 40, 25, 61, 61, 100]))  # no calendar time: its bytes, as digits
     sent = [status_log("01055556666", "first"), status_log("01055556666", "second, same send time"),
             StatusLog("01055556666", bad_time, "bad clock"), status_log("01077778888", "other terminal")]
@@ -322,14 +325,14 @@ async def test_status_log_file_names_are_digits(tmp_path: Path) -> None:
     assert [str(f) for f in files] == [
         "01055556666/026013040025061061100.log",
         "01055556666/2026112108000000.log",
-        "01055556666/2026112108000000_1.log",
+        f"01055556666/2026112108000000_{SECOND}.log",
         "01077778888/2026112108000000.log",
     ]
     for f in files:
         assert f.parent.name.isascii() and f.parent.name.isdigit()
         assert LOG_NAME.fullmatch(f.name), f
     assert (tmp_path / "logs/01055556666/2026112108000000.log").read_text("utf-8") == "first"
-    assert (tmp_path / "logs/01055556666/2026112108000000_1.log").read_text("utf-8") == "second, same send time"
+    assert (tmp_path / f"logs/01055556666/2026112108000000_{SECOND}.log").read_text("utf-8") == "second, same send time"
     assert (tmp_path / "logs/01055556666/026013040025061061100.log").read_text("utf-8") == "bad clock"
 
 

@@ -262,7 +262,7 @@ async def test_modem_with_path_or_nul_never_names_a_file(tmp_path: Path) -> None
     for path in data_dir.rglob("*"):
         relative = path.relative_to(data_dir).parts
         if relative[0] == "logs":
-            assert all(part.split(".")[0].replace("_", "").isdigit() for part in relative[1:]), path
+            assert all(re.fullmatch(r"[0-9]+(_[0-9a-f]{16}\.log|\.log)?", part) for part in relative[1:]), path
             assert len(relative) < 3 or relative[1] in stored_modems
         else:
             assert len(relative) == 1 and relative[0].split(".")[0] in {"store-0", "control"}, path

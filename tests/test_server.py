@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -300,8 +301,9 @@ async def test_status_log_file_left_by_a_failed_commit_is_reused(tmp_path: Path)
         assert server.port
         assert await exchange(server.port, encode(record)) == OK
         assert await exchange(server.port, encode(other)) == OK
-    assert sorted(f.name for f in folder.iterdir()) == ["2026112108000000.log", "2026112108000000_1.log"]
-    assert (folder / "2026112108000000_1.log").read_text("utf-8") == "다른 로그, 같은 시각"
+    second = f"2026112108000000_{hashlib.sha256('다른 로그, 같은 시각'.encode()).hexdigest()[:16]}.log"
+    assert sorted(f.name for f in folder.iterdir()) == ["2026112108000000.log", second]
+    assert (folder / second).read_text("utf-8") == "다른 로그, 같은 시각"
 
 
 async def test_serve_tunes_the_collector_only_while_it_runs(tmp_path: Path) -> None:
