@@ -10,6 +10,9 @@ A session is what a terminal does once a minute: connect, send one 60-body DTG r
 - full+mqtt: the same with `--mqtt` to a Mosquitto started here on a free port (the outbox row is
   written in the same transaction; the forwarder publishes QoS 1 and deletes on PUBACK).
 - workers=1 / workers=2: `serve --workers N`, MQTT off.
+- full+nats, workers=N+nats: `serve --store nats://…` against a 3-node JetStream cluster started here
+  (R3, file storage, on this machine's disk and cores): answered 0 after the stream's PubAck. The
+  nats-server processes' CPU is reported apart (`JetStream nodes`), not in the server's.
 - full+writer, workers=N+writer, full+writer+mqtt: the same with `--writer-process` (the sessions
   in one process per worker, each shard's commits and forwarder in a writer process of its own).
 
@@ -542,13 +545,14 @@ def metrics(ports: list[int]) -> dict[str, float]:
 def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: Path | None) -> dict[str, Any]:
     port = free_port()
     broker: Mosquitto | None = None
+    cluster: Any = None  # tests/natscluster.py NatsCluster, for +nats
     endpoints: list[int] = []
     if name in ("bare", "bare-close", "bare-close-x2"):
         command = [PYTHON, __file__, "--bare-server", str(port)] + (["--direct-close"] if name != "bare" else []) \
             + (["--processes", "2"] if name == "bare-close-x2" else [])
     else:
         base, *modifiers = name.split("+")
-        if (base != "full" and not base.startswith("workers=")) or set(modifiers) - {"mqtt", "writer"}:
+        if (base != "full" and not base.startswith("workers=")) or set(modifiers) - {"mqtt", "writer", "nats"}:
             raise SystemExit(f"unknown contender {name!r}")
         data_dir = workdir / f"data-{name}-{port}"
         command = [PYTHON, "-m", "dtgserver", "serve", "-q", "--host", "127.0.0.1", "--port", str(port),
@@ -559,6 +563,13 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
         metrics_port = free_ports(processes)
         endpoints = list(range(metrics_port, metrics_port + processes))
         command += ["--metrics-port", str(metrics_port)]
+        if "nats" in modifiers:  # a 3-node JetStream cluster (R3) on this machine, started afresh
+            sys.path.insert(0, str(ROOT / "tests"))
+            from natscluster import NatsCluster
+
+            cluster = NatsCluster(workdir / f"nats-{port}")
+            cluster.start_all()
+            command += ["--store", cluster.url]
         if "mqtt" in modifiers:
             broker = Mosquitto(workdir)
             command += ["--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--client-id", f"bench-{port}"]
@@ -576,6 +587,8 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
             named.update((f"worker{i}", pid) for i, pid in enumerate(children(server.pid)))
             if broker is not None:
                 named["mosquitto"] = broker.process.pid
+            if cluster is not None:
+                named.update((f"nats-{node.name}", node.process.pid) for node in cluster.nodes if node.process)
             return named
 
         figures = run_load(port, connections=args.connections, generators=args.generators,
@@ -586,6 +599,12 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
             figures["broker_cores"] = broker_cores
             figures["server_cores"] -= broker_cores
             figures["server_cpu_us_per_session"] = 1e6 * figures["server_cores"] / figures["sessions_per_s"]
+        if cluster is not None:  # the JetStream nodes are not the server either
+            nats_cores = sum(figures["cpu_by_process"].pop(f"nats-{node.name}", 0.0) for node in cluster.nodes)
+            figures["nats_cores"] = nats_cores
+            figures["server_cores"] -= nats_cores
+            figures["server_cpu_us_per_session"] = 1e6 * figures["server_cores"] / figures["sessions_per_s"]
+            figures["nats_cpu_us_per_session"] = 1e6 * nats_cores / figures["sessions_per_s"]
         if endpoints:
             m = metrics(endpoints)
             figures["committed_packets"] = m.get("dtg_committed_packets_total")
@@ -602,6 +621,8 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
         stop(server)
         if broker is not None:
             broker.stop()
+        if cluster is not None:
+            cluster.stop_all()
         errors = server.stderr.read().decode(errors="replace") if server.stderr else ""
         if server.stderr:
             server.stderr.close()
@@ -614,8 +635,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="bare,full,full+mqtt,workers=1,workers=2",
                         help="contenders, comma-separated: bare, bare-close, bare-close-x2, full, full+mqtt, "
-                             "workers=N, and +writer after full or workers=N (e.g. full+writer, "
-                             "workers=2+writer, full+writer+mqtt)")
+                             "workers=N, and +writer or +nats after full or workers=N (e.g. full+writer, "
+                             "workers=2+writer, full+writer+mqtt, full+nats, workers=2+nats)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per contender and round")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--rounds", type=int, default=1, help="rounds; every contender runs once per round")
@@ -670,7 +691,9 @@ def main() -> int:
                       f"errors {figures['timeouts'] + figures['connection_errors'] + figures['other_result']}"
                       + (f"  commit {figures['commit_ms_mean']:.1f} ms × {figures['batch_mean']:.0f} packets"
                          if "commit_ms_mean" in figures else "")
-                      + (f"  broker {figures['broker_cores']:.2f} cores" if "broker_cores" in figures else ""),
+                      + (f"  broker {figures['broker_cores']:.2f} cores" if "broker_cores" in figures else "")
+                      + (f"  JetStream nodes {figures['nats_cores']:.2f} cores "
+                         f"{figures['nats_cpu_us_per_session']:.0f} µs/session" if "nats_cores" in figures else ""),
                       flush=True)
                 if args.json:
                     print(json.dumps({"contender": name, **figures}), flush=True)
@@ -704,7 +727,7 @@ def report(runs: dict[str, list[dict[str, Any]]], generator: str) -> None:
         return f"{statistics.median(ratios):.2f}× median of rounds [{listed}]" if ratios else "-"
 
     print()
-    for suffix in ("", "+mqtt", "+writer", "+writer+mqtt"):
+    for suffix in ("", "+mqtt", "+writer", "+writer+mqtt", "+nats"):
         one, two = f"workers=1{suffix}", f"workers=2{suffix}"
         if one in runs and two in runs:
             print(f"{two} ÷ {one}: {per_round(two, one)} (target 1.6×); the generator shares the same "
@@ -714,7 +737,10 @@ def report(runs: dict[str, list[dict[str, Any]]], generator: str) -> None:
               f"for two bare processes: this machine's ceiling for workers=2 ÷ workers=1)")
     if "full" in runs and "full+writer" in runs:
         print(f"full+writer ÷ full: {per_round('full+writer', 'full')}")
-    for name in ("full", "full+writer", "bare-close"):
+    if "full" in runs and "full+nats" in runs:
+        print(f"full+nats ÷ full: {per_round('full+nats', 'full')}; by CPU per session (server only): "
+              f"{per_round('full', 'full+nats', 'server_cpu_us_per_session')}")
+    for name in ("full", "full+writer", "full+nats", "bare-close"):
         if name in runs and "bare" in runs:
             target = " (target 0.6×)" if name.startswith("full") else ""
             print(f"{name} ÷ bare: {per_round(name, 'bare')}{target}; "

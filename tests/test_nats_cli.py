@@ -52,10 +52,10 @@ def test_a_bad_store_url_is_a_usage_error_naming_the_option_and_no_secret(tmp_pa
     assert "Traceback" not in result.output
 
 
-def test_serve_with_store_runs_one_process_per_node(tmp_path: Path) -> None:
-    for extra in (["--workers", "2"], ["--writer-process"], ["--mqtt", "mqtt://127.0.0.1"]):
+def test_serve_with_store_takes_no_writer_process_and_no_mqtt(tmp_path: Path) -> None:
+    for extra in (["--writer-process"], ["--mqtt", "mqtt://127.0.0.1"]):
         result = run("serve", "--store", "nats://127.0.0.1:1", "--port", "0", *extra)
-        assert result.exit_code == 2 and "one process per node" in result.output, result.output
+        assert result.exit_code == 2 and "no --writer-process or --mqtt" in result.output, result.output
 
 
 def test_a_command_on_an_unreachable_cluster_is_a_clear_error() -> None:

@@ -136,8 +136,10 @@ async def test_quorum_lost_answers_4_never_0_and_0_again_once_it_is_back(
         await trio.to_thread.run_sync(nats_cluster.start, 2)
         for packet in without_quorum:  # the terminal's resends
             await until_ok(port, packet, timeout_s=60)
+    with opened(nats_cluster.url) as backend:
+        info = backend.link.call_blocking(backend.js.stream_info("DTG_PACKETS"))
     stored = await trio.to_thread.run_sync(stream_packets, nats_cluster.url)
-    assert sorted(p.raw for p in stored) == sorted([first, *without_quorum])
+    assert sorted(p.raw for p in stored) == sorted([first, *without_quorum]), info
 
 
 async def test_one_node_killed_mid_load_answers_stay_0_and_nothing_acknowledged_is_lost(
@@ -208,3 +210,28 @@ async def test_devices_and_maintenance_changed_through_one_node_reach_another_wi
             await trio.to_thread.run_sync(control.set_registry_enforced, False)
             await seen_within_a_second(OK)
         assert server.control_state.maintenance is False
+
+
+async def test_workers_publish_for_themselves_and_the_password_stays_out_of_ps_and_logs(
+        tmp_path: Path, nats_cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --workers 2` with the URL (and a password: the test cluster takes any) from DTGSERVER_STORE."""
+    from serverproc import children, free_port, start_server, stop
+
+    monkeypatch.setenv("DTGSERVER_STORE", nats_cluster.url.replace("nats://", "nats://dtg:hunter2@", 1))
+    port = free_port()
+    process = await start_server(tmp_path / "unused", port, "--workers", "2")
+    packets = [dtg_bytes(f"0107777{i:04d}", bodies=3) for i in range(30)]
+    try:
+        for packet in packets:
+            await until_ok(port, packet)
+        pids = [process.pid, *children(process.pid)]
+        assert len(pids) == 3
+        for pid in pids:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert b"hunter2" not in f.read()
+    finally:
+        code, log = stop(process)
+    assert code == 0, log
+    assert "hunter2" not in log  # warnings name the cluster (quiet: warnings only), never with the password
+    stored = await trio.to_thread.run_sync(stream_packets, nats_cluster.url)
+    assert sorted(p.raw for p in stored) == sorted(packets)

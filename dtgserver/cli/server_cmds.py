@@ -190,9 +190,9 @@ def serve(verbose: int, quiet: bool, workers: int, writer_process: bool, **optio
     from ..store.nats import PartitionMismatch
     from ..store.packets import ShardCountMismatch
 
-    if options["store"] is not None and (workers != 1 or writer_process or options["mqtt_url"]):
-        raise click.UsageError("--store nats://... runs one process per node: no --workers, --writer-process or "
-                               "--mqtt (start more nodes instead; `dtgserver bridge` forwards from the stream)")
+    if options["store"] is not None and (writer_process or options["mqtt_url"]):
+        raise click.UsageError("--store nats://... has no local writer and forwards nothing: no --writer-process "
+                               "or --mqtt (`dtgserver bridge` forwards from the stream)")
     verbosity = -1 if quiet else verbose
     logs.configure(verbosity)
     config = ServerConfig(**options)

@@ -100,14 +100,17 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 
 def _config_to_json(config: ServerConfig) -> dict[str, Any]:
-    return {k: (str(v) if k in ("data_dir", "mqtt_tls_ca") and v is not None else v)
-            for k, v in attrs.asdict(config).items()}
+    return {k: (str(v) if k in _PATHS and v is not None else v) for k, v in attrs.asdict(config).items()}
 
 
 def _config_from_json(fields: dict[str, Any]) -> ServerConfig:
-    if fields.get("mqtt_tls_ca") is not None:
-        fields["mqtt_tls_ca"] = Path(fields["mqtt_tls_ca"])
+    for name in _PATHS:
+        if fields.get(name) is not None:
+            fields[name] = Path(fields[name])
     return ServerConfig(**fields)
+
+
+_PATHS = ("data_dir", "mqtt_tls_ca", "store_tls_ca")
 
 
 async def _run_worker(config: ServerConfig, shard: int, shards: int, role: ProcessRole, supervisor_pid: int) -> None:
@@ -196,9 +199,10 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
-        control = Control(cfg.data_dir)
-        check_shard_count(control, cfg.data_dir, self.shards)  # refuse before any worker starts
-        control.close()
+        if cfg.store is None:  # with --store nats:// the workers keep nothing in the data dir
+            control = Control(cfg.data_dir)
+            check_shard_count(control, cfg.data_dir, self.shards)  # refuse before any worker starts
+            control.close()
         reserved = _reserve_port(cfg.host, cfg.port)
         try:
             self.port = int(reserved.getsockname()[1])

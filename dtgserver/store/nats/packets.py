@@ -239,14 +239,16 @@ def _packet(msg: Any) -> StoredPacket:
                         float(headers.get(HEADER_RECEIVED_AT, "0")), headers.get(HEADER_PEER, ""), bytes(msg.data))
 
 
-async def _open_reader(backend: NatsBackend, modem: str | None) -> tuple[Any, int]:
+async def _open_reader(backend: NatsBackend, modem: str | None) -> Any:
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    info = await backend.js.stream_info(STREAM)
     filter_subject = subject(shard_of(modem, backend.partitions), modem) if modem else f"{SUBJECT_PREFIX}.>"
-    sub = await backend.js.pull_subscribe(filter_subject, stream=STREAM, config=ConsumerConfig(
+    return await backend.js.pull_subscribe(filter_subject, stream=STREAM, config=ConsumerConfig(
         deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
-    return sub, int(info.state.last_seq)
+
+
+async def _pending(sub: Any) -> int:
+    return int((await sub.consumer_info()).num_pending)
 
 
 async def _fetch(sub: Any, batch: int) -> list[Any]:
@@ -261,27 +263,29 @@ def read_stream(backend: NatsBackend, *, modem: str | None = None, since: float 
     """The stream's packets in stream order (the order their PubAcks were given), filtered.
 
     Called from plain code (the CLI) on a backend opened with `open_blocking`; reads in batches
-    through an ephemeral consumer, up to the last message stored when it started.
+    through an ephemeral consumer until it reports nothing pending.
     """
     link = backend.link
     deadline = time.monotonic() + READER_OPEN_S
     while True:  # a consumer is made by the meta leader: after a node died, wait for the next one's election
         try:
-            sub, last = link.call_blocking(_open_reader(backend, modem), timeout=2 * JS_API_TIMEOUT_S)
+            sub = link.call_blocking(_open_reader(backend, modem), timeout=2 * JS_API_TIMEOUT_S)
             break
         except (TimeoutError, *UNAVAILABLE):
             if time.monotonic() > deadline:
                 raise
     try:
-        while last:
+        while True:
             messages = link.call_blocking(_fetch(sub, batch))
-            if not messages:
-                return
+            if not messages:  # an empty stream, or a slow answer: ask the consumer what is left
+                if link.call_blocking(_pending(sub)) == 0:
+                    return
+                continue
             for msg in messages:
                 packet = _packet(msg)
                 if (since is None or packet.received_at >= since) and (until is None or packet.received_at < until):
                     yield packet
-                if packet.id >= last or msg.metadata.num_pending == 0:
+                if msg.metadata.num_pending == 0:  # the stream leader's count of what is left for this reader
                     return
     finally:
         try:
