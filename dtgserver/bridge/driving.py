@@ -253,8 +253,8 @@ class DriveState:
     the previous body, the speed behaviours of the previous step (a harsh change lasting several
     seconds is one event), the turning run under way (its direction, its newest steps as
     (degrees, lower speed of the step), and the most it turned within each window so far), and
-    the lane-change window (its newest steps as (degrees, speed before, speed after) or None for
-    a step that cannot be part of one, and how many more steps belong to the last one found).
+    the lane-change windows under way (steps so far, net degrees, speed before the first step,
+    degrees of the first step).
     """
 
     counts: tuple[int, ...] = (0,) * len(BEHAVIOURS)
@@ -271,8 +271,7 @@ class DriveState:
     run: tuple[tuple[int, int], ...] = ()
     run_best_turn: int = 0
     run_best_u_turn: int = 0
-    lane: tuple[tuple[int, int, int] | None, ...] = ()
-    lane_hold: int = 0
+    lane: tuple[tuple[int, int, int, int], ...] = ()
 
     def to_list(self) -> list[Any]:
         return [getattr(self, f.name) for f in attrs.fields(DriveState)]
@@ -281,10 +280,10 @@ class DriveState:
     def from_list(cls, values: Sequence[Any]) -> DriveState:
         """What `to_list` gave, also after a JSON round trip (lists for tuples)."""
         (counts, seen, last_ms, last_speed, last_heading, last_lat, last_lon, last_heading_ok, last_speed_ok,
-         speed_kinds, run_sign, run, best_turn, best_u_turn, lane, lane_hold) = values
+         speed_kinds, run_sign, run, best_turn, best_u_turn, lane) = values
         return cls(tuple(counts), seen, last_ms, last_speed, last_heading, last_lat, last_lon, last_heading_ok,
                    last_speed_ok, speed_kinds, run_sign, tuple((d, s) for d, s in run), best_turn, best_u_turn,
-                   tuple(None if step is None else (step[0], step[1], step[2]) for step in lane), lane_hold)
+                   tuple((w[0], w[1], w[2], w[3]) for w in lane))
 
     def to_json(self) -> str:
         return json.dumps(self.to_list(), separators=(",", ":"))
@@ -350,8 +349,11 @@ def _detect(s: DriveState, rules: Criteria, time_ms: Sequence[int | None], speed
     last_lat, last_lon = s.last_lat, s.last_lon
     last_heading_ok, last_speed_ok = s.last_heading_ok, s.last_speed_ok
     speed_kinds = s.speed_kinds
-    run_sign, run, best_turn, best_u = s.run_sign, list(s.run), s.run_best_turn, s.run_best_u_turn
-    lane, lane_hold = list(s.lane), s.lane_hold
+    run_sign, best_turn, best_u = s.run_sign, s.run_best_turn, s.run_best_u_turn
+    run_deg, run_slower = [d for d, _ in s.run], [v for _, v in s.run]
+    turn_s, turn_kmh, u_turn_s, u_turn_kmh = turn.within_s, turn.min_speed_kmh, u_turn.within_s, u_turn.min_speed_kmh
+    least_rise, least_drop, _, _ = _least_changes(rules)
+    lane = list(s.lane)
 
     codes = status_code if status_code is not None else (0,) * len(speed_kmh)
     for i, (t, v, h, la, lo, code) in enumerate(zip(time_ms, speed_kmh, azimuth_deg, lat, lon, codes, strict=True)):
@@ -363,8 +365,8 @@ def _detect(s: DriveState, rules: Criteria, time_ms: Sequence[int | None], speed
         if seen and t is not None and last_ms is not None and _STEP_MIN_MS <= t - last_ms <= _STEP_MAX_MS:
             # speed: start, acceleration, deceleration, stop
             kinds = 0
-            if speed_ok and last_speed_ok:
-                change = v - last_speed
+            change = v - last_speed
+            if (change >= least_rise or change <= -least_drop) and speed_ok and last_speed_ok:
                 if change > 0:
                     if last_speed <= start_max:
                         if change >= start_rise:
@@ -389,40 +391,50 @@ def _detect(s: DriveState, rules: Criteria, time_ms: Sequence[int | None], speed
             if sign != run_sign or not sign:
                 if run_sign:
                     found |= _run_behaviour(rules, run_sign, best_turn, best_u)
-                run_sign, run, best_turn, best_u = sign, [], 0, 0
+                run_sign, run_deg, run_slower, best_turn, best_u = sign, [], [], 0, 0
             if sign:
-                run.append((dh if dh > 0 else -dh, slower))
-                if len(run) > run_keep:
-                    del run[0]
-                turned = _turned(run, turn)
-                if turned > best_turn:
-                    best_turn = turned
-                turned = _turned(run, u_turn)
-                if turned > best_u:
-                    best_u = turned
+                run_deg.append(dh if dh > 0 else -dh)
+                run_slower.append(slower)
+                if len(run_deg) > run_keep:
+                    del run_deg[0], run_slower[0]
+                if min(run_slower[-turn_s:]) >= turn_kmh:
+                    turned = sum(run_deg[-turn_s:])
+                    if turned > best_turn:
+                        best_turn = turned
+                if min(run_slower[-u_turn_s:]) >= u_turn_kmh:
+                    turned = sum(run_deg[-u_turn_s:])
+                    if turned > best_u:
+                        best_u = turned
 
-            lane.append((dh, last_speed, v) if heading_step and slower >= lane_min_kmh else None)
-            if len(lane) > window:
-                del lane[0]
-            if lane_hold:
-                lane_hold -= 1
-            elif len(lane) == window and lane[0] is not None and abs(lane[0][0]) >= lane_deg and None not in lane:
-                steps: list[tuple[int, int, int]] = lane  # type: ignore[assignment]  # no None in it
-                trigger = abs(steps[0][0])
-                if abs(sum(step[0] for step in steps)) <= lane_net:
-                    rise = steps[-1][2] - steps[0][1]
-                    if abs(rise) <= lane_rise and trigger >= rules.lane_change_deg_s:
-                        found |= _LANE
-                        lane_hold = window - 1  # the next one starts after this one's window
-                    elif rise >= overtaking_rise and trigger >= rules.overtaking_deg_s:
-                        found |= _OVERTAKE
-                        lane_hold = window - 1
+            # a lane window runs from a step turning at least lane_deg, for `window` steps
+            lane_step = heading_step and slower >= lane_min_kmh
+            ended = False
+            if lane:
+                if not lane_step:
+                    lane = []  # a window holds usable steps only
+                else:
+                    pending = []
+                    for steps, net, from_kmh, trigger in lane:
+                        net += dh
+                        if steps + 1 < window:
+                            pending.append((steps + 1, net, from_kmh, trigger))
+                        elif -lane_net <= net <= lane_net:
+                            rise = v - from_kmh
+                            if -lane_rise <= rise <= lane_rise and trigger >= rules.lane_change_deg_s:
+                                found |= _LANE
+                                ended = True
+                            elif rise >= overtaking_rise and trigger >= rules.overtaking_deg_s:
+                                found |= _OVERTAKE
+                                ended = True
+                    lane = [] if ended else pending  # the next one starts after this one's window
+            if lane_step and not ended and (dh >= lane_deg or dh <= -lane_deg):
+                lane.append((1, dh, last_speed, dh if dh > 0 else -dh))
         elif seen:  # a gap, or a body without a calendar time: nothing spans it
             speed_kinds = 0
             if run_sign:
                 found = _run_behaviour(rules, run_sign, best_turn, best_u)
-            run_sign, run, best_turn, best_u = 0, [], 0, 0
-            lane, lane_hold = [], 0
+            run_sign, run_deg, run_slower, best_turn, best_u = 0, [], [], 0, 0
+            lane = []
         if found:
             masks[i] = found
             for bit, index in _COUNT_INDEX.items():
@@ -433,8 +445,18 @@ def _detect(s: DriveState, rules: Criteria, time_ms: Sequence[int | None], speed
         last_heading_ok, last_speed_ok = heading_ok, speed_ok
 
     return masks, DriveState(tuple(counts), seen, last_ms, last_speed, last_heading, last_lat, last_lon,
-                             last_heading_ok, last_speed_ok, speed_kinds, run_sign, tuple(run), best_turn, best_u,
-                             tuple(lane), lane_hold)
+                             last_heading_ok, last_speed_ok, speed_kinds, run_sign,
+                             tuple(zip(run_deg, run_slower, strict=True)), best_turn, best_u, tuple(lane))
+
+
+@functools.cache
+def _least_changes(rules: Criteria) -> tuple[int, int, int, int]:
+    """The smallest rise and drop of speed and heading change in 1 s that make any behaviour, and
+    the steps a turning run keeps."""
+    rise = min([rules.start_rise_kmh] + [t for _, t in rules.accel_rise_kmh])
+    drop = min([rules.stop_drop_kmh] + [t for _, t in rules.decel_drop_kmh])
+    heading = min(rules.lane_change_deg_s, rules.overtaking_deg_s)
+    return rise, drop, heading, max(rules.turn.within_s, rules.u_turn.within_s)
 
 
 @functools.cache
@@ -442,10 +464,7 @@ def _quiet_bounds(rules: Criteria) -> tuple[int, int, int, int] | None:
     """(smallest rise, smallest drop, smallest heading change) that could make a behaviour, and the
     most degrees a carried turning run may hold: a packet whose steps all stay below them finds
     nothing. None when the heading bound cannot guarantee that no window of small steps makes a turn."""
-    rise = min([rules.start_rise_kmh] + [t for _, t in rules.accel_rise_kmh])
-    drop = min([rules.stop_drop_kmh] + [t for _, t in rules.decel_drop_kmh])
-    heading = min(rules.lane_change_deg_s, rules.overtaking_deg_s)
-    keep = max(rules.turn.within_s, rules.u_turn.within_s)
+    rise, drop, heading, keep = _least_changes(rules)
     least_turn = min(rules.turn.min_deg, rules.u_turn.min_deg)
     carried = least_turn - 1 - keep * (heading - 1)  # a run of small steps turns at most keep × (heading − 1)
     if carried < 0:
@@ -462,18 +481,16 @@ def _quiet(s: DriveState, rules: Criteria, time_ms: Sequence[int | None], speed_
     Quiet is: no device fault, every speed change and heading change between neighbouring bodies
     below the smallest that makes any behaviour, and a carried state that holds no lane window
     and no turn that could still complete. Nothing is found in such a packet, whatever its gaps
-    and positions, so only its last seconds shape the state: the turning run that reaches its
-    last body, and the last steps of the lane window. Those are computed here by the same rules
-    as `_detect` (tests/test_driving.py compares the two on random drives).
+    and positions, and no lane window starts in it, so only its last seconds shape the state:
+    the turning run that reaches its last body. That is computed here by the same rules as
+    `_detect` (tests/test_driving.py compares the two on random drives).
     """
     bounds = _quiet_bounds(rules)
-    if bounds is None or s.lane_hold:
+    if bounds is None or s.lane:  # a lane window under way
         return None
     rise, drop, heading, carried = bounds
     if s.run_sign and (s.run_best_turn >= rules.turn.min_deg or s.run_best_u_turn >= rules.u_turn.min_deg
                        or sum(d for d, _ in s.run) > carried):
-        return None
-    if any(step is not None and abs(step[0]) >= heading for step in s.lane):
         return None
     if status_code is not None and (rules.gps_fault_code in status_code or rules.speed_fault_code in status_code):
         return None
@@ -549,23 +566,9 @@ def _quiet(s: DriveState, rules: Criteria, time_ms: Sequence[int | None], speed_
             best_turn = max(best_turn, _turned(run, turn))
             best_u = max(best_u, _turned(run, u_turn))
 
-    window = rules.lane_window_s
-    lane: list[tuple[int, int, int] | None] = []
-    k = n - 1
-    while len(lane) < window:
-        st = step(k)
-        if st is None:
-            break
-        dh, v0, v1, both_usable = st
-        lane.insert(0, (dh, v0, v1) if both_usable and min(v0, v1) >= rules.lane_min_speed_kmh else None)
-        if k == 0:  # the junction with the state's last body: its window goes on
-            lane[:0] = s.lane
-            break
-        k -= 1
-    del lane[:-window]
     return DriveState(s.counts, True, time_ms[-1], speed_kmh[-1], azimuth_deg[-1], lat[-1], lon[-1],
                       heading_ok(n - 1), True, 0,
-                      sign, tuple(run), best_turn, best_u, tuple(lane), 0)
+                      sign, tuple(run), best_turn, best_u, ())
 
 
 def _turned(run: list[tuple[int, int]], turn: Turn) -> int:
