@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +139,53 @@ async def test_export_reads_the_stream_back_in_the_json_of_the_sqlite_export(
     later = await trio.to_thread.run_sync(exported, "--store", nats_cluster.url, "--since",
                                           from_stream[2]["received_at"])
     assert _without_receipt(later) == _without_receipt(from_stream[2:])
+
+
+# -- TLS and credentials, against one node of its own -------------------------------------------
+
+
+@pytest.fixture(name="secured_node")
+def secured_node_fixture(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """One JetStream node with TLS only (a throwaway CA) and a user and password: (port, ca.pem)."""
+    from mosquitto import make_test_ca
+    from natscluster import free_ports, require_nats
+
+    ca, cert, key = make_test_ca(tmp_path / "ca")
+    port = free_ports(1)[0]
+    process = subprocess.Popen([require_nats(), "-js", "-sd", str(tmp_path / "js"), "-a", "127.0.0.1", "-p", str(port),
+                                "--tls", "--tlscert", str(cert), "--tlskey", str(key), "--user", "dtg",
+                                "--pass", "hunter2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+                time.sleep(0.05)
+        yield port, ca
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_tls_and_a_password_from_the_environment(secured_node: tuple[int, Path]) -> None:
+    port, ca = secured_node
+    common = ["--store-tls-ca", ca, "--store-replicas", "1"]
+    env = {"DTGSERVER_STORE": f"tls://127.0.0.1:{port}", "DTGSERVER_STORE_USER": "dtg",
+           "DTGSERVER_STORE_PASSWORD": "hunter2"}
+    added = run("devices", "add", "01012340000", *common, env=env)
+    assert added.exit_code == 0, added.output
+    listed = run("devices", "list", "--json", *common, env=env)
+    assert listed.exit_code == 0 and json.loads(listed.output)["modem"] == "01012340000", listed.output
+    wrong = run("devices", "list", *common, env={**env, "DTGSERVER_STORE_PASSWORD": "wrong"})
+    assert wrong.exit_code == 1 and wrong.output.startswith("dtgserver: error: cannot connect to the NATS cluster "
+                                                            f"tls://dtg@127.0.0.1:{port}"), wrong.output
+    untrusted = run("devices", "list", "--store-replicas", "1", env=env)  # the system CAs do not know the test CA
+    assert untrusted.exit_code == 1 and "cannot connect" in untrusted.output, untrusted.output
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.output or "certificate verify failed" in untrusted.output
+    plain = run("devices", "list", *common, env={**env, "DTGSERVER_STORE": f"nats://127.0.0.1:{port}"})
+    assert plain.exit_code == 1, plain.output
+    for result in (added, listed, wrong, untrusted, plain):
+        assert "hunter2" not in result.output and "Traceback" not in result.output

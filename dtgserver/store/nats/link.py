@@ -38,6 +38,7 @@ DEFAULT_PORT = 4222
 CONNECT_TIMEOUT_S = 2.0
 RECONNECT_WAIT_S = 0.5
 COMMAND_ATTEMPTS = 2  # a command's tries of each server before it says the cluster is unreachable
+COMMAND_CONNECT_S = 8.0  # and how long it tries in all
 CALL_TIMEOUT_S = 10.0  # a blocking call from sync code (the CLI): connect and one request, at most
 
 
@@ -136,6 +137,7 @@ class NatsLink:
         self.nc: Client | None = None
         self.connected = False
         self.connects = 0  # successful connections, reconnections included
+        self.last_error: Exception | None = None  # what nats-py last reported (a refused password, a bad certificate)
         self._connected = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run_loop, name="nats", daemon=True)
@@ -185,18 +187,19 @@ class NatsLink:
         """Connect once (retry=False raises when no server answers) or until it works."""
         while True:
             try:
-                nc = await nats.connect(
+                nc = await asyncio.wait_for(nats.connect(
                     servers=self.url.servers, name=self.name, user=self.url.user, password=self.url.password,
                     token=self.url.token, tls=self.url.ssl_context(), connect_timeout=int(CONNECT_TIMEOUT_S),
                     allow_reconnect=True, max_reconnect_attempts=-1 if retry else COMMAND_ATTEMPTS,
                     reconnect_time_wait=RECONNECT_WAIT_S,
                     ping_interval=5, max_outstanding_pings=2,
                     disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
-                    error_cb=self._error, closed_cb=self._disconnected)
+                    error_cb=self._error, closed_cb=self._disconnected), None if retry else COMMAND_CONNECT_S)
             except (TimeoutError, OSError, nats.errors.Error) as e:
                 if not retry:
-                    raise ConnectionError(f"cannot connect to the NATS cluster {self.url}: {e or type(e).__name__}") \
-                        from None
+                    why = self.last_error or e
+                    raise ConnectionError(f"cannot connect to the NATS cluster {self.url}: "
+                                          f"{why or type(why).__name__}") from None
                 log.warning("NATS cluster %s unreachable (%s); retrying", self.url, e or type(e).__name__)
                 await asyncio.sleep(RECONNECT_WAIT_S)
                 continue
@@ -220,6 +223,7 @@ class NatsLink:
         log.info("reconnected to the NATS cluster %s", self.url)
 
     async def _error(self, error: Exception) -> None:
+        self.last_error = error
         log.debug("NATS client: %s", error)
 
     async def _close(self) -> None:
