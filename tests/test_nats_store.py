@@ -235,3 +235,50 @@ async def test_workers_publish_for_themselves_and_the_password_stays_out_of_ps_a
     assert "hunter2" not in log  # warnings name the cluster (quiet: warnings only), never with the password
     stored = await trio.to_thread.run_sync(stream_packets, nats_cluster.url)
     assert sorted(p.raw for p in stored) == sorted(packets)
+
+
+async def test_a_server_node_killed_under_load_the_terminals_retries_on_the_other_node_succeed(
+        tmp_path: Path, nats_cluster: NatsCluster) -> None:
+    """Two `serve --store` processes; terminals alternate between them; one is SIGKILLed mid-load."""
+    import signal
+
+    from serverproc import free_port, start_server, stop
+
+    ports = [free_port(), free_port()]
+    nodes = [await start_server(tmp_path / f"node{i}", port, "--store", nats_cluster.url)
+             for i, port in enumerate(ports)]
+    acknowledged: list[bytes] = []
+    retried_elsewhere = 0
+    try:
+        for port in ports:
+            await until_ok(port, dtg_bytes("01099990000", bodies=2, minute=ports.index(port)))
+
+        async def terminal(n: int) -> None:
+            nonlocal retried_elsewhere
+            for minute in range(2, 30):
+                packet = dtg_bytes(f"0109999{n:04d}", minute=minute, bodies=2)
+                first = ports[(n + minute) % 2]  # alternate nodes, as a balancer without stickiness would
+                try:
+                    answer = await send(first, packet, timeout_s=30)
+                except (OSError, trio.BrokenResourceError):  # refused, or reset by the dying node
+                    answer = b""
+                if answer != OK:  # cut off (or refused): the terminal sends it again, the balancer picks the other
+                    assert answer in (b"", OVERLOADED), answer
+                    retried_elsewhere += 1
+                    answer = await send(ports[1], packet, timeout_s=30)
+                assert answer == OK
+                acknowledged.append(packet)
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(1, 7):
+                nursery.start_soon(terminal, n)
+            await trio.sleep(0.5)
+            nodes[0].send_signal(signal.SIGKILL)
+        assert retried_elsewhere > 0  # node 0 died while terminals were using it
+    finally:
+        for process in nodes:
+            stop(process, signal.SIGKILL if process is nodes[0] else signal.SIGTERM)
+    stored = {p.raw for p in await trio.to_thread.run_sync(stream_packets, nats_cluster.url)}
+    assert set(acknowledged) <= stored
+    assert len(acknowledged) == 6 * 28
