@@ -14,7 +14,6 @@ import pytest
 import trio
 from click.testing import CliRunner
 from mosquitto import Mosquitto, Subscriber, broker_fixture  # noqa: F401  (the broker fixture)
-from packets import KEY_ON, basic_info, dtg, key_off
 from serverproc import send
 
 from dtgserver.bridge import map_record
@@ -23,6 +22,7 @@ from dtgserver.protocol import KST, MdtBody, MdtRealtime, ObdBody, ObdRealtime, 
 from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
 from dtgserver.store import digest
+from dtgserver.testing import KEY_ON, basic_info, dtg, key_off
 
 pytestmark = pytest.mark.slow
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import trio
 from click.testing import CliRunner, Result
-from packets import dtg_bytes
 from test_server import MAINTENANCE, OK, UNKNOWN, exchange, running, stored
 
 from dtgserver.cli import main
 from dtgserver.cli.server_cmds import serve as serve_command
 from dtgserver.store import Control
+from dtgserver.testing import dtg_bytes
 
 
 def run(*args: str | Path) -> Result:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from packets import dtg_bytes
 from serverproc import free_port, send, start_server
+
+from dtgserver.testing import dtg_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -16,12 +16,12 @@ import attrs
 import pytest
 import trio
 from click.testing import CliRunner, Result
-from packets import KEY_ON, basic_info, dtg, key_off, status_log
 from test_server import OK, running
 
 from dtgserver.cli import main
 from dtgserver.protocol import KST, BadTime, DtgRealtime, StatusLog, decode, encode, to_json
 from dtgserver.store import read_stored, status_log_path
+from dtgserver.testing import KEY_ON, basic_info, dtg, key_off, status_log
 
 
 async def send(port: int, packet: bytes) -> tuple[bytes, str]:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import trio
-from packets import dtg_bytes, status_log
 from serverproc import free_port, send, start_server, stop
 from test_server import running
 
 from dtgserver.protocol import decode, encode
+from dtgserver.testing import dtg_bytes, status_log
 
 pytestmark = pytest.mark.slow
 

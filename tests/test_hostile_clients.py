@@ -24,7 +24,6 @@ import trio.testing
 from conftest import VALID_SAMPLES
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from packets import dtg_bytes, status_log
 from test_faults import free_port, start_server, stop
 from test_server import exchange, memory_session, read_until_closed, running, stored
 
@@ -32,6 +31,7 @@ from dtgserver.cli.server_cmds import serve
 from dtgserver.protocol import encode
 from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
+from dtgserver.testing import dtg_bytes, status_log
 
 OK, FORMAT_ERROR, OVERLOADED = b"\x09\x00", b"\x09\x01", b"\x09\x04"
 MODEM = bytes.fromhex("0001003939393938383838")  # "01099998888"

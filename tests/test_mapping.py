@@ -14,7 +14,6 @@ import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import records
 
 from dtgserver.bridge.messages import (
     MAX_PAYLOAD_BYTES,
@@ -53,6 +52,7 @@ from dtgserver.protocol import (
 )
 from dtgserver.protocol.layout import realtime as realtime_layout
 from dtgserver.protocol.layout import time_ms as to_ms
+from dtgserver.testing import records
 
 MODEM = "01099998888"
 KEY_ON = datetime(2026, 11, 21, 8, 0, 0, tzinfo=KST)

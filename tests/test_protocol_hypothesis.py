@@ -10,7 +10,6 @@ import pytest
 from conftest import check_ranges, load_sample, verify_frame
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from strategies import FIXED_SIZES, REALTIME_BODY_SIZES, STATUS_LOG_IDS, chunkings, frames, packets, records
 
 from dtgserver.protocol import (
     PACKET_TYPES,
@@ -35,6 +34,16 @@ from dtgserver.protocol import (
 )
 from dtgserver.protocol.codec import schema_fields
 from dtgserver.protocol.schema import Bodies
+from dtgserver.testing import (
+    FIXED_SIZES,
+    REALTIME_BODY_SIZES,
+    STATUS_LOG_IDS,
+    chunkings,
+    damaged_streams,
+    frames,
+    packets,
+    records,
+)
 
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ALL_IDS = sorted({*REALTIME_BODY_SIZES, *STATUS_LOG_IDS, *FIXED_SIZES})
@@ -142,18 +151,8 @@ def test_json_round_trip(record: Packet) -> None:
 # -- the framer's contract: ProtocolError or packets, never anything else -------------------------------
 
 
-@st.composite
-def damaged(draw: st.DrawFn) -> bytes:
-    """A valid stream with a few bytes overwritten, cut short or extended with junk."""
-    raw = bytearray(b"".join(draw(st.lists(frames(), min_size=1, max_size=3))))
-    for _ in range(draw(st.integers(0, 3))):
-        raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
-    raw = raw[:draw(st.integers(0, len(raw)))] if draw(st.booleans()) else raw
-    return bytes(raw) + draw(st.binary(max_size=30))
-
-
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(st.binary(max_size=400), damaged()), st.data(), st.sampled_from(list(Role)),
+@given(st.one_of(st.binary(max_size=400), damaged_streams()), st.data(), st.sampled_from(list(Role)),
        st.integers(1, 8))
 @example(b"\x03" + b"0" * 11 + b"\x00\x01\x7f\xff", None, Role.SERVER, 3600)  # 32767 bodies
 @example(b"\x63" + b"0" * 11 + bytes(7) + b"\x80\x00", None, Role.SERVER, 3600)  # log size -32768

@@ -12,7 +12,6 @@ import pytest
 from conftest import REALISTIC_SAMPLES, Sample, load_sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import packets
 
 from dtgserver.protocol import (
     KST,
@@ -29,6 +28,7 @@ from dtgserver.protocol import (
     from_json,
     to_json,
 )
+from dtgserver.testing import packets
 
 BODY_KEYS = {
     "dtg": ["daily_distance_km", "total_distance_km", "time", "speed_kmh", "rpm", "brake", "lon", "lat",

@@ -9,7 +9,6 @@ import construct
 import pytest
 from conftest import VALID_SAMPLES, Sample, verify_frame
 from hypothesis import given, settings
-from strategies import packets
 
 from dtgserver.protocol import Packet, Realtime, decode, encode
 from dtgserver.protocol.codec import schema_fields
@@ -27,6 +26,7 @@ from dtgserver.protocol.schema import (
     STATUS_LOG,
     Bodies,
 )
+from dtgserver.testing import packets
 
 
 def common(schema: construct.Construct, data: bytes, obj: dict[str, Any], size: int) -> None:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import trio
 import trio.testing
-from packets import basic_info, dtg_bytes, key_off, status_log
 
 from dtgserver.protocol import Connection, Result, encode
 from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
 from dtgserver.server.timeouts import DEFAULT_TICK
 from dtgserver.store import Control
+from dtgserver.testing import basic_info, dtg_bytes, key_off, status_log
 
 OK, FORMAT_ERROR, UNKNOWN, MAINTENANCE, OVERLOADED = (bytes([0x09, r]) for r in range(5))
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from packets import basic_info, dtg_bytes, key_off
 from test_server import memory_session, read_until_closed, running
 
 from dtgserver import logs
 from dtgserver.protocol import encode
 from dtgserver.server.app import Session, printable
+from dtgserver.testing import basic_info, dtg_bytes, key_off
 
 FIELDS = ["peer", "modem", "kind", "bodies", "result", "duration_ms", "end"]
 

@@ -36,11 +36,11 @@ from conftest import VALID_SAMPLES
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
-from packets import basic_info, dtg_bytes, key_off, status_log
 
 from dtgserver.protocol import NEED_DATA, Connection, ProtocolError, Received, Role, encode
 from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
+from dtgserver.testing import basic_info, dtg_bytes, key_off, status_log
 
 IDLE_TIMEOUT_S = 3.0
 PACKET_TIMEOUT_S = 30.0

@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import trio
-from packets import dtg_bytes, key_off
 from serverproc import alive, children, free_port, listening, send
 
 from dtgserver.bridge.mapping import TripState, map_record
@@ -29,6 +28,7 @@ from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
 from dtgserver.store import PacketStore, read_stored
 from dtgserver.store.packets import ShardCountMismatch, shard_of
+from dtgserver.testing import dtg_bytes, key_off
 
 OK = b"\x09\x00"
 EXPECTED_SHARDS = [0, 1, 2, 2]  # zlib.crc32(b"01012345678") % 2, 3, 4, 8

@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 import trio
 from mosquitto import Mosquitto, Subscriber, broker_fixture  # noqa: F401  (the broker fixture)
-from packets import dtg, dtg_bytes
 from serverproc import alive, children, free_port, free_ports, listening, send
 
 from dtgserver.bridge import map_record
@@ -32,6 +31,7 @@ from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
 from dtgserver.store import Control, digest
 from dtgserver.store.packets import shard_of
+from dtgserver.testing import dtg, dtg_bytes
 
 OK, MAINTENANCE, OVERLOADED = b"\x09\x00", b"\x09\x03", b"\x09\x04"
 

@@ -1,8 +1,25 @@
-"""Hypothesis strategies: records of every kind with valid, exactly representable values, and frames
-of arbitrary bytes that the framer must accept (valid protocol ID, modem, body count, log size).
+"""Hypothesis strategies and sample packets for tests of code that reads or writes DTG packets.
+
+A team writing a consumer, a gateway or terminal firmware can generate what the protocol allows,
+and near-misses of it, in its own hypothesis tests::
+
+    from hypothesis import given
+    from dtgserver.protocol import decode, encode
+    from dtgserver.testing import packets
+
+    @given(packets())
+    def test_round_trip(packet):
+        assert decode(encode(packet)) == packet
+
+Valid records: `packets`, `records`, `values` (one field), `drives` (one terminal's trip in order).
+Framable bytes: `frames` (a valid header, arbitrary field bytes: decodes or raises ProtocolError on a
+field), `damaged_streams` (valid frames with bytes overwritten, cut or appended), `chunkings` (any
+cutting of a stream into reads). Fixed samples: `dtg`, `dtg_bytes`, `key_off`, `basic_info`,
+`status_log`. docs/testing.md describes each; this module is the one the project's own tests use.
 
 Record values are drawn as wire integers inside each field's documented range and mapped through
 the field's own decode, so every value is one the wire can carry exactly (lat 37.497942, not 37.4979421).
+Needs hypothesis (`pip install 'dtgserver[testing]'`).
 """
 
 from __future__ import annotations
@@ -10,17 +27,41 @@ from __future__ import annotations
 import itertools
 import math
 import struct
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import attrs
-from hypothesis import strategies as st
 
-from dtgserver.protocol import KST, PACKET_TYPES, Packet, Realtime, SensorState
+try:
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - exercised in a subprocess by tests/test_testing.py
+    raise ImportError("dtgserver.testing needs hypothesis: pip install 'dtgserver[testing]'") from None
+
+from dtgserver.protocol import (
+    KST,
+    PACKET_TYPES,
+    BasicInfo,
+    DtgBody,
+    DtgRealtime,
+    KeyOff,
+    MdtRealtime,
+    ObdRealtime,
+    Packet,
+    Realtime,
+    SensorState,
+    StatusLog,
+    encode,
+)
 from dtgserver.protocol.codec import schema_fields
 from dtgserver.protocol.fields import Code, Digits, Flag, KstTime, LogText, Modem, ProtocolId, Scaled, Temperature, Text
 from dtgserver.protocol.framing import FRAME_LENGTHS
 from dtgserver.protocol.schema import VEHICLE_TYPES, Bodies, VehicleType
+
+__all__ = [
+    "ASCII", "FIXED_SIZES", "HANGUL", "KEY_ON", "REALTIME_BODY_SIZES", "REALTIME_KINDS", "STATUS_LOG_IDS", "TEXT_CHARS",
+    "basic_info", "chunkings", "damaged_streams", "drives", "dtg", "dtg_body", "dtg_bytes", "frames",
+    "key_off", "kst_times", "modems", "packets", "records", "status_log", "texts", "values", "wire_bounds",
+]
 
 
 def _euc_kr(text: str) -> bytes | None:
@@ -114,7 +155,38 @@ def records(cls: type[Any], *, max_bodies: int = 4) -> st.SearchStrategy[Any]:
 
 
 def packets(kinds: tuple[type[Packet], ...] = PACKET_TYPES) -> st.SearchStrategy[Packet]:
+    """Packets of the given kinds (all seven by default), each field valid: `decode(encode(p)) == p`."""
     return st.one_of([records(cls) for cls in kinds])
+
+
+REALTIME_KINDS: tuple[type[Realtime], ...] = (DtgRealtime, ObdRealtime, MdtRealtime)
+_LAST_KEY_ON = datetime(2255, 12, 31, 0, 0)  # leaves a day for the bodies and the KEY OFF on the 7-byte wire
+
+
+@st.composite
+def drives(draw: st.DrawFn, kinds: tuple[type[Realtime], ...] = REALTIME_KINDS, *, max_packets: int = 4,
+           max_bodies: int = 10) -> list[Packet]:
+    """One terminal's trip in the order it sends it: a BasicInfo half the time, 1..`max_packets`
+    realtime packets of one kind sharing the modem and KEY ON time whose bodies are one second apart
+    from the KEY ON on, then a KeyOff at or after the last body. Other field values are as `records`."""
+    cls = draw(st.sampled_from(kinds))
+    modem = draw(st.from_regex(r"[0-9]{1,11}", fullmatch=True))
+    key_on = draw(st.datetimes(min_value=datetime(2000, 1, 1), max_value=_LAST_KEY_ON, timezones=st.just(KST)))
+    key_on = key_on.replace(microsecond=0)
+    trip: list[Packet] = []
+    if draw(st.booleans()):
+        trip.append(attrs.evolve(draw(records(BasicInfo)), modem=modem))
+    second = 0
+    for _ in range(draw(st.integers(1, max_packets))):
+        template = draw(records(cls, max_bodies=1))
+        bodies = []
+        for body in draw(st.lists(records(cls.BODY), min_size=1, max_size=max_bodies)):
+            bodies.append(attrs.evolve(body, time=key_on + timedelta(seconds=second)))
+            second += 1
+        trip.append(attrs.evolve(template, modem=modem, key_on_time=key_on, bodies=bodies))
+    off = key_on + timedelta(seconds=second - 1 + draw(st.integers(0, 3600)))
+    trip.append(attrs.evolve(draw(records(KeyOff)), modem=modem, key_off_time=off, sent_time=off))
+    return trip
 
 
 # -- frames of arbitrary bytes that must decode ---------------------------------------------------------
@@ -157,3 +229,62 @@ def chunkings(draw: st.DrawFn, data: bytes) -> list[bytes]:
     cuts = sorted(draw(st.sets(st.integers(1, max(1, len(data) - 1)), max_size=8))) if len(data) > 1 else []
     bounds = [0, *cuts, len(data)]
     return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+@st.composite
+def damaged_streams(draw: st.DrawFn) -> bytes:
+    """Invalid input: 1-3 `frames` back to back with a few bytes overwritten, perhaps cut short, and
+    up to 30 bytes of junk after them. A reader must answer a format error or wait, never crash."""
+    raw = bytearray(b"".join(draw(st.lists(frames(), min_size=1, max_size=3))))
+    for _ in range(draw(st.integers(0, 3))):
+        raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+    raw = raw[:draw(st.integers(0, len(raw)))] if draw(st.booleans()) else raw
+    return bytes(raw) + draw(st.binary(max_size=30))
+
+
+# -- fixed samples: valid packets with plausible values, for tests that need one, not any -----------------
+
+KEY_ON = datetime(2026, 11, 21, 8, 0, 0, tzinfo=KST)
+
+
+def dtg_body(t: datetime, i: int = 0, *, speed_kmh: int = 40, status_code: int = 0) -> DtgBody:
+    """The DTG body of second `i` of a drive at `t`: distances, fuel and position growing with `i`."""
+    return DtgBody(
+        daily_distance_km=12 + i // 60, total_distance_km=123_456 + i // 60, time=t, speed_kmh=speed_kmh,
+        rpm=1500 + speed_kmh * 10, brake=False, lon=round(127.0 + i * 0.0001, 6), lat=round(37.5 + i * 0.0001, 6),
+        azimuth_deg=45,
+        accel_x_ms2=0.5, accel_y_ms2=-0.2, status_code=status_code, daily_fuel_l=round(3.5 + i / 1000, 3),
+        total_fuel_l=45_678.9, fuel_level_pct=55.5, temp_a_c=4.5, temp_b_c=SensorState.ABSENT, battery_v=24.5,
+        fuel_efficiency_kmpl=5.2, work_status=5,
+    )
+
+
+def dtg(modem: str = "01012345678", *, key_on: datetime = KEY_ON, minute: int = 0, bodies: int = 60,
+        speed_kmh: int = 40) -> DtgRealtime:
+    """Minute `minute` of the drive started at `key_on`: a DTG realtime packet of `bodies` seconds."""
+    start = key_on + timedelta(minutes=minute)
+    return DtgRealtime(modem, 1, key_on, [dtg_body(start + timedelta(seconds=s), minute * 60 + s, speed_kmh=speed_kmh)
+                                          for s in range(bodies)])
+
+
+def dtg_bytes(modem: str = "01012345678", *, key_on: datetime = KEY_ON, minute: int = 0, bodies: int = 60,
+              speed_kmh: int = 40) -> bytes:
+    """`dtg(...)` on the wire."""
+    return encode(dtg(modem, key_on=key_on, minute=minute, bodies=bodies, speed_kmh=speed_kmh))
+
+
+def key_off(modem: str = "01012345678", *, at: datetime = KEY_ON + timedelta(hours=1),
+            battery_v: float = 24.1) -> KeyOff:
+    """A KEY OFF report sent at the moment the key went off (an hour after `KEY_ON` by default)."""
+    return KeyOff(modem, at, 127.01, 37.51, at, battery_v)
+
+
+def basic_info(modem: str = "01012345678") -> BasicInfo:
+    """A vehicle and driver: model, VIN, a Seoul plate, business number, driver code, firmware."""
+    return BasicInfo(modem, "DTG-1000", "KMHFC41MP6A123456", "11", "서울33가1234", "1234567890",
+                     "123456789012345678", "1.0.2")
+
+
+def status_log(modem: str = "01012345678", text: str = "GPS 수신 양호\nmodem ok") -> StatusLog:
+    """A status log (0x63) sent at `KEY_ON`, Korean and ASCII text by default."""
+    return StatusLog(modem, KEY_ON, text)
