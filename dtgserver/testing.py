@@ -235,11 +235,11 @@ def chunkings(draw: st.DrawFn, data: bytes) -> list[bytes]:
 def damaged_streams(draw: st.DrawFn) -> bytes:
     """Invalid input: 1-3 `frames` back to back with a few bytes overwritten, perhaps cut short, and
     up to 30 bytes of junk after them. A reader must answer a format error or wait, never crash."""
-    raw = bytearray(b"".join(draw(st.lists(frames(), min_size=1, max_size=3))))
+    stream = bytearray(b"".join(draw(st.lists(frames(), min_size=1, max_size=3))))
     for _ in range(draw(st.integers(0, 3))):
-        raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
-    raw = raw[:draw(st.integers(0, len(raw)))] if draw(st.booleans()) else raw
-    return bytes(raw) + draw(st.binary(max_size=30))
+        stream[draw(st.integers(0, len(stream) - 1))] = draw(st.integers(0, 255))
+    stream = stream[:draw(st.integers(0, len(stream)))] if draw(st.booleans()) else stream
+    return bytes(stream) + draw(st.binary(max_size=30))
 
 
 # -- fixed samples: valid packets with plausible values, for tests that need one, not any -----------------

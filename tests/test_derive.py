@@ -9,12 +9,11 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from packets import KEY_ON, basic_info, dtg, key_off, status_log
-from strategies import packets
 
 from dtgserver.bridge.derive import Outgoing, TripState, derive
 from dtgserver.bridge.mapping import map_record
 from dtgserver.protocol import DtgRealtime, KeyOff, MdtRealtime, ObdRealtime, Packet, ProtocolError, encode
+from dtgserver.testing import KEY_ON, basic_info, dtg, key_off, packets, status_log
 
 MODEM = "01012345678"
 OPTIONS: dict[str, Any] = {"received_ms": 1_795_215_540_000, "profile": "seed", "battery_warning_v": 11.5}

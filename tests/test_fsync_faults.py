@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from packets import dtg_bytes
 from serverproc import free_port, send, start_server, stop
 from test_faults import OK, OVERLOADED, store_contents
+
+from dtgserver.testing import dtg_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from packets import status_log
 from test_server import OK, OVERLOADED, exchange, running, stored
 
 from dtgserver.protocol import encode
 from dtgserver.store.logfiles import UnsafeLogPath, write_status_log
+from dtgserver.testing import status_log
 
 MODEM = "01055556666"
 NAME = "2026112108000000.log"  # status_log()'s send time

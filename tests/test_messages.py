@@ -11,7 +11,6 @@ import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import records
 from test_mapping import KEY_ON, KEY_ON_MS, TID, dtg, dtg_body, key_off, run, wire
 
 from dtgserver.bridge.messages import MAX_PAYLOAD_BYTES, encode, exact, map_record
@@ -19,6 +18,7 @@ from dtgserver.bridge.profiles import PROFILES
 from dtgserver.protocol import BadTime, DtgRealtime, KeyOff, MdtRealtime, ObdRealtime
 from dtgserver.protocol import encode as encode_packet
 from dtgserver.protocol.layout import time_ms
+from dtgserver.testing import records
 
 
 def compact(payload: Any) -> bytes:

@@ -14,7 +14,6 @@ import pytest
 import trio
 from click.testing import CliRunner, Result
 from natscluster import NatsCluster, nats_cluster_fixture
-from packets import basic_info, dtg, key_off, status_log
 from test_nats_store import running as running_nats
 from test_nats_store import until_ok
 from test_server import MAINTENANCE, OK, UNKNOWN, exchange
@@ -23,6 +22,7 @@ from test_server import running as running_sqlite
 from dtgserver.cli import main
 from dtgserver.protocol import encode
 from dtgserver.store.nats import StoreUrl
+from dtgserver.testing import basic_info, dtg, key_off, status_log
 
 __all__ = ["nats_cluster_fixture"]
 

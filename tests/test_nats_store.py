@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import trio
 from natscluster import NatsCluster, nats_cluster_fixture
-from packets import dtg_bytes, status_log
 from serverproc import send
 from test_server import MAINTENANCE, OK, OVERLOADED, UNKNOWN, exchange
 
@@ -18,6 +17,7 @@ from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
 from dtgserver.store import DeviceStatus, StoredPacket
 from dtgserver.store.nats import NatsBackend, NatsControl, NatsOptions, StoreUrl, read_stream
+from dtgserver.testing import dtg_bytes, status_log
 
 __all__ = ["nats_cluster_fixture"]
 

@@ -11,9 +11,9 @@ from typing import Any
 import attrs
 import pytest
 from conftest import load_sample, verify_frame
-from packets import basic_info, dtg, key_off, status_log
 
 from dtgserver.protocol import BasicInfo, JsonError, SensorState, StatusLog, WireStr, decode, encode, from_json, to_json
+from dtgserver.testing import basic_info, dtg, key_off, status_log
 
 # -- the status log: L is a signed 16-bit size, so at most 32,767 bytes of text --------------------------
 

@@ -12,7 +12,6 @@ import attrs
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from strategies import frames, records
 
 from dtgserver.protocol import (
     FRAME_LENGTHS,
@@ -33,6 +32,7 @@ from dtgserver.protocol import (
 )
 from dtgserver.protocol.fields import KstTime
 from dtgserver.protocol.layout import REALTIME, protocol_id, realtime, time_bytes, wire_time_ms
+from dtgserver.testing import frames, records
 
 REALTIME_IDS = tuple(REALTIME)
 EPOCH = datetime(1970, 1, 1, tzinfo=KST) + timedelta(hours=9)

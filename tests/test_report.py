@@ -13,11 +13,11 @@ from typing import Any
 import attrs
 import pytest
 from click.testing import CliRunner, Result
-from packets import KEY_ON, dtg_body
 from test_export import fill
 
 from dtgserver.cli import main
 from dtgserver.protocol import BasicInfo, DtgRealtime, encode
+from dtgserver.testing import KEY_ON, dtg_body
 
 TRUCK, TAXI = "01011112222", "01033334444"
 
