@@ -8,12 +8,15 @@ loader, type conversion, trio.run) is the real thing.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 from click.testing import CliRunner, Result
+from mosquitto import make_test_ca
 
 from dtgserver.cli import main
 from dtgserver.server import app
@@ -126,8 +129,13 @@ def test_every_serve_option_is_covered_here() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(NON_DEFAULTS))
-def test_each_option_from_the_file(configs: list[ServerConfig], tmp_path: Path, name: str) -> None:
+def test_each_option_from_the_file(configs: list[ServerConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   name: str) -> None:
     toml, expected = NON_DEFAULTS[name]
+    if name in ("mqtt_tls_ca", "store_tls_ca"):  # read as a CA file before anything starts: it must be one
+        monkeypatch.chdir(tmp_path)
+        make_test_ca(tmp_path)
+        (tmp_path / "ca.pem").rename(tmp_path / expected.name)  # type: ignore[attr-defined]
     key = "mqtt" if name == "mqtt_url" else name.replace("_", "-")  # the long option name, as documented
     config = config_of(configs, "--config", write(tmp_path / "dtg.toml", f"{key} = {toml}\n"))
     assert getattr(config, name) == expected
@@ -213,16 +221,18 @@ def test_missing_config_file_is_refused(configs: list[ServerConfig], tmp_path: P
     assert configs == []
 
 
-@pytest.mark.parametrize(("text", "option"), [
-    ('port = "ninety"\n', "--port"),
-    ("port = 70000\n", "--port"),
-    ("idle-timeout = 0\n", "--idle-timeout"),
-    ('profile = "traccar"\n', "--profile"),
+@pytest.mark.parametrize(("text", "key"), [
+    ('port = "ninety"\n', "port"),
+    ("port = 70000\n", "port"),
+    ("idle-timeout = 0\n", "idle-timeout"),
+    ('profile = "traccar"\n', "profile"),
 ])
-def test_bad_value_in_file_names_the_option(configs: list[ServerConfig], tmp_path: Path, text: str,
-                                            option: str) -> None:
-    message = failure(serve("--config", write(tmp_path / "dtg.toml", text)))
-    assert option in message
+def test_bad_value_in_file_names_the_file_and_key(configs: list[ServerConfig], tmp_path: Path, text: str,
+                                                  key: str) -> None:
+    path = write(tmp_path / "dtg.toml", text)
+    message = failure(serve("--config", path))
+    assert f"Invalid value for {key!r} in {path}: " in message
+    assert "DTGSERVER_" not in message
     assert configs == []
 
 
@@ -255,3 +265,108 @@ def test_values_that_are_no_option_value_are_refused(configs: list[ServerConfig]
     message = " ".join(failure(serve("--config", write(tmp_path / "dtg.toml", text))).split())
     assert shown in message
     assert configs == []
+
+
+# -- every option checked before anything starts -------------------------------------------------
+
+
+@pytest.fixture
+def supervised(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Worker counts the supervisor (`--workers`, `--writer-process`) would have been started with."""
+    from dtgserver.server import workers
+
+    seen: list[int] = []
+
+    async def capture(config: ServerConfig, count: int, verbosity: int, *, writer_process: bool = False) -> int:
+        seen.append(count)
+        return 0
+
+    monkeypatch.setattr(workers, "serve_workers", capture)
+    return seen
+
+
+@pytest.fixture
+def pems(tmp_path: Path) -> dict[str, Path]:
+    """A PEM CA, the same certificate in DER, a text file and a folder: only the first is a CA file."""
+    ca = make_test_ca(tmp_path / "ca")[0]
+    der = tmp_path / "ca.der"
+    subprocess.run(["openssl", "x509", "-in", ca, "-outform", "DER", "-out", der], check=True, timeout=60)
+    (tmp_path / "notes.txt").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    return {"pem": ca, "der": der, "text": tmp_path / "notes.txt", "missing": tmp_path / "none.pem"}
+
+
+BAD_SETTINGS = [
+    (["--mqtt", "http://x"], "'--mqtt'", "must start with mqtt:// or mqtts://"),
+    (["--mqtt", "mqtt://h:notaport"], "'--mqtt'", "bad port"),
+    (["--mqtt", "mqtt://h:0"], "'--mqtt'", "bad port"),
+    (["--mqtt", "mqtt://"], "'--mqtt'", "no host"),
+    (["--mqtt", "mqtt://h/fleet"], "'--mqtt'", "no path"),
+    (["--topic-prefix", "#"], "'--topic-prefix'", "wildcard"),
+    (["--topic-prefix", "fleet/+/x"], "'--topic-prefix'", "wildcard"),
+    (["--topic-prefix", "$SYS"], "'--topic-prefix'", "broker's own"),
+    (["--mqtt", "mqtts://h", "--mqtt-tls-ca", "{der}"], "'--mqtt-tls-ca'", "holds no PEM CA certificate"),
+    (["--mqtt", "mqtts://h", "--mqtt-tls-ca", "{text}"], "'--mqtt-tls-ca'", "holds no PEM CA certificate"),
+    (["--mqtt", "mqtts://h", "--mqtt-tls-ca", "{missing}"], "'--mqtt-tls-ca'", "No such file"),
+    (["--mqtt", "mqtt://h", "--mqtt-tls-ca", "{pem}"], "'--mqtt-tls-ca'", "needs an mqtts:// broker URL"),
+    (["--store-tls-ca", "{der}"], "'--store-tls-ca'", "holds no PEM CA certificate"),
+    (["--idle-timeout", "nan"], "'--idle-timeout'", "not a finite number"),
+    (["--grace-period", "inf"], "'--grace-period'", "not a finite number"),
+    (["--battery-warning-v", "-1"], "'--battery-warning-v'", "not in the range"),
+    (["--host", "no-such-host.invalid"], "'--host'", "no address to listen on"),
+    (["--metrics-host", "300.1.1.1"], "'--metrics-host'", "no address to listen on"),
+    (["--metrics-port", "65535", "--workers", "2"], "'--metrics-port'", "above 65535"),
+    (["--metrics-port", "65532", "--writer-process"], None, None),  # up to 4 processes: 65532-65535 fit
+]
+
+
+@pytest.mark.parametrize("processes", [[], ["--workers", "2"], ["--writer-process"]])
+@pytest.mark.parametrize(("args", "option", "problem"), BAD_SETTINGS)
+def test_a_bad_setting_is_a_usage_error_before_anything_starts(
+        configs: list[ServerConfig], supervised: list[int], pems: dict[str, Path], processes: list[str],
+        args: list[str], option: str | None, problem: str | None) -> None:
+    """No traceback, no server and no supervisor (whose workers would crash and be restarted forever)."""
+    result = serve(*[a.format(**pems) for a in args], *processes)
+    if option is None:
+        assert result.exit_code == 0, result.output
+        return
+    message = failure(result)
+    error = [line for line in message.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1, message
+    assert error[0].startswith(f"Error: Invalid value for {option}: "), message
+    assert problem is not None and problem in error[0]
+    assert configs == [] and supervised == []
+
+
+def test_a_good_ca_file_is_accepted(configs: list[ServerConfig], pems: dict[str, Path]) -> None:
+    config = config_of(configs, "--mqtt", "mqtts://broker.example", "--mqtt-tls-ca", str(pems["pem"]))
+    assert config.mqtt_tls_ca == pems["pem"]
+
+
+def test_a_bad_setting_names_where_it_came_from(configs: list[ServerConfig], tmp_path: Path) -> None:
+    """The command-line option, the environment variable, or the file and its key: not the variable for all."""
+    path = write(tmp_path / "dtg.toml", 'topic_prefix = "a/#"\n')
+    assert "Invalid value for 'topic_prefix' in " + path + ": 'a/#' contains" in failure(serve("--config", path))
+    message = failure(serve(env={"DTGSERVER_TOPIC_PREFIX": "a/#"}))
+    assert "Invalid value for environment variable DTGSERVER_TOPIC_PREFIX: 'a/#' contains" in message
+    message = failure(serve("--topic-prefix", "a/#"))
+    assert "Invalid value for '--topic-prefix': 'a/#' contains" in message
+    assert configs == []
+
+
+def test_a_bad_port_in_the_file_names_the_file_and_key(configs: list[ServerConfig], tmp_path: Path) -> None:
+    path = write(tmp_path / "dtg.toml", 'port = "abc"\n')
+    message = failure(serve("--config", path))
+    assert f"Invalid value for 'port' in {path}: 'abc' is not a valid integer range" in message
+    assert "DTGSERVER_PORT" not in message
+
+
+def test_a_bad_mqtt_url_with_workers_exits_at_once(tmp_path: Path) -> None:
+    """The real command, processes and all: exit 2 and one error line, where it used to crash-loop."""
+    result = subprocess.run([sys.executable, "-m", "dtgserver", "serve", "--workers", "2", "--writer-process",
+                             "--port", "0", "--data-dir", str(tmp_path), "--mqtt", "http://x"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == ("Error: Invalid value for '--mqtt': broker URL must start with "
+                                              "mqtt:// or mqtts://, got 'http://x'")
+    assert not (tmp_path / "control.db").exists()

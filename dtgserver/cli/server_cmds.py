@@ -20,6 +20,7 @@ import trio
 
 from ..protocol import DEFAULT_MAX_BODY_COUNT, KST
 from ..server.config import DEFAULT_PORT, ServerConfig
+from . import checks
 
 if TYPE_CHECKING:
     from ..store import Control
@@ -48,7 +49,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         if p.name and p.name not in ("config", "help"):
             known[p.name] = p.name
             known.update((opt[2:].replace("-", "_"), p.name) for opt in p.opts if opt.startswith("--"))
-    defaults = {}
+    defaults, keys = {}, {}
     for key, item in table.items():
         name = known.get(key.replace("-", "_"))
         if name is None:
@@ -56,7 +57,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         if not isinstance(item, str | int | float):  # bool is an int; arrays, tables and dates are no option value
             raise click.BadParameter(f"option {key!r} in {value} is {item!r}: give a string, number or true/false",
                                      ctx=ctx, param=param)
-        defaults[name] = item
+        defaults[name], keys[name] = item, key
+    ctx.meta[checks.CONFIG_META] = (value, keys)  # a bad value is then named by file and key
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -101,7 +103,7 @@ def store_options(f: Any) -> Any:
                           "Give credentials through DTGSERVER_STORE, DTGSERVER_STORE_USER/_PASSWORD/_TOKEN or "
                           "--config, not on the command line (ps shows it)."),
         click.option("--store-tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     **_env("STORE_TLS_CA"), help="CA certificate file for a tls:// store."),
+                     callback=checks.tls_ca, **_env("STORE_TLS_CA"), help="CA certificate file for a tls:// store."),
         click.option("--store-replicas", type=click.IntRange(1, 5), default=3, **_env("STORE_REPLICAS"),
                      help="Copies of the packet stream and control bucket, when this command creates them."),
     )):
@@ -127,15 +129,15 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
         backend.close()
 
 
-@click.command()
+@click.command(cls=checks.ConfigCommand)
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
               envvar="DTGSERVER_CONFIG", show_envvar=True, help="TOML file of options (keys as the long option names).")
-@click.option("--host", default="0.0.0.0", **_env("HOST"), help="Address to listen on.")
+@click.option("--host", default="0.0.0.0", callback=checks.listen_host, **_env("HOST"), help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, **_env("PORT"), help="TCP port.")
 @data_dir_option
-@click.option("--idle-timeout", type=click.FloatRange(min=0.1), default=3.0, **_env("IDLE_TIMEOUT"),
+@click.option("--idle-timeout", type=checks.FiniteFloat(min=0.1), default=3.0, **_env("IDLE_TIMEOUT"),
               help="Seconds without a byte, from connect or the last byte, before the connection is closed.")
-@click.option("--packet-timeout", type=click.FloatRange(min=0.1), default=30.0, **_env("PACKET_TIMEOUT"),
+@click.option("--packet-timeout", type=checks.FiniteFloat(min=0.1), default=30.0, **_env("PACKET_TIMEOUT"),
               help="Seconds one packet may take to arrive in full (bounds slow-drip clients).")
 @click.option("--max-connections", type=click.IntRange(1), default=10_000, **_env("MAX_CONNECTIONS"),
               help="Open connections above this are answered 4 (overloaded) and closed.")
@@ -143,21 +145,25 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
               **_env("MAX_BODY_COUNT"), help="Realtime packets declaring more bodies are answered 1.")
 @click.option("--queue-high-water", type=click.IntRange(1), default=2048, **_env("QUEUE_HIGH_WATER"),
               help="Packets waiting for a commit above which new packets are answered 4.")
-@click.option("--grace-period", type=click.FloatRange(min=0), default=10.0, **_env("GRACE_PERIOD"),
+@click.option("--grace-period", type=checks.FiniteFloat(min=0), default=10.0, **_env("GRACE_PERIOD"),
               help="Seconds in-flight sessions get to finish on SIGINT/SIGTERM.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, **_env("METRICS_PORT"),
               help="Serve Prometheus /metrics and /healthz on this port (off when not given). With several "
                    "processes, one endpoint each: this port + 0, 1, … for the sessions' processes, then the writers.")
-@click.option("--metrics-host", default="127.0.0.1", **_env("METRICS_HOST"), help="Address of the metrics endpoint.")
-@click.option("--mqtt", "mqtt_url", default=None, **_env("MQTT"),
+@click.option("--metrics-host", default="127.0.0.1", callback=checks.listen_host, **_env("METRICS_HOST"),
+              help="Address of the metrics endpoint.")
+@click.option("--mqtt", "mqtt_url", default=None, callback=checks.broker_url, **_env("MQTT"),
               help="Forward records to this broker: mqtt://[user:pass@]host[:port] or mqtts://...")
-@click.option("--mqtt-tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, **_env("MQTT_TLS_CA"),
+@click.option("--mqtt-tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=checks.tls_ca,
+              **_env("MQTT_TLS_CA"),
               help="CA certificate file for mqtts://.")
-@click.option("--topic-prefix", default="", **_env("TOPIC_PREFIX"), help="Prepended to every MQTT topic.")
-@click.option("--client-id", default=None, **_env("CLIENT_ID"), help="MQTT client id (default: generated).")
+@click.option("--topic-prefix", default="", callback=checks.topic_prefix, **_env("TOPIC_PREFIX"),
+              help="Prepended to every MQTT topic.")
+@click.option("--client-id", default=None, callback=checks.client_id, **_env("CLIENT_ID"),
+              help="MQTT client id (default: generated).")
 @click.option("--profile", type=click.Choice(["seed", "sf2019"]), default="seed", **_env("PROFILE"),
               help="Smart[Fleet] message numbering.")
-@click.option("--battery-warning-v", type=float, default=11.5, **_env("BATTERY_WARNING_V"),
+@click.option("--battery-warning-v", type=checks.FiniteFloat(min=0), default=11.5, **_env("BATTERY_WARNING_V"),
               help="KEY OFF battery below this raises a Battery Warning event (0 disables).")
 @click.option("--outbox-high-water", type=click.IntRange(1), default=100_000, **_env("OUTBOX_HIGH_WATER"),
               help="Undelivered MQTT messages above which new packets are answered 4.")
@@ -193,6 +199,7 @@ def serve(verbose: int, quiet: bool, workers: int, writer_process: bool, **optio
     if options["store"] is not None and (writer_process or options["mqtt_url"]):
         raise click.UsageError("--store nats://... has no local writer and forwards nothing: no --writer-process "
                                "or --mqtt (`dtgserver bridge` forwards from the stream)")
+    checks.check_together(click.get_current_context(), options, workers * (2 if writer_process else 1))
     verbosity = -1 if quiet else verbose
     logs.configure(verbosity)
     config = ServerConfig(**options)
