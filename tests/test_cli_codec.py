@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 from conftest import FIXTURES, MALFORMED_SAMPLES, SAMPLES, VALID_SAMPLES, Sample, load_sample
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dtgserver.cli import main
+from dtgserver.cli.codec_cmds import is_text
+from dtgserver.protocol import Packet, encode
+from dtgserver.testing import packets
 
 DTG = load_sample("dtg_spec_sample")
 KEY_OFF = load_sample("key_off_spec_sample")
@@ -129,7 +134,7 @@ def test_decode_error_after_good_packets_in_a_stream() -> None:
     result = run("decode", "-f", "-", input=DTG.data + KEY_OFF.data + b"\x42\x00")
     assert json_lines(result.stdout) == [DTG.expected, KEY_OFF.expected]
     verify_fails(result, len(DTG.data) + len(KEY_OFF.data), "unknown protocol ID 0x42")
-    assert "-" in result.stderr  # names the source
+    assert "error: stdin byte" in result.stderr  # names the source
 
 
 def test_decode_names_the_argument_in_error() -> None:
@@ -145,6 +150,65 @@ def test_decode_bad_hex(arg: str, message: str) -> None:
     result = run("decode", arg)
     assert result.exit_code == 1
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(("args", "stdin", "source"), [
+    (["-f", "{empty}"], None, "empty.bin"),
+    (["-f", "{comments}"], None, "comments.hex"),
+    ([""], None, "argument 1"),
+    (["09 00", "  "], None, "argument 2"),
+    (["-f", "-"], b"", "stdin"),
+])
+def test_decode_of_no_packets_says_so(tmp_path: Path, args: list[str], stdin: bytes | None, source: str) -> None:
+    (tmp_path / "empty.bin").write_bytes(b"")
+    (tmp_path / "comments.hex").write_text("# only a comment\n\n")
+    paths = {"empty": tmp_path / "empty.bin", "comments": tmp_path / "comments.hex"}
+    result = run("decode", *[a.format(**paths) for a in args], input=stdin)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("dtgserver: error: ") and result.stderr.rstrip().endswith(f"{source}: no packets")
+
+
+@pytest.mark.parametrize(("args", "stdin", "message"), [
+    ([], "", "no packets: stdin held no JSON line"),
+    ([], "\n  \n", "no packets: stdin held no JSON line"),
+    (["[]"], None, "no packets: the JSON arguments hold no packet"),
+])
+def test_encode_of_no_packets_says_so(args: list[str], stdin: str | None, message: str) -> None:
+    result = run("encode", *args, input=stdin)
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == f"dtgserver: error: {message}\n"
+
+
+def test_hex_text_with_a_typo_names_the_line_not_a_protocol_id(tmp_path: Path) -> None:
+    """Read as text, not as binary: the error is the typo, not 'unknown protocol ID 0x30'."""
+    lines = (FIXTURES / "dtg_spec_sample.hex").read_text("utf-8").splitlines()
+    number = next(n for n, line in enumerate(lines, 1) if line.startswith("00 01 00 39"))
+    lines[number - 1] = lines[number - 1].replace("00 39", "00 3Q", 1)
+    path = tmp_path / "typo.hex"
+    path.write_text("\n".join(lines) + "\n")
+    result = run("decode", "-f", str(path))
+    assert result.exit_code == 1
+    assert result.stderr == f"dtgserver: error: {path}: not hex: 'Q' (line {number}, column 11)\n"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("0x09 0x00\n", "not hex: '0x' prefix (line 1, column 1): write the bytes as plain hex digits"),
+    ("09 00\n0x09, 0x00\n", "not hex: '0x' prefix (line 2, column 1)"),
+    ("09 00\n09 0\n", "odd number of hex digits (7); line 2 has an odd number"),
+    ("09 00 # 응답 OK\n09 0O\n", "not hex: 'O' (line 2, column 5)"),
+])
+def test_hex_text_errors_name_line_and_column(text: str, message: str) -> None:
+    result = run("decode", "-f", "-", input=text.encode())
+    assert result.exit_code == 1
+    assert message in result.stderr and "protocol ID" not in result.stderr
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(packets(), min_size=1, max_size=3))
+def test_no_packet_capture_is_taken_for_text(stream: list[Packet]) -> None:
+    """`auto` reads a capture as binary: every packet has a control byte that is no whitespace."""
+    data = b"".join(encode(p) for p in stream)
+    assert not is_text(data)
 
 
 def test_decode_nothing() -> None:
@@ -211,13 +275,13 @@ def test_encode_bad_json_after_good_lines() -> None:
 def test_decode_pipe_encode_reproduces_the_bytes(sample: Sample) -> None:
     decoded = run("decode", "-f", str(FIXTURES / f"{sample.name}.hex"))
     encoded = run("encode", input=decoded.stdout)
+    if sample.malformed and not sample.expected:  # nothing before the error: nothing to encode, and it says so
+        assert (encoded.exit_code, encoded.stdout) == (1, "")
+        assert "no packets" in encoded.stderr
+        return
     assert encoded.exit_code == 0, encoded.stderr
-    if not sample.malformed:
-        expected = sample.data
-    elif sample.expected:  # only the packets before the error come out, and come back byte for byte
-        expected = sample.data[:sample.error_offset]
-    else:
-        expected = b""
+    # a malformed sample: only the packets before the error come out, and come back byte for byte
+    expected = sample.data[:sample.error_offset] if sample.malformed else sample.data
     assert bytes.fromhex("".join(encoded.stdout.split())) == expected
 
 

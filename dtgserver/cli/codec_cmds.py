@@ -23,30 +23,49 @@ from ..protocol import (
 )
 
 _COMMENT = re.compile(rb"#[^\n]*")
-_HEX_TEXT = re.compile(rb"[0-9A-Fa-f\s]*")
+_NOT_HEX = re.compile(r"[^0-9A-Fa-f\s]")
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # control characters but whitespace (\t \n \v \f \r)
 
 
 def parse_hex_text(data: bytes) -> bytes:
-    """Bytes from hex text: whitespace ignored, `#` starts a comment that runs to the end of the line."""
-    digits = re.sub(rb"\s+", b"", _COMMENT.sub(b"", data))
+    """Bytes from hex text: whitespace ignored, `#` starts a comment that runs to the end of the line.
+
+    A ValueError names the first character that is no hex digit and its line and column, or the
+    odd count of digits (and the first line with an odd count, when there are several lines).
+    """
+    lines = _COMMENT.sub(b"", data).decode("utf-8", "replace").split("\n")
+    for number, line in enumerate(lines, 1):
+        if bad := _NOT_HEX.search(line):
+            prefix = line[bad.start() - 1:bad.start() + 1].lower() == "0x"
+            column = bad.start() + (0 if prefix else 1)
+            where = f"line {number}, column {column}" if len(lines) > 1 else f"column {column}"
+            if prefix:
+                raise ValueError(f"not hex: '0x' prefix ({where}): write the bytes as plain hex digits, e.g. '03 1f'")
+            raise ValueError(f"not hex: {bad.group()!r} ({where})")
+    digits = "".join("".join(line.split()) for line in lines)
     if len(digits) % 2:
-        raise ValueError(f"odd number of hex digits ({len(digits)})")
+        odd = next(n for n, line in enumerate(lines, 1) if len("".join(line.split())) % 2)
+        raise ValueError(f"odd number of hex digits ({len(digits)})" + (f"; line {odd} has an odd number"
+                                                                          if len(lines) > 1 else ""))
+    return bytes.fromhex(digits)
+
+
+def is_text(data: bytes) -> bool:
+    """UTF-8 without control characters: hex text (perhaps a bad one), never a captured packet.
+
+    Every packet has a byte below 0x20 that is no whitespace: the protocol ID, a raw modem digit,
+    a time byte or a length's high byte, so a capture is never taken for text.
+    """
     try:
-        return bytes.fromhex(digits.decode("ascii"))
-    except ValueError:
-        # Name the character, not its first UTF-8 byte ('서', not 'ì').
-        bad = re.search(r"[^0-9A-Fa-f]", digits.decode("utf-8", "replace"))
-        raise ValueError(f"not hex: {bad.group() if bad else '?'!r}") from None
-
-
-def looks_like_hex_text(data: bytes) -> bool:
-    stripped = _COMMENT.sub(b"", data)
-    return bool(stripped.strip()) and _HEX_TEXT.fullmatch(stripped) is not None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return bool(text.strip()) and _CONTROL.search(text) is None
 
 
 def _read(file: IO[bytes], input_format: str) -> bytes:
     data = file.read()
-    if input_format == "hex" or (input_format == "auto" and looks_like_hex_text(data)):
+    if input_format == "hex" or (input_format == "auto" and is_text(data)):
         return parse_hex_text(data)
     return data
 
@@ -82,22 +101,27 @@ def decode(hex_packets: tuple[str, ...], files: tuple[IO[bytes], ...], input_for
         except ValueError as e:
             _fail(f"argument {i}: {e}")
     for file in files:
+        name = getattr(file, "name", "-")
+        name = "stdin" if name in ("-", "<stdin>") else name
         try:
-            sources.append((getattr(file, "name", "-"), _read(file, input_format)))
+            sources.append((name, _read(file, input_format)))
         except ValueError as e:
-            _fail(f"{getattr(file, 'name', '-')}: {e}")
+            _fail(f"{name}: {e}")
     if not sources:
         _fail("nothing to decode: give HEX arguments or --file (see --help)")
     for name, data in sources:
+        count = 0
         try:
-            for i, packet in enumerate(iter_packets(data, role=Role.ANY, max_body_count=max_body_count)):
+            for count, packet in enumerate(iter_packets(data, role=Role.ANY, max_body_count=max_body_count), 1):
                 if output_format == "json":
                     click.echo(json.dumps(to_json(packet.record), ensure_ascii=False))
                 else:
-                    click.echo(("\n" if i else "") + format_table(packet.record, packet.raw))
+                    click.echo(("\n" if count > 1 else "") + format_table(packet.record, packet.raw))
         except ProtocolError as e:
             offset = "" if e.offset is None else f" byte {e.offset}"
             _fail(f"{name}{offset}: {e.message}")
+        if not count:
+            _fail(f"{name}: no packets")
 
 
 def _json_objects(texts: tuple[str, ...], stdin: IO[str]) -> Iterator[tuple[str, object]]:
@@ -128,8 +152,10 @@ def encode_cmd(json_packets: tuple[str, ...], binary: bool) -> None:
     JSON comes from the arguments, or from stdin as JSON lines, so `decode | encode`
     reproduces the input bytes.
     """
+    count = 0
     try:
         for where, obj in _json_objects(json_packets, sys.stdin):
+            count += 1
             try:
                 raw = encode(from_json(obj))
             except (JsonError, ValueError) as e:
@@ -138,6 +164,8 @@ def encode_cmd(json_packets: tuple[str, ...], binary: bool) -> None:
             click.echo(raw if binary else raw.hex(), nl=not binary)
     except JsonError as e:
         _fail(str(e))
+    if not count:
+        _fail("no packets: " + ("the JSON arguments hold no packet" if json_packets else "stdin held no JSON line"))
 
 
 encode_cmd.name = "encode"
