@@ -71,7 +71,7 @@ def test_devices_add_list_remove(tmp_path: Path) -> None:
     assert [line.split()[:2] for line in listing[1:]] == [["01011112222", "active"], ["01033334444", "active"]]
     assert all(line.endswith("1호차 냉동탑") for line in listing[1:])
 
-    ok(run("devices", "remove", "01011112222", "--data-dir", tmp_path))
+    assert ok(run("devices", "remove", "01011112222", "--data-dir", tmp_path)) == "removed 1 device(s): 01011112222\n"
     assert list(registry(tmp_path)) == ["01033334444"]
     as_json = [json.loads(line) for line in ok(run("devices", "list", "--json", "--data-dir", tmp_path)).splitlines()]
     assert as_json == [{"modem": "01033334444", "status": "active", "note": "1호차 냉동탑"}]
@@ -100,8 +100,9 @@ def test_devices_add_needs_a_modem(tmp_path: Path) -> None:
 
 def test_devices_remove_unknown_is_an_error(tmp_path: Path) -> None:
     ok(run("devices", "add", "01011112222", "--data-dir", tmp_path))
-    message = refused(run("devices", "remove", "01099999999", "01011112222", "--data-dir", tmp_path))
-    assert message == "dtgserver: error: not in the registry: 01099999999\n"
+    result = run("devices", "remove", "01099999999", "01011112222", "--data-dir", tmp_path)
+    assert refused(result) == "dtgserver: error: not in the registry: 01099999999\n"
+    assert result.stdout == "removed 1 device(s): 01011112222\n"
     assert registry(tmp_path) == {}  # the known one is removed all the same
 
 
@@ -159,6 +160,23 @@ def test_maintenance_on_off_writes_the_control_db(tmp_path: Path) -> None:
     refused(run("maintenance", "soon", "--data-dir", tmp_path), code=2)
 
 
+def test_maintenance_status_shows_both_switches(tmp_path: Path) -> None:
+    assert ok(run("maintenance", "status", "--data-dir", tmp_path)) == \
+        "maintenance off\nregistry not enforced; 0 device(s)\n"
+    ok(run("maintenance", "on", "--data-dir", tmp_path))
+    ok(run("devices", "add", "01011112222", "01033334444", "--data-dir", tmp_path))
+    ok(run("devices", "enforce", "on", "--data-dir", tmp_path))
+    assert ok(run("maintenance", "status", "--data-dir", tmp_path)) == \
+        "maintenance on\nregistry enforced; 2 device(s)\n"
+    assert switches(tmp_path) == (True, True)  # status changes nothing
+
+
+@pytest.mark.parametrize("bad", ["abc", "010-1234-5678", "010123456789", ""])
+def test_export_of_a_modem_that_is_no_number_is_a_usage_error(tmp_path: Path, bad: str) -> None:
+    message = refused(run("export", "--modem", bad, "--data-dir", tmp_path), code=2)
+    assert f"Invalid value for '--modem': {bad!r} is no modem number (1 to 11 digits)" in message
+
+
 async def test_commands_reach_a_running_server(tmp_path: Path) -> None:
     """What the docs promise: the commands change a running server's answers, no restart."""
 
@@ -209,13 +227,39 @@ def test_serve_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         message = refused(run("serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", tmp_path, "-q"))
-    assert message == "dtgserver: error: [Errno 98] Address already in use\n"
+        assert message == (f"dtgserver: error: cannot listen on 127.0.0.1:{port} (--host, --port): "
+                           "Address already in use\n")
+        message = refused(run("serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2",
+                              "--data-dir", tmp_path / "workers", "-q"))
+        assert message == (f"dtgserver: error: cannot listen on 127.0.0.1:{port} (--host, --port): "
+                           "Address already in use\n")
+
+
+def test_serve_metrics_port_in_use_names_the_metrics_address(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = refused(run("serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", str(port),
+                              "--data-dir", tmp_path, "-q"))
+    assert message == (f"dtgserver: error: cannot listen on 127.0.0.1:{port} (--metrics-host, --metrics-port): "
+                       "Address already in use\n")
 
 
 def test_serve_on_a_file_that_is_not_a_database(tmp_path: Path) -> None:
     (tmp_path / "store-0.db").write_bytes(BROKEN)
     message = refused(run("serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", tmp_path, "-q"))
-    assert message == "dtgserver: error: file is not a database\n"
+    assert message == f"dtgserver: error: {tmp_path / 'store-0.db'}: file is not a database\n"
+
+
+@pytest.mark.parametrize("processes", [["--workers", "2"], ["--writer-process"]])
+def test_serve_with_processes_on_a_file_that_is_not_a_database(tmp_path: Path, processes: list[str]) -> None:
+    """Found by the supervisor before any process starts, where a worker would fail and be restarted forever."""
+    shards = 2 if "--workers" in processes else 1
+    for shard in range(shards):
+        (tmp_path / f"store-{shard}.db").write_bytes(BROKEN if shard == shards - 1 else b"")
+    message = refused(run("serve", "--host", "127.0.0.1", "--port", "0", "--data-dir", tmp_path, "-q", *processes))
+    assert message == f"dtgserver: error: {tmp_path / f'store-{shards - 1}.db'}: file is not a database\n"
 
 
 def test_serve_data_dir_that_is_a_file(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ the supervisor would restart it forever.
 from __future__ import annotations
 
 import math
+import re
 import socket
 import ssl
 from pathlib import Path
@@ -72,6 +73,13 @@ def topic_prefix(ctx: click.Context, param: click.Parameter, value: str) -> str:
 def client_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None and len(value.encode("utf-8", "surrogatepass")) > MQTT_STRING_BYTES:
         raise click.BadParameter(f"is longer than the {MQTT_STRING_BYTES} bytes an MQTT client id can have")
+    return value
+
+
+def modem(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--modem: a terminal's number as the registry and the store hold it, 1 to 11 digits."""
+    if value is not None and not re.fullmatch(r"[0-9]{1,11}", value):
+        raise click.BadParameter(f"{value!r} is no modem number (1 to 11 digits)")
     return value
 
 

@@ -245,7 +245,8 @@ def _control(data_dir: Path, store: str | None = None, store_tls_ca: Path | None
         finally:
             control.close()
     except (sqlite3.Error, OSError) as e:
-        click.echo(f"dtgserver: error: {data_dir / 'control.db'}: {e}", err=True)
+        path = str(data_dir / "control.db")
+        click.echo(f"dtgserver: error: {e}" if str(e).startswith(path) else f"dtgserver: error: {path}: {e}", err=True)
         sys.exit(1)
 
 
@@ -280,7 +281,10 @@ def devices_add(modems: tuple[str, ...], note: str, cancelled: bool, data_dir: P
 def devices_remove(modems: tuple[str, ...], data_dir: Path, **store_opts: Any) -> None:
     """Remove terminals from the registry."""
     with _control(data_dir, **store_opts) as control:
-        missing = [m for m in modems if not control.remove_device(m)]
+        removed = {m: control.remove_device(m) for m in dict.fromkeys(modems)}
+    if any(removed.values()):
+        click.echo(f"removed {sum(removed.values())} device(s): {', '.join(m for m, done in removed.items() if done)}")
+    missing = [m for m, done in removed.items() if not done]
     if missing:
         click.echo(f"dtgserver: error: not in the registry: {', '.join(missing)}", err=True)
         sys.exit(1)
@@ -320,16 +324,21 @@ def devices_enforce(switch: str, data_dir: Path, **store_opts: Any) -> None:
 
 
 @click.command()
-@click.argument("switch", type=click.Choice(["on", "off"]))
+@click.argument("switch", type=click.Choice(["on", "off", "status"]))
 @data_dir_option
 @store_options
 def maintenance(switch: str, data_dir: Path, **store_opts: Any) -> None:
-    """Maintenance mode on (every packet answered 3, nothing stored) or off.
+    """Maintenance mode on (every packet answered 3, nothing stored) or off; status shows it and the registry.
 
     Written to DIR/control.db (with --store: the cluster's control bucket); every running server on the same
     data dir (or cluster) follows within a second.
     """
     with _control(data_dir, **store_opts) as control:
+        if switch == "status":
+            state, count = control.load(), len(control.devices())
+            click.echo(f"maintenance {'on' if state.maintenance else 'off'}")
+            click.echo(f"registry {'enforced' if state.registry_enforced else 'not enforced'}; {count} device(s)")
+            return
         control.set_maintenance(switch == "on")
     click.echo(f"maintenance {switch}")
 
@@ -353,7 +362,7 @@ def _parse_time(value: str | None, option: str | None = None) -> float | None:
 @click.command()
 @data_dir_option
 @store_options
-@click.option("--modem", default=None, help="Only this terminal.")
+@click.option("--modem", default=None, callback=checks.modem, help="Only this terminal.")
 @click.option("--since", default=None, help="Received at or after (ISO 8601, KST when no offset; or Unix seconds).")
 @click.option("--until", default=None, help="Received before (same forms as --since).")
 @click.option("--format", "output_format", type=click.Choice(["jsonl", "geojson"]), default="jsonl",

@@ -26,7 +26,7 @@ from ..store.packets import ShardCountMismatch, shard_of
 from .config import ServerConfig
 from .metrics import Metrics, serve_metrics
 from .relay import RelayListener, RemoteShard
-from .tcp import RECEIVE_SIZE, TcpStream, accept
+from .tcp import RECEIVE_SIZE, TcpStream, accept, listen_error
 from .timeouts import Timeouts
 
 log = logging.getLogger("dtgserver.server")
@@ -199,7 +199,10 @@ class DtgServer:
 
                     listeners = [await reuse_port_listener(cfg.host, cfg.port)]
                 else:
-                    listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
+                    try:
+                        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
+                    except OSError as e:
+                        raise listen_error(e, cfg.host, cfg.port, "--host, --port") from None
                 self.port = listeners[0].socket.getsockname()[1] if listeners else cfg.port
                 if self.relay is not None:
                     await self.relay.open(self.port)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import attrs
 import trio
 
+from .tcp import listen_error
+
 log = logging.getLogger("dtgserver.metrics")
 
 
@@ -82,7 +84,10 @@ async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callabl
         finally:
             await stream.aclose()
 
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        raise listen_error(e, host, port, "--metrics-host, --metrics-port") from None
     log.info("metrics on http://%s:%d/metrics", host, listeners[0].socket.getsockname()[1])
     task_status.started(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(handle, listeners)

@@ -27,6 +27,19 @@ import trio
 log = logging.getLogger("dtgserver.server")
 
 RECEIVE_SIZE = 65536
+
+
+class ListenError(OSError):
+    """An address the server cannot listen on, named with the options that set it."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def listen_error(error: OSError, host: str | None, port: int, options: str) -> ListenError:
+    """`cannot listen on 127.0.0.1:9320 (--host, --port): Address already in use`."""
+    where = f"[{host}]" if host and ":" in host else host or "*"
+    return ListenError(error.errno, f"cannot listen on {where}:{port} ({options}): {error.strerror or error}")
 _CLOSED_ERRNOS = {errno.EBADF, errno.ENOTSOCK}
 # accept() failures that concern only the connection being accepted (as trio.SocketListener)
 _IGNORED_ACCEPT_ERRNOS = {getattr(errno, name) for name in (

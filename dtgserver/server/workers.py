@@ -33,10 +33,12 @@ from typing import Any
 import attrs
 import trio
 
-from ..store import Control
+from ..store import Control, shard_paths
+from ..store.control import connect
 from .app import ProcessRole, check_shard_count, serve
 from .config import ServerConfig
 from .relay import address as relay_address
+from .tcp import listen_error
 
 log = logging.getLogger("dtgserver.workers")
 
@@ -73,6 +75,9 @@ async def reuse_port_listener(host: str, port: int) -> trio.SocketListener:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         await sock.bind(address)
         sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise listen_error(e, host, port, "--host, --port") from None
     except BaseException:
         sock.close()
         raise
@@ -90,6 +95,9 @@ def _reserve_port(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise listen_error(e, host, port, "--host, --port") from None
     except BaseException:
         sock.close()
         raise
@@ -203,6 +211,8 @@ class Supervisor:
             control = Control(cfg.data_dir)
             check_shard_count(control, cfg.data_dir, self.shards)  # refuse before any worker starts
             control.close()
+            for path in shard_paths(cfg.data_dir):  # a file that is no database: say so once, not in a restart loop
+                connect(path).close()
         reserved = _reserve_port(cfg.host, cfg.port)
         try:
             self.port = int(reserved.getsockname()[1])

@@ -59,9 +59,13 @@ def connect(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode with the pragmas every dtgserver database uses."""
     path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA foreign_keys=ON")
+    try:
+        db.execute("PRAGMA journal_mode=WAL")  # the first read: a file that is no database fails here
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+    except sqlite3.DatabaseError as e:  # sqlite3 names no file: say which one
+        db.close()
+        raise type(e)(f"{path}: {e}") from None
     return db
 
 
