@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import trio
 from click.testing import CliRunner
-from mosquitto import Mosquitto, Subscriber, broker_fixture  # noqa: F401  (the broker fixture)
+from mosquitto import Mosquitto, Subscriber, broker_fixture, free_port  # noqa: F401  (the broker fixture)
 from serverproc import send
+from test_export import fill
 
 from dtgserver.bridge import map_record
 from dtgserver.cli import main
@@ -215,3 +216,27 @@ async def test_after_a_restart_the_undelivered_backlog_is_published_first(tmp_pa
             await subscriber.wait_count(4)
     ids = [json.loads(m.payload)["id"].split(":")[0] for m in subscriber.messages]
     assert ids == [digest(raw).hex() for raw in [*backlog, fresh]]
+
+
+async def test_replay_to_an_unreachable_broker_gives_up_at_its_timeout(tmp_path: Path) -> None:
+    """A cron job's replay ends: exit 1 after --timeout, naming the broker, instead of retrying forever."""
+    await fill(tmp_path, [encode(dtg(minute=0)), encode(key_off())])
+    nobody = f"mqtt://127.0.0.1:{free_port()}"
+    with trio.fail_after(60):
+        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(
+            main, ["replay", "--data-dir", str(tmp_path), "--mqtt", nobody, "--timeout", "1"]))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.endswith(f"dtgserver: error: replay not finished after 1 s (--timeout): the broker {nobody} "
+                                  "has not acknowledged every message; is it reachable?\n")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--timeout", "nan"], "Invalid value for '--timeout': 'nan' is not a finite number"),
+    (["--timeout", "-1"], "Invalid value for '--timeout'"),
+    (["--mqtt", "http://x"], "Invalid value for '--mqtt': broker URL must start with mqtt://"),
+    (["--topic-prefix", "a/#"], "Invalid value for '--topic-prefix'"),
+    (["--modem", "abc"], "Invalid value for '--modem': 'abc' is no modem number"),
+])
+def test_replay_options_are_checked_before_it_starts(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["replay", "--data-dir", str(tmp_path), "--mqtt", "mqtt://127.0.0.1:1", *args])
+    assert result.exit_code == 2 and message in result.stderr
