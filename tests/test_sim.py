@@ -482,10 +482,13 @@ async def test_cli_cadence_summary_counts_what_the_server_saw() -> None:
 
 async def test_cli_cadence_with_unknown_subscribers_stops_every_terminal() -> None:
     async with scripted(always(UNKNOWN)) as server:
-        code, out, _ = await simulate("--port", str(server.port), "-n", "4", "--duration", "1.5",
-                                      "--time-scale", "1200", "--seed", "3", "--json")
+        code, out, err = await simulate("--port", str(server.port), "-n", "4", "--duration", "1.5",
+                                        "--time-scale", "1200", "--seed", "3", "--json")
     summary = json.loads(out)
-    assert code == 0
+    assert code == 1  # every answer was 2: nothing got through
+    assert err == (f"dtgserver: error: {summary['sessions']} of {summary['sessions']} sessions failed: 0 could not "
+                   f"connect, 0 got no answer in time, {summary['sessions']} were answered other than 0 "
+                   "(--allow-failures to exit 0 all the same)\n")
     modems = {r.record.modem for r in server.received}
     assert len(server.received) == len(modems)  # one session each, then silence
     assert summary["results"]["unknown_subscriber"] == summary["sessions"] == len(modems)
@@ -531,9 +534,23 @@ async def test_cli_counts_connection_errors_without_a_server() -> None:
         port = probe.getsockname()[1]
     code, out, err = await simulate("--port", str(port), "-n", "2", "--duration", "0.5", "--concurrency", "2",
                                     "--json")
-    assert code == 0, err
+    assert code == 1  # nothing got through
     summary = json.loads(out)
     assert summary["connection_errors"] == summary["sessions"] > 0 and summary["results"]["ok"] == 0
+    assert f"{summary['sessions']} could not connect" in err
+    code, out, err = await simulate("--port", str(port), "-n", "2", "--duration", "0.5", "--concurrency", "2",
+                                    "--json", "--allow-failures")
+    assert code == 0, err
+    assert json.loads(out)["connection_errors"] > 0 and err == ""
+
+
+async def test_cli_fails_when_some_answers_are_not_0() -> None:
+    async with scripted(lambda n, _: OVERLOADED if n % 2 else OK) as server:
+        code, out, err = await simulate("--port", str(server.port), "-n", "2", "--duration", "0.5",
+                                        "--concurrency", "1", "--seed", "1", "--json")
+    summary = json.loads(out)
+    assert code == 1 and summary["results"]["ok"] > 0 and summary["results"]["overloaded"] > 0
+    assert f"{summary['results']['overloaded']} were answered other than 0" in err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -46,15 +46,20 @@ def _progress(line: str) -> None:
 @click.option("--answer-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0,
               help="Real seconds to wait for an answer before counting a timeout (and resending).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--allow-failures", is_flag=True,
+              help="Exit 0 even when sessions could not connect, got no answer in time or an answer other than 0 "
+                   "(load tests that push the server into overload on purpose).")
 def simulate(host: str, port: int, terminals: int, duration: float, mix: Mix, time_scale: float, seed: int | None,
-             max_rate: float | None, concurrency: int | None, answer_timeout: float, as_json: bool) -> None:
+             max_rate: float | None, concurrency: int | None, answer_timeout: float, as_json: bool,
+             allow_failures: bool) -> None:
     """Run N virtual terminals against a server and report sessions, latency and answers.
 
     By default every terminal drives around Seoul and reports on the spec's cadence (a realtime
     packet a minute while the key is on, a KEY OFF packet every 10 minutes while off), compressed
     by --time-scale, and follows the spec's resend policy. --max-rate and --concurrency are load
     modes for benchmarks. Exit status 1 if the server ever answered with anything but 0x09 and a
-    known result code.
+    known result code, and (unless --allow-failures) if any session could not connect, got no
+    answer in time or was answered other than 0.
     """
     if max_rate is not None and concurrency is not None:
         raise click.UsageError("--max-rate (open loop) and --concurrency (closed loop) exclude each other")
@@ -79,6 +84,13 @@ def simulate(host: str, port: int, terminals: int, duration: float, mix: Mix, ti
     if summary["bad_answers"]:
         click.echo(f"dtgserver: error: {summary['bad_answers']} answers were not 0x09 + a known result code",
                    err=True)
+        sys.exit(1)
+    not_ok = sum(summary["results"].values()) - summary["results"]["ok"]
+    failed = summary["connection_errors"] + summary["timeouts"] + not_ok
+    if failed and not allow_failures:
+        click.echo(f"dtgserver: error: {failed} of {summary['sessions']} sessions failed: "
+                   f"{summary['connection_errors']} could not connect, {summary['timeouts']} got no answer in time, "
+                   f"{not_ok} were answered other than 0 (--allow-failures to exit 0 all the same)", err=True)
         sys.exit(1)
 
 
