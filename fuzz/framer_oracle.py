@@ -1,7 +1,7 @@
 """What the framer fuzz target checks for one input, without atheris: the fuzzer and the tests share it.
 
 One input = two bytes that choose how the rest is chunked (and the body-count limit), then the
-byte stream a terminal might send. The contract (STYLE.md, h11's): `Connection.next_event()`
+byte stream a terminal might send. The contract (h11's): `Connection.next_event()`
 raises nothing but ProtocolError, with an offset inside the stream; the chunking never changes
 what is decoded or where it fails; every decoded frame encodes back to the same bytes, and
 `decode(frame)` agrees with the framer.

@@ -198,7 +198,7 @@ def test_fixture_files_come_in_pairs() -> None:
 
 
 # -- the spec's samples, value by value, against the spec's tables --------------------------------------
-# Expected values are computed by hand from the HEX column (PROTOCOL-NOTES.md: the HEX wins).
+# Expected values are computed by hand from the HEX column (docs/protocol.md, Rulings: the HEX wins).
 
 SPEC_TIME = datetime(2012, 10, 25, 15, 30, 45, tzinfo=KST)  # 0C 0A 19 0F 1E 2D 00
 SPEC_LON = 127.022592  # 07 92 36 00 = 127022592
