@@ -220,16 +220,21 @@ async def test_quiet_suppresses_session_lines(tmp_path: Path, caplog: pytest.Log
 
 
 def test_metrics_keep_every_digit() -> None:
+    """A counter must keep moving: every value reads back exactly through prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     from dtgserver.server.metrics import Metrics
 
     metrics = Metrics(gauges={"committed_packets_total": lambda: 1_234_567, "commit_seconds_sum": lambda: 1234.000125,
-                              "mqtt_connected": lambda: True})
+                              "commits_total": lambda: 2**53 - 1, "mqtt_connected": lambda: True})
     metrics.packets["dtg"] = 10_000_001
-    text = metrics.render().splitlines()
-    assert "dtg_committed_packets_total 1234567" in text  # not 1.23457e+06: a counter must keep moving
-    assert "dtg_commit_seconds_sum 1234.000125" in text
-    assert "dtg_mqtt_connected 1" in text
-    assert 'dtg_packets_total{kind="dtg"} 10000001' in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics.render()) for s in family.samples}
+    assert samples[("dtg_committed_packets_total", ())] == 1_234_567
+    assert samples[("dtg_commit_seconds_sum", ())] == 1234.000125
+    assert samples[("dtg_commits_total", ())] == 2**53 - 1 == samples[("dtg_commit_seconds_count", ())]
+    assert samples[("dtg_mqtt_connected", ())] == 1
+    assert samples[("dtg_packets_total", (("kind", "dtg"),))] == 10_000_001
 
 
 # -- the real command: `dtgserver serve` with and without -q --------------------------------------

@@ -1,17 +1,54 @@
-"""Prometheus metrics in the text exposition format, and the /metrics + /healthz HTTP endpoint."""
+"""Prometheus metrics through `prometheus_client` (its registry, metric families and text formats),
+and the /metrics + /healthz HTTP endpoint on the Trio side.
+
+The sessions count into plain integers and Counters (`Metrics`), cheap on the hot path and never
+touched by another thread; a scrape turns them into metric families (`MetricsCollector`) in a
+`CollectorRegistry` of their own, and prometheus_client writes the exposition: the Prometheus
+text format 0.0.4, or OpenMetrics when the scraper asks for it. Each process has its own
+registry and endpoint (`--workers`, `--writer-process`: one scrape target per process).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import attrs
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from .tcp import listen_error
 
 log = logging.getLogger("dtgserver.metrics")
+
+PREFIX = "dtg_"
+# What is read from the owners when scraped (`Metrics.gauges`): name without the prefix → type, help.
+# A `_sum` is the sum of a summary whose count is dtg_commits_total (one observation per commit).
+READ_AT_SCRAPE: dict[str, tuple[str, str]] = {
+    "commit_queue": ("gauge", "Packets waiting for a commit."),
+    "commits_total": ("counter", "Transactions committed."),
+    "commit_failures_total": ("counter", "Transactions that failed (their packets answered 4)."),
+    "committed_packets_total": ("counter", "Packets stored (new rows)."),
+    "duplicate_packets_total": ("counter", "Resends answered 0 without a new row."),
+    "commit_batch_size_last": ("gauge", "Packets in the last commit."),
+    "commit_batch_size_sum": ("summary", "Packets per commit."),
+    "commit_seconds_last": ("gauge", "Duration of the last commit, in seconds."),
+    "commit_seconds_sum": ("summary", "Duration of the commits, in seconds."),
+    "mqtt_backlog": ("gauge", "MQTT messages not yet acknowledged (the outbox)."),
+    "maintenance": ("gauge", "1 in maintenance mode."),
+    "relayed_packets_total": ("counter", "Packets this process relayed to the process of their shard."),
+    "relay_received_packets_total": ("counter", "Packets other processes relayed to this one."),
+    "mqtt_published_total": ("counter", "MQTT messages published (republishes included)."),
+    "mqtt_acknowledged_total": ("counter", "MQTT messages acknowledged by the broker."),
+    "mqtt_reconnects_total": ("counter", "Broker connection attempts after the first."),
+    "mqtt_connected": ("gauge", "1 while connected to the broker."),
+}
+SUMMARY_COUNT = "commits_total"
 
 
 @attrs.define
@@ -26,36 +63,81 @@ class Metrics:
     open_connections: int = 0
     rejected_connections: int = 0
     gauges: dict[str, Callable[[], float]] = attrs.field(factory=dict)
+    registry: CollectorRegistry = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(MetricsCollector(self))
 
     def render(self) -> str:
-        lines = [
-            "# HELP dtg_sessions_total Connections handled, by the last result answered (none: closed unanswered).",
-            "# TYPE dtg_sessions_total counter",
-            *(f'dtg_sessions_total{{result="{k}"}} {v}' for k, v in sorted(self.sessions.items())),
-            "# HELP dtg_answers_total Answers sent, by result code.",
-            "# TYPE dtg_answers_total counter",
-            *(f'dtg_answers_total{{result="{k}"}} {v}' for k, v in sorted(self.results.items())),
-            "# HELP dtg_packets_total Complete packets received, by kind.",
-            "# TYPE dtg_packets_total counter",
-            *(f'dtg_packets_total{{kind="{k}"}} {v}' for k, v in sorted(self.packets.items())),
-            "# TYPE dtg_bodies_total counter",
-            f"dtg_bodies_total {self.bodies}",
-            "# TYPE dtg_received_bytes_total counter",
-            f"dtg_received_bytes_total {self.bytes_received}",
-            "# TYPE dtg_open_connections gauge",
-            f"dtg_open_connections {self.open_connections}",
-            "# TYPE dtg_rejected_connections_total counter",
-            f"dtg_rejected_connections_total {self.rejected_connections}",
-        ]
-        for name, read in sorted(self.gauges.items()):
-            value = read()  # every digit: ':g' kept six, so counters past 999999 stopped moving
-            lines.append(f"dtg_{name} {int(value) if isinstance(value, int) else repr(float(value))}")
-        return "\n".join(lines) + "\n"
+        """The Prometheus text format (0.0.4) of every metric, as prometheus_client writes it."""
+        return generate_latest(self.registry).decode("utf-8")
+
+
+class MetricsCollector(Collector):
+    """`Metrics` as prometheus_client metric families, built afresh at each scrape."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        yield _labelled(CounterMetricFamily("dtg_sessions", "Connections handled, by the last result answered "
+                                            "(none: closed unanswered).", labels=["result"]), m.sessions)
+        yield _labelled(CounterMetricFamily("dtg_answers", "Answers sent, by result code.", labels=["result"]),
+                        m.results)
+        yield _labelled(CounterMetricFamily("dtg_packets", "Complete packets received, by kind.", labels=["kind"]),
+                        m.packets)
+        yield CounterMetricFamily("dtg_bodies", "Realtime bodies received.", value=m.bodies)
+        yield CounterMetricFamily("dtg_received_bytes", "Bytes received from terminals.", value=m.bytes_received)
+        yield GaugeMetricFamily("dtg_open_connections", "Connections open now.", value=m.open_connections)
+        yield CounterMetricFamily("dtg_rejected_connections", "Connections answered 4 for --max-connections.",
+                                  value=m.rejected_connections)
+        values = {name: float(read()) for name, read in m.gauges.items()}
+        for name, value in sorted(values.items()):
+            kind, text = READ_AT_SCRAPE.get(name, ("counter" if name.endswith("_total") else "gauge", name))
+            if kind == "summary":
+                yield SummaryMetricFamily(PREFIX + name.removesuffix("_sum"), text,
+                                          count_value=int(values.get(SUMMARY_COUNT, 0)), sum_value=value)
+            elif kind == "counter":
+                yield CounterMetricFamily(PREFIX + name, text, value=value)
+            else:
+                yield GaugeMetricFamily(PREFIX + name, text, value=value)
+
+
+def _labelled(family: CounterMetricFamily, counts: Counter[str] | Counter[int]) -> CounterMetricFamily:
+    for key, count in sorted(counts.items()):
+        family.add_metric([str(key)], count)
+    return family
+
+
+def respond(metrics: Metrics, healthy: Callable[[], bool], request: bytes) -> bytes:
+    """The whole HTTP/1.0 response to one request: GET or HEAD (headers only) of /metrics or
+    /healthz, any query string ignored; 405 for other methods, 404 for other paths."""
+    line = request.split(b"\r\n", 1)[0].decode("latin-1")
+    method, target = [*line.split(" "), "", ""][:2]
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (h.partition(":") for h in request.decode("latin-1").split("\r\n")[1:]) if k}
+    path = urlsplit(target).path
+    content_type = "text/plain; charset=utf-8"
+    if method not in ("GET", "HEAD"):
+        status, body, extra = "405 Method Not Allowed", b"GET or HEAD only\n", "Allow: GET, HEAD\r\n"
+    elif path == "/metrics":
+        encoder, content_type = choose_encoder(headers.get("accept", ""))  # OpenMetrics if asked for
+        status, body, extra = "200 OK", encoder(metrics.registry), ""
+    elif path == "/healthz":
+        ok = healthy()
+        status, body, extra = ("200 OK", b"ok\n", "") if ok else ("503 Service Unavailable", b"unhealthy\n", "")
+    else:
+        status, body, extra = "404 Not Found", b"not found\n", ""
+    head = (f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}"
+            f"Connection: close\r\n\r\n").encode("latin-1")
+    return head if method == "HEAD" else head + body
 
 
 async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callable[[], bool],
                         *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """A minimal HTTP/1.0 responder for GET /metrics and GET /healthz; reports its bound port."""
+    """A minimal HTTP/1.0 responder for /metrics and /healthz; reports its bound port."""
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
@@ -66,19 +148,7 @@ async def serve_metrics(metrics: Metrics, host: str, port: int, healthy: Callabl
                     if not chunk:
                         break
                     request += chunk
-                parts = request.split(b" ", 2)
-                path = parts[1].decode("ascii", "replace") if len(parts) > 1 else ""
-                if path == "/metrics":
-                    status, body = "200 OK", metrics.render()
-                elif path == "/healthz":
-                    ok = healthy()
-                    status, body = ("200 OK", "ok\n") if ok else ("503 Service Unavailable", "unhealthy\n")
-                else:
-                    status, body = "404 Not Found", "not found\n"
-                data = body.encode()
-                head = (f"HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n")
-                await stream.send_all(head.encode() + data)
+                await stream.send_all(respond(metrics, healthy, request))
         except trio.BrokenResourceError:
             pass
         finally:
