@@ -66,6 +66,7 @@ NON_DEFAULTS: dict[str, tuple[str, object]] = {
     "packet_timeout": ("12", 12.0),
     "max_connections": ("77", 77),
     "max_body_count": ("600", 600),
+    "buffer_budget": ("128", 128),
     "queue_high_water": ("99", 99),
     "grace_period": ("0.5", 0.5),
     "metrics_port": ("9100", 9100),

@@ -143,6 +143,10 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
               help="Open connections above this are answered 4 (overloaded) and closed.")
 @click.option("--max-body-count", type=click.IntRange(1, 32767), default=DEFAULT_MAX_BODY_COUNT,
               **_env("MAX_BODY_COUNT"), help="Realtime packets declaring more bodies are answered 1.")
+@click.option("--buffer-budget", type=click.IntRange(1), default=64, **_env("BUFFER_BUDGET"),
+              help="MiB of partly received packets all sessions of a process may hold: a session that would "
+                   "take it past this, and a new connection while less than one packet of --max-body-count "
+                   "is left, are answered 4 and closed.")
 @click.option("--queue-high-water", type=click.IntRange(1), default=2048, **_env("QUEUE_HIGH_WATER"),
               help="Packets waiting for a commit above which new packets are answered 4.")
 @click.option("--grace-period", type=checks.FiniteFloat(min=0), default=10.0, **_env("GRACE_PERIOD"),
@@ -202,7 +206,10 @@ def serve(verbose: int, quiet: bool, workers: int, writer_process: bool, **optio
     checks.check_together(click.get_current_context(), options, workers * (2 if writer_process else 1))
     verbosity = -1 if quiet else verbose
     logs.configure(verbosity)
-    config = ServerConfig(**options)
+    try:
+        config = ServerConfig(**options)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     exit_code = 0
     try:
         if workers == 1 and not writer_process:

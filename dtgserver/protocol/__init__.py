@@ -24,6 +24,7 @@ from .framing import (
     encode,
     frame_length,
     iter_packets,
+    max_frame_length,
     received,
 )
 from .records import (
@@ -50,5 +51,6 @@ __all__ = [
     "BadTime", "BasicInfo", "Body", "Connection", "DtgBody", "DtgRealtime", "JsonError", "KeyOff", "MdtBody",
     "MdtRealtime", "ObdBody", "ObdRealtime", "Packet", "ProtocolError", "Realtime", "Received", "Response",
     "Result", "Role", "SensorState", "StatusLog", "WireStr", "decode", "dumps", "encode", "explain",
-    "format_table", "format_time", "frame_length", "from_json", "iter_packets", "received", "to_json",
+    "format_table", "format_time", "frame_length", "from_json", "iter_packets", "max_frame_length", "received",
+    "to_json",
 ]

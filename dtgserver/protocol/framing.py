@@ -57,9 +57,29 @@ def _frame_length(codec: StructCodec) -> FrameLength:
     return length
 
 
+def _longest(codec: StructCodec) -> Callable[[int], int]:
+    """The longest frame of this codec's packet the framer accepts, given its max_body_count."""
+    if codec.tail is None:
+        size = codec.size
+        return lambda max_body_count: size
+    tail = codec.tail[1]
+    field = slots(codec.schema)[tail.length_field]
+    header, unit = codec.size, tail.count_size
+    if isinstance(tail, Bodies):
+        return lambda max_body_count: header + max_body_count * unit
+    width = struct.calcsize(">" + field.adapter.fmt)
+    most = (1 << (8 * width - (1 if field.adapter.fmt.islower() else 0))) - 1
+    if field.adapter.hi is not None:
+        most = min(most, int(field.adapter.hi))
+    return lambda max_body_count: header + most * unit
+
+
 # Protocol ID → frame length from the bytes received so far (None: need more of the header).
 # 0x99 is the status log's alias: the spec's ID table names it 0x99, its packet table 0x63.
 FRAME_LENGTHS: dict[int, FrameLength] = {pid: _frame_length(codec) for pid, codec in sorted(_CODECS_BY_ID.items())}
+
+
+_LONGEST: dict[int, Callable[[int], int]] = {pid: _longest(codec) for pid, codec in sorted(_CODECS_BY_ID.items())}
 
 
 class Role(enum.Enum):
@@ -155,6 +175,11 @@ def frame_length(buf: bytes | bytearray, *, role: Role = Role.ANY,
     return length(buf, max_body_count)
 
 
+def max_frame_length(*, role: Role = Role.SERVER, max_body_count: int = DEFAULT_MAX_BODY_COUNT) -> int:
+    """The longest frame a Connection of this role accepts: what one connection may have to buffer."""
+    return max(_LONGEST[pid](max_body_count) for pid in role.value)
+
+
 def decode(frame: bytes, *, max_body_count: int = DEFAULT_MAX_BODY_COUNT) -> Packet:
     """The record for exactly one frame; ProtocolError if it is not exactly one valid frame."""
     frame = bytes(frame)
@@ -201,9 +226,11 @@ class Connection:
     """One side of one TCP connection, h11-style: `receive_data`, `next_event`, `send`.
 
     `next_event()` returns a `Received`, `NEED_DATA`, or `CLOSED` (after `receive_data(b"")`),
-    and raises nothing but ProtocolError; after one, the stream has lost its framing and every
-    later call raises the same error. The buffer never holds more than one frame plus what the
-    caller fed since the last NEED_DATA.
+    and raises nothing but ProtocolError; after one, the stream has lost its framing, nothing
+    received is kept, and every later call raises the same error. The buffer never holds more
+    than one frame plus what the caller fed since the last NEED_DATA; a caller that reads no more
+    than `wanted` bytes while it is known keeps it to one frame (or one read, while no header has
+    told a length).
     """
 
     def __init__(self, role: Role = Role.SERVER, *, max_body_count: int = DEFAULT_MAX_BODY_COUNT):
@@ -213,6 +240,7 @@ class Connection:
         self._offset = 0
         self._eof = False
         self._error: ProtocolError | None = None
+        self._wanted: int | None = None
 
     @property
     def buffered(self) -> int:
@@ -220,11 +248,19 @@ class Connection:
         return len(self._buffer)
 
     @property
+    def wanted(self) -> int | None:
+        """After `next_event()` returned NEED_DATA: the bytes that complete the packet being received,
+        once its header has told its length; None while it has not (or no packet has begun)."""
+        return self._wanted
+
+    @property
     def offset(self) -> int:
         """Stream offset of the next packet's first byte."""
         return self._offset
 
     def receive_data(self, data: bytes | bytearray) -> None:
+        if self._error is not None:
+            return  # after a ProtocolError nothing more is framed or kept
         if data:
             if self._eof:
                 raise ProtocolError("data after end of stream", self._offset + len(self._buffer))
@@ -234,15 +270,20 @@ class Connection:
 
     def next_event(self) -> Received | Need:
         if self._error is not None:
-            raise self._error
+            raise self._error.shifted(0)
         try:
             return self._next_event()
         except ProtocolError as error:
-            self._error = error.shifted(self._offset)
-            raise self._error from None
+            # The stream has lost its framing: what it buffered is let go now. The error kept is
+            # never raised itself (a copy is), so no traceback ties the caller's frame, which holds
+            # this Connection, to it in a cycle that keeps the buffer until a collection.
+            self._buffer.clear()
+            self._error = kept = error.shifted(self._offset)
+        raise kept.shifted(0) from None
 
     def _next_event(self) -> Received | Need:
         buf = self._buffer
+        self._wanted = None
         if not buf:
             return CLOSED if self._eof else NEED_DATA
         length = frame_length(buf, role=self.role, max_body_count=self.max_body_count)
@@ -250,6 +291,8 @@ class Connection:
             if self._eof:
                 need = "a complete header" if length is None else f"{length} bytes"
                 raise ProtocolError(f"stream ended inside a packet: {len(buf)} bytes of {need}", len(buf))
+            if length is not None:
+                self._wanted = length - len(buf)
             return NEED_DATA
         raw = bytes(buf[:length])
         event = _received(raw, self._offset)

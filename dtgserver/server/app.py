@@ -20,10 +20,11 @@ from typing import Any, Literal, cast
 import attrs
 import trio
 
-from ..protocol import NEED_DATA, Connection, ProtocolError, Received, Result, Role
+from ..protocol import NEED_DATA, Connection, ProtocolError, Received, Result, Role, max_frame_length
 from ..store import Control, ControlState, PacketStore, shard_paths
 from ..store.packets import ShardCountMismatch, shard_of
-from .config import ServerConfig
+from .config import MIB, ServerConfig
+from .memory import BufferBudget, trim
 from .metrics import Metrics, serve_metrics
 from .relay import RelayListener, RemoteShard
 from .tcp import RECEIVE_SIZE, TcpStream, accept, listen_error
@@ -33,6 +34,9 @@ log = logging.getLogger("dtgserver.server")
 session_log = logging.getLogger("dtgserver.session")
 
 _ANSWER_TIMEOUT = "answer not read in time"
+_BUDGET_SPENT = "buffer budget spent"
+TRIM_CHECK_S = 1.0  # how often the memory given back is looked at
+TRIM_AFTER = 8 * MIB  # bytes let go since the last trim that can make another worth it (memory.py)
 
 ProcessRole = Literal["combined", "front", "writer"]
 
@@ -82,6 +86,9 @@ class DtgServer:
         self.config = config
         self.metrics = Metrics()
         self.timeouts = Timeouts()
+        # the bytes every session of this process holds; a new connection needs one maximal frame of it left
+        self.budget = BufferBudget(config.buffer_budget * MIB)
+        self._frame_headroom = max_frame_length(role=Role.SERVER, max_body_count=config.max_body_count)
         if config.store is not None:
             self._open_nats(config, shard, shards, reuse_port, role)
             return
@@ -153,6 +160,10 @@ class DtgServer:
             "maintenance": lambda: int(self.control_state.maintenance),
             "relayed_packets_total": lambda: sum(r.relayed for r in self.remotes.values()),
             "relay_received_packets_total": lambda: self.relay.received if self.relay else 0,
+            "buffered_bytes": lambda: self.budget.used,
+            "buffer_budget_bytes": lambda: self.budget.limit,
+            "buffer_budget_refusals_total": lambda: self.budget.refused,
+            "memory_trims_total": lambda: self.budget.trims,
         })
 
     def _bridge(self) -> tuple[Any, bool]:
@@ -186,6 +197,7 @@ class DtgServer:
                 for store in self.stores.values():
                     await services.start(store.run)
                 services.start_soon(self._poll_control)
+                services.start_soon(self._give_memory_back)
                 if cfg.metrics_port is not None:
                     self.metrics_port = await services.start(
                         serve_metrics, self.metrics, cfg.metrics_host, cfg.metrics_port, self.healthy)
@@ -283,6 +295,15 @@ class DtgServer:
                          self.control_state.maintenance, self.control_state.registry_enforced,
                          len(self.control_state.active) + len(self.control_state.cancelled))
 
+    async def _give_memory_back(self) -> None:
+        """After a burst of large packets has passed (or their connections closed), hand the freed
+        heap back to the OS (server/memory.py)."""
+        budget = self.budget
+        while True:
+            await trio.sleep(TRIM_CHECK_S)
+            if budget.worth_trimming(TRIM_AFTER):
+                budget.trimmed(await trio.to_thread.run_sync(trim))
+
     # -- one connection ---------------------------------------------------------------------------
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Own one connection: read packets, answer each, close; never raises for the peer's doing."""
@@ -290,9 +311,12 @@ class DtgServer:
         started = time.perf_counter()
         session = Session(_peer(stream))
         metrics = self.metrics
-        if metrics.open_connections >= self.config.max_connections:
+        budget_spent = self.budget.used + self._frame_headroom > self.budget.limit
+        if metrics.open_connections >= self.config.max_connections or budget_spent:
             metrics.rejected_connections += 1
-            session.end = "too many connections"
+            if budget_spent:
+                self.budget.refused += 1
+            session.end = _BUDGET_SPENT if budget_spent else "too many connections"
             try:
                 if await self._answer(stream, Result.OVERLOADED, session):
                     await _drain(stream)
@@ -330,6 +354,8 @@ class DtgServer:
         metrics = self.metrics
         timeouts = self.timeouts
         conn = Connection(Role.SERVER, max_body_count=cfg.max_body_count)
+        budget = self.budget
+        held = 0  # this session's bytes counted in the budget: conn.buffered
         last_byte = connected
         packet_started: float | None = None
         waiting = ""
@@ -352,17 +378,29 @@ class DtgServer:
                         else:
                             waiting = "packet timeout"
                             timeouts.set(scope, packet_started + cfg.packet_timeout)
-                        data = await stream.receive_some(RECEIVE_SIZE)
+                        # no more than the packet still lacks: one frame buffered, never one and a read
+                        wanted = conn.wanted
+                        data = await stream.receive_some(RECEIVE_SIZE if wanted is None else min(wanted, RECEIVE_SIZE))
                         if scope.cancel_called:  # the bytes came in after the deadline had passed
                             break
                         last_byte = trio.current_time()
                         if packet_started is None:
                             packet_started = last_byte
                         metrics.bytes_received += len(data)
+                        if not budget.charge(len(data)):
+                            budget.refused += 1
+                            session.end = f"{_BUDGET_SPENT}, {held + len(data)} bytes of a packet dropped"
+                            timeouts.discard(scope)
+                            if await self._answer(stream, Result.OVERLOADED, session):
+                                await _drain(stream)
+                            return
+                        held += len(data)
                         conn.receive_data(data)
                         continue
                     if not isinstance(event, Received):  # CLOSED
                         return
+                    budget.release(len(event.raw))  # handed to the store (bounded by --queue-high-water)
+                    held -= len(event.raw)
                     timeouts.set(scope, math.inf)  # a commit that began is never abandoned by a timeout
                     result = await self._accept(event, session)
                     session.results.append(int(result))
@@ -377,6 +415,7 @@ class DtgServer:
                     packet_started = trio.current_time() if conn.buffered else None
             finally:
                 timeouts.discard(scope)
+                budget.release(held)
         if scope.cancel_called:
             partial = f", {conn.buffered} bytes of a packet dropped" if conn.buffered and waiting != _ANSWER_TIMEOUT \
                 else ""

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import attrs
 
-from ..protocol import DEFAULT_MAX_BODY_COUNT
+from ..protocol import DEFAULT_MAX_BODY_COUNT, max_frame_length
 
 SECONDS = 1.0
+MIB = 1 << 20
 DEFAULT_PORT = 9320
 
 
@@ -22,6 +23,7 @@ class ServerConfig:
     send_timeout: float = 10 * SECONDS  # a terminal that does not read its answer
     max_connections: int = 10_000
     max_body_count: int = DEFAULT_MAX_BODY_COUNT
+    buffer_budget: int = 64  # MiB: bytes of partly received packets all sessions of a process may hold
     queue_high_water: int = 2048  # packets waiting for a commit before new ones get 4
     max_batch: int = 512
     grace_period: float = 10 * SECONDS  # on SIGTERM: time for in-flight sessions to finish
@@ -42,3 +44,9 @@ class ServerConfig:
     store_replicas: int = 3
     store_ack_timeout: float = 10 * SECONDS
     store_partitions: int | None = None  # None: what the cluster has recorded (16 for a new one)
+
+    def __attrs_post_init__(self) -> None:
+        frame = max_frame_length(max_body_count=self.max_body_count)
+        if self.buffer_budget * MIB < frame:
+            raise ValueError(f"--buffer-budget {self.buffer_budget} MiB is less than one packet of "
+                             f"--max-body-count {self.max_body_count} ({frame:,} bytes)")
