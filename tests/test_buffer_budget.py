@@ -129,6 +129,17 @@ async def test_a_session_past_the_budget_and_new_connections_get_4_and_it_all_co
     assert ends.count("buffer budget spent") == 1  # the late connection
 
 
+async def test_bytes_of_a_session_ended_by_a_format_error_are_given_back_before_its_drain(
+        tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    async with memory_session(tmp_path) as (server, client):
+        await client.send_all(dtg_bytes(bodies=3600)[:100_000])
+        await until(lambda: server.budget.used == 100_000)
+        await client.send_eof()  # the peer closes inside the packet: a format error, answered 1
+        assert await client.receive_some(2) == b"\x09\x01"
+        assert server.budget.used == 0  # while the server still drains for 1 s before it closes
+        assert await read_until_closed(client) == b""
+
+
 async def test_bytes_of_a_packet_cut_by_the_packet_timeout_are_given_back(
         tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
     async with memory_session(tmp_path) as (server, client):

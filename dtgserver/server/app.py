@@ -366,6 +366,8 @@ class DtgServer:
                         event = conn.next_event()
                     except ProtocolError as e:
                         session.end = f"format error {e}"
+                        budget.release(held)  # the framer let its buffer go at the error
+                        held = 0
                         timeouts.discard(scope)
                         if await self._answer(stream, Result.FORMAT_ERROR, session):
                             await _drain(stream)
