@@ -18,13 +18,13 @@ import pytest
 import trio
 import trio.testing
 from click.testing import CliRunner
-from packets import dtg_bytes
 from test_server import OK, OVERLOADED, memory_session, read_until_closed, running, stored
 
 from dtgserver.cli import main
 from dtgserver.protocol import NEED_DATA, Connection, ProtocolError, Received, Role, max_frame_length
 from dtgserver.server import app
 from dtgserver.server.config import MIB, ServerConfig
+from dtgserver.testing import dtg_bytes
 
 BIG = 23 + 51 * 3600  # a DTG packet of the default --max-body-count, 3,600 bodies
 

@@ -47,6 +47,10 @@ READ_AT_SCRAPE: dict[str, tuple[str, str]] = {
     "mqtt_acknowledged_total": ("counter", "MQTT messages acknowledged by the broker."),
     "mqtt_reconnects_total": ("counter", "Broker connection attempts after the first."),
     "mqtt_connected": ("gauge", "1 while connected to the broker."),
+    "buffered_bytes": ("gauge", "Bytes of partly received packets this process holds."),
+    "buffer_budget_bytes": ("gauge", "--buffer-budget in bytes."),
+    "buffer_budget_refusals_total": ("counter", "Sessions and new connections answered 4: the buffer budget spent."),
+    "memory_trims_total": ("counter", "Times freed memory was handed back to the OS (malloc_trim)."),
 }
 SUMMARY_COUNT = "commits_total"
 
@@ -91,7 +95,8 @@ class MetricsCollector(Collector):
         yield CounterMetricFamily("dtg_bodies", "Realtime bodies received.", value=m.bodies)
         yield CounterMetricFamily("dtg_received_bytes", "Bytes received from terminals.", value=m.bytes_received)
         yield GaugeMetricFamily("dtg_open_connections", "Connections open now.", value=m.open_connections)
-        yield CounterMetricFamily("dtg_rejected_connections", "Connections answered 4 for --max-connections.",
+        yield CounterMetricFamily("dtg_rejected_connections",
+                                  "Connections answered 4 at once: --max-connections, or the buffer budget spent.",
                                   value=m.rejected_connections)
         values = {name: float(read()) for name, read in m.gauges.items()}
         for name, value in sorted(values.items()):
