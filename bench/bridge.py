@@ -11,7 +11,9 @@ timeit advises, and the median is printed too):
   and the packet, with nothing to decide: what no general code can beat by much.
 - derive: `dtgserver.bridge.derive.derive` on the packet's bytes and the terminal's state: the trip
   state, the microtrip built through the protocol's layout, the split check, the encoding.
-- trip state: `dtgserver.bridge.trips.next_state`, what a consumer pays per packet without messages.
+- trip state: `dtgserver.bridge.trips.next_state`, what a consumer pays per packet without messages;
+  of which "detector" (the dangerous-driving behaviours, `bridge.driving.detect`) and "measures"
+  (metres, idle, battery: `bridge.tripmetrics.measure`) on the packet's columns.
 - encoders: the same microtrip payload through orjson (with the exact-float hook dtgserver uses),
   msgspec, and json.dumps with compact separators: the choice of `messages.encode`.
 
@@ -39,9 +41,12 @@ except ImportError:
     msgspec = None
 
 from dtgserver.bridge.derive import derive
+from dtgserver.bridge.driving import DriveState, detect
 from dtgserver.bridge.messages import build, encode
-from dtgserver.bridge.trips import next_state
+from dtgserver.bridge.tripmetrics import TripMeter, measure
+from dtgserver.bridge.trips import DEFAULT_DRIVING, body_times_ms, next_state
 from dtgserver.protocol import decode
+from dtgserver.protocol.layout import realtime as realtime_layout
 from dtgserver.sim.load import drive_templates
 
 KST = 9 * 3600 * 1000
@@ -70,19 +75,23 @@ def midnight_ms(y: int, mo: int, d: int) -> int:
     return int((datetime(2000 + y, mo, d, tzinfo=UTC) - timedelta(hours=9)).timestamp() * 1000)
 
 
-def floor(raw: bytes, tid: int, first_km: int, packet_id: str) -> bytes:
+def floor(raw: bytes, tid: int, cdit: list[int], em: list[str], packet_id: str) -> bytes:
+    """`cdit` and `em` per body are given: computing them (the trip's measures and the dangerous-
+    driving detector) is what derive does beyond this floor."""
     elements: list[dict[str, Any]] = []
     for (dtr, dctr, y, mo, d, h, mi, s, cc, sp, rpm, brake, lon, lat, gan, acx, acy, _status, fuel, _total_fuel,
-         _level, ta, tb, vv, _eff, _work) in BODY.iter_unpack(memoryview(raw)[23:]):
+         _level, ta, tb, vv, _eff, _work), metres, mask in zip(BODY.iter_unpack(memoryview(raw)[23:]), cdit, em,
+                                                                strict=True):
         element = {
             "tid": tid, "clt": midnight_ms(y, mo, d) + ((h * 60 + mi) * 60 + s) * 1000 + cc * 10,
             "lat": lat / 1000000, "lon": lon / 1000000, "sp": sp, "rpm": rpm, "fc": fuel,
-            "cdit": (dctr - first_km) * 1000,
+            "cdit": metres,
             "vv": vv / 10, "dtr": dtr, "dctr": dctr, "bsg": brake, "gan": gan, "acx": acx / 10, "acy": acy / 10,
         }
         if ta not in NO_READING or tb not in NO_READING:
             a = "" if ta in NO_READING else format(ta / 10, "g")
             element["tmp"] = f"{a},{'' if tb in NO_READING else format(tb / 10, 'g')}"
+        element["em"] = mask
         elements.append(element)
     return orjson.dumps({"ts": elements[-1]["clt"], "ty": 2, "pld": elements, "id": f"{packet_id}:0"})
 
@@ -115,23 +124,41 @@ def main() -> int:
     packet_id = "3ec776928906c79aa90a0087e416a9e6"
     out, _ = derive(raw, state, packet_id=packet_id, **OPTIONS)
     (message,) = out
-    # the floor builds the same message: same keys and values (the float forms agree here)
-    if json.loads(floor(raw, state.tid, state.first_total_km, packet_id)) != json.loads(message.payload):
+    # the floor builds the same message: same keys and values (the float forms agree here); the
+    # trip's measures and the detector's marks it is given, as derive computed them
+    built = json.loads(message.payload)["pld"]
+    cdit, em = [e["cdit"] for e in built], [e["em"] for e in built]
+    if json.loads(floor(raw, state.tid, cdit, em, packet_id)) != json.loads(message.payload):
         raise SystemExit("bench: the floor does not build derive's message; fix the floor")
     assert len(decode(raw).bodies) == 60  # type: ignore[attr-defined]
     payload = build(raw, state, packet_id=packet_id)[0][0].payload
+    # the trip state's two new parts alone, on the packet's columns (part of "trip state" and "derive")
+    layout = realtime_layout(raw)
+    assert layout is not None and state.drive is not None and state.meter is not None
+    rules = DEFAULT_DRIVING.criteria_for("", state.vehicle_type)
+    assert rules is not None
+    drive_state, meter = DriveState.from_list(state.drive), TripMeter.from_list(state.meter)
+    times = body_times_ms(raw, layout)
+    speeds = layout.column(raw, "speed_kmh")
+    columns = {"time_ms": times, "speed_kmh": speeds, "azimuth_deg": layout.column(raw, "azimuth_deg"),
+               "lat": layout.column(raw, "lat"), "lon": layout.column(raw, "lon"),
+               "status_code": layout.column(raw, "status_code")}
+    meter_columns = {"time_ms": times, "speed_kmh": speeds, "total_km": layout.column(raw, "total_distance_km"),
+                     "battery_v": [v / 10 for v in layout.column(raw, "battery_v")], "rpm": layout.column(raw, "rpm")}
 
     contenders: dict[str, Callable[[], Any]] = {
-        "floor": lambda: floor(raw, tid, first_km, packet_id),
+        "floor": lambda: floor(raw, tid, cdit, em, packet_id),
         "derive": lambda: derive(raw, state, packet_id=packet_id, **OPTIONS),
         "trip state": lambda: next_state(raw, state),
+        "  detector": lambda: detect(drive_state, rules, **columns),
+        "  measures": lambda: measure(meter, **meter_columns),
         "encode: orjson": lambda: encode(payload),
         "encode: json": lambda: json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
                                            allow_nan=False).encode(),
     }
     if msgspec is not None:
         contenders["encode: msgspec"] = lambda: msgspec.json.encode(payload)
-    tid, first_km = state.tid, state.first_total_km
+    tid = state.tid
     figures = timed(contenders, args.rounds, args.number)
     print(f"one 60-body DTG packet, {len(raw)} bytes → {len(message.payload)} bytes of JSON; "
           f"{args.rounds} rounds of {args.number} calls")

@@ -54,7 +54,7 @@ def test_payloads_are_compact_utf8_json() -> None:
     assert attributes.startswith(b'{"ts":1795215540000,"modem":"01012345678","vid":')
     parking = out[-2].payload
     assert parking == (b'{"ts":1795215720000,"ty":2,"pld":{"tid":1795215600,"clt":1795215720000,"lat":37.51,'
-                       b'"lon":127.01,"try":2,"vlt":11.0},"id":"p3:1"}')
+                       b'"lon":127.01,"try":2,"vlt":11.0,"tim":0},"id":"p3:1"}')
 
 
 def test_the_same_bytes_and_state_give_the_same_bytes() -> None:

@@ -140,12 +140,12 @@ def test_dtg_realtime_is_one_aggregated_microtrip_with_every_dtg_key() -> None:
     first, second = payload["pld"]
     assert first == {
         "tid": TID, "clt": KEY_ON_MS, "lat": 37.497942, "lon": 127.027583, "sp": 50, "rpm": 1800, "fc": 12345,
-        "cdit": 0, "vv": 24.6, "dtr": 35, "dctr": 120_000, "bsg": 0, "gan": 90, "acx": 1.5, "acy": -0.3,
-        "tmp": "4.5,",
+        "cdit": 14, "vv": 24.6, "dtr": 35, "dctr": 120_000, "bsg": 0, "gan": 90, "acx": 1.5, "acy": -0.3,
+        "tmp": "4.5,", "em": "00",
     }
     assert list(first) == list(SEED.microtrip_keys["dtg"])  # keys in the table's order
     assert second["clt"] == KEY_ON_MS + 1000 and second["bsg"] == 1 and second["sp"] == 52
-    assert second["cdit"] == 1000  # one km more than the trip's first body
+    assert second["cdit"] == 28  # (50 + 52) km/h × 1 s, within a km of the odometer's one km
     assert state is not None and state.tid == TID and state.kind == "dtg"
 
 
@@ -153,7 +153,7 @@ def test_obd_realtime_microtrip_has_the_dtg_keys_minus_brake_and_acceleration() 
     messages, _ = map_record(obd(0, 1), None, packet_id="x")
     (element, _second) = messages[0].payload["pld"]
     assert list(element) == ["tid", "clt", "lat", "lon", "sp", "rpm", "fc", "cdit", "vv", "dtr", "dctr", "gan",
-                             "tmp"]
+                             "tmp", "em"]
     assert element["fc"] == 1500 and element["vv"] == 12.4 and element["tmp"] == ",-3.5"  # A is off
 
 
@@ -161,8 +161,8 @@ def test_mdt_realtime_microtrip_keys() -> None:
     messages, _ = map_record(mdt(0), None, packet_id="x")
     (element,) = messages[0].payload["pld"]
     # both temperature sensors absent: no tmp key at all (never invent a value)
-    assert element == {"tid": TID, "clt": KEY_ON_MS, "lat": 35.18, "lon": 129.075, "sp": 20, "cdit": 0,
-                       "vv": 12.1, "dtr": 3, "dctr": 7000, "gan": 270}
+    assert element == {"tid": TID, "clt": KEY_ON_MS, "lat": 35.18, "lon": 129.075, "sp": 20, "cdit": 6,
+                       "vv": 12.1, "dtr": 3, "dctr": 7000, "gan": 270, "em": "00"}
 
 
 @pytest.mark.parametrize(("temps", "expected"), [
@@ -203,15 +203,18 @@ def test_first_key_off_after_a_trip_sends_the_trip_then_parking_every_time() -> 
     trips = by_ty(messages, 1)
     assert len(trips) == 1
     assert trips[0].payload["id"] == "p2:0" and trips[0].payload["ts"] == KEY_ON_MS + 3_600_000
+    # the speeds give 17 m, the odometer 3 km (a km a second): the distance is at least 2 km
     assert trips[0].payload["pld"] == {
-        "tid": TID, "stt": KEY_ON_MS, "edt": KEY_ON_MS + 3_600_000, "dis": 3000, "stlat": 37.497942,
-        "stlon": 127.027583, "edlat": 37.497942, "edlon": 127.027583, "hsts": 30, "mesp": 15, "dtvt": 3,
-        "fc": 3, "fwv": "1.0.2",
+        "tid": TID, "stt": KEY_ON_MS, "edt": KEY_ON_MS + 3_600_000, "dis": 2000, "tdis": 120_003_000, "fc": 3,
+        "stlat": 37.497942, "stlon": 127.027583, "edlat": 37.497942, "edlon": 127.027583, "hsts": 30, "mesp": 15,
+        "idt": 1, "btv": 24.1, "gnv": 24.6, "wut": 1, "est": 0, "fwv": "1.0.2", "dtvt": 3,
+        "xdd": {"start": 1, "left_turn": 0, "right_turn": 0, "u_turn": 0, "deceleration": 0, "acceleration": 1,
+                "stop": 0, "lane_change": 0, "overtaking": 0},
     }
     parkings = [m for m in by_ty(messages, 2) if m.payload["pld"].__class__ is dict]
     assert [p.payload["pld"] for p in parkings] == [
-        {"tid": TID, "clt": KEY_ON_MS + 3_600_000, "lat": 37.5, "lon": 127.03, "try": 2, "vlt": 24.1},
-        {"tid": TID, "clt": KEY_ON_MS + 4_200_000, "lat": 37.5, "lon": 127.03, "try": 2, "vlt": 24.0},
+        {"tid": TID, "clt": KEY_ON_MS + 3_600_000, "lat": 37.5, "lon": 127.03, "try": 2, "vlt": 24.1, "tim": 0},
+        {"tid": TID, "clt": KEY_ON_MS + 4_200_000, "lat": 37.5, "lon": 127.03, "try": 2, "vlt": 24.0, "tim": 0},
     ]
     assert [p.payload["id"] for p in parkings] == ["p2:1", "p3:0"]
     assert state is not None and state.trip_sent
@@ -240,7 +243,7 @@ def test_a_new_key_on_starts_a_new_trip_and_a_new_trip_message() -> None:
     ])
     trips = [m.payload["pld"] for m in by_ty(messages, 1)]
     assert [t["tid"] for t in trips] == [TID, TID + 3 * 3600]
-    assert trips[1]["hsts"] == 80 and trips[1]["dis"] == 0 and trips[1]["dtvt"] == 1
+    assert trips[1]["hsts"] == 80 and trips[1]["dis"] == 22 and trips[1]["dtvt"] == 1  # 80 km/h for 1 s
 
 
 def test_realtime_backlog_of_an_older_trip_is_published_but_leaves_the_state_alone() -> None:
@@ -270,7 +273,8 @@ def test_a_key_on_that_is_no_calendar_time_continues_the_open_trip() -> None:
     bad = BadTime(bytes((26, 13, 1, 0, 0, 0, 0)))
     _, state = run([dtg(dtg_body(0))])
     messages, state = map_record(dtg(dtg_body(1, total_km=120_002), key_on=bad), state, packet_id="x")
-    assert messages[0].payload["pld"][0]["tid"] == TID and messages[0].payload["pld"][0]["cdit"] == 2000
+    # 100 km/h × 1 s by the speeds, but the odometer moved 2 km: at least 1 km
+    assert messages[0].payload["pld"][0]["tid"] == TID and messages[0].payload["pld"][0]["cdit"] == 1000
     assert state is not None and state.speed_count == 2
 
 
@@ -286,7 +290,7 @@ def test_basic_info_is_retained_attributes_and_remembers_the_firmware() -> None:
         "driver_code": "123456789012345678", "fwv": "1.0.2", "id": "b:0",
     }
     assert "서울".encode() in encode_payload(messages[0].payload)  # UTF-8 text, not \\u escapes
-    assert state == TripState(fwv="1.0.2")
+    assert state == TripState(fwv="1.0.2", vehicle_type="31")
     messages, _ = map_record(basic_info(), None, packet_id="b")
     assert "ts" not in messages[0].payload  # the packet has no time; none is invented
 
@@ -311,13 +315,17 @@ def test_a_status_code_change_to_non_zero_is_a_diagnostic_event_even_across_pack
 
 
 def test_low_battery_at_key_off_is_a_battery_warning() -> None:
-    _, state = run([dtg(dtg_body(0))])
-    messages, _ = map_record(key_off(battery_v=11.4), state, packet_id="k")
+    _, state = run([dtg(dtg_body(0))])  # driving at 24.6 V: a 24 V system, warned below 2 × 11.5 V
+    assert state is not None and state.system_v == 24
+    messages, _ = map_record(key_off(battery_v=22.9), state, packet_id="k")
     assert [m.payload["ty"] for m in messages] == [1, 2, 23]
-    assert messages[2].payload["pld"] == {"tid": TID, "wbv": 11.4}
-    assert by_ty(map_record(key_off(battery_v=11.5), state, packet_id="k")[0], 23) == []  # at the threshold
+    assert messages[2].payload["pld"] == {"tid": TID, "wbv": 22.9}
+    assert by_ty(map_record(key_off(battery_v=23.0), state, packet_id="k")[0], 23) == []  # at the threshold
     assert by_ty(map_record(key_off(battery_v=11.4), state, packet_id="k", battery_warning_v=0)[0], 23) == []
-    assert by_ty(map_record(key_off(battery_v=23.9), state, packet_id="k", battery_warning_v=24)[0], 23) != []
+    assert by_ty(map_record(key_off(battery_v=23.9), state, packet_id="k", battery_warning_v=12)[0], 23) != []
+    twelve = attrs.evolve(state, system_v=12)
+    assert by_ty(map_record(key_off(battery_v=11.4), twelve, packet_id="k")[0], 23) != []
+    assert by_ty(map_record(key_off(battery_v=11.5), twelve, packet_id="k")[0], 23) == []
 
 
 def test_status_logs_are_not_published() -> None:
@@ -463,12 +471,16 @@ def test_a_trip_is_synthesised_from_several_packets_and_survives_restarts_in_bet
     assert restarted == straight and restarted_state == state
     (trip,) = [m.payload["pld"] for m in by_ty(straight, 1)]
     assert trip == {
-        "tid": TID, "stt": KEY_ON_MS, "edt": KEY_ON_MS + 300_000, "dis": 5000, "stlat": 37.497942,
-        "stlon": 127.027583, "edlat": 37.497942, "edlon": 127.027583, "hsts": 80,
-        "mesp": round(418 / 12), "dtvt": 9, "fc": 123, "fwv": "2.1.0",
+        "tid": TID, "stt": KEY_ON_MS, "edt": KEY_ON_MS + 300_000, "dis": 4000, "tdis": 120_005_000, "fc": 123,
+        "stlat": 37.497942, "stlon": 127.027583, "edlat": 37.497942, "edlon": 127.027583, "hsts": 80,
+        "mesp": round(418 / 12), "idt": 3, "btv": 24.1, "gnv": 24.6, "wut": 2, "est": 1, "fwv": "2.1.0", "dtvt": 9,
+        "xdd": {"start": 1, "left_turn": 0, "right_turn": 0, "u_turn": 0, "deceleration": 1, "acceleration": 2,
+                "stop": 1, "lane_change": 0, "overtaking": 0},
     }
+    # Metres from the speeds, four bodies a minute apart: the odometer (2 km a minute here) keeps the
+    # sum within a km of itself, so each minute starts at its lower bound.
     cdits = [e["cdit"] for m in by_ty(straight, 2) if isinstance(m.payload["pld"], list) for e in m.payload["pld"]]
-    assert cdits == [0, 0, 1000, 1000, 2000, 2000, 3000, 3000, 4000, 4000, 5000, 5000]
+    assert cdits == [0, 0, 4, 13, 1000, 1017, 2000, 2022, 3000, 3011, 4000, 4000]
 
 
 def test_the_same_packets_give_the_same_messages() -> None:
@@ -493,8 +505,9 @@ def test_trip_state_stored_form_is_an_array_and_older_forms_still_load() -> None
     assert TripState.from_json(json.dumps(state.to_dict())) == state  # the object form stored before
     assert TripState.from_json("null") is None
     assert TripState.from_json(json.dumps([*values, 1, "later"])) == state  # a newer version's array
-    fewer = TripState.from_json(json.dumps(values[:-2]))  # an older version's array: defaults after it
-    assert fewer == attrs.evolve(state, status_code=0, fwv=None)
+    fewer = TripState.from_json(json.dumps(values[:-6]))  # an older version's array: defaults after it
+    assert fewer == attrs.evolve(state, status_code=0, fwv=None, drive=None, meter=None, vehicle_type=None,
+                                 system_v=None)
 
 
 # -- docs/mqtt.md's examples are this mapping's output ---------------------------------------------------------

@@ -112,11 +112,12 @@ def test_the_trip_keeps_its_first_position_and_odometer_across_packets() -> None
                dtg(at(120, 37.5, 127.5, 103), at(121, 37.6, 127.6, 104)),
                key_off(minutes=5)]
     messages, state = run(packets, restart=True)
-    (trip,) = [m.payload["pld"] for m in messages if m.payload["ty"] == 1]
+    (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]
     assert (trip["stlat"], trip["stlon"], trip["edlat"], trip["edlon"]) == (37.1, 127.1, 37.6, 127.6)
-    assert trip["dis"] == 4000 and trip["stt"] == KEY_ON_MS
+    assert trip["dis"] == 3000 and trip["stt"] == KEY_ON_MS
     cdits = [e["cdit"] for m in messages if isinstance(m.payload["pld"], list) for e in m.payload["pld"]]
-    assert cdits == [0, 0, 1000, 2000, 3000, 4000]  # from the trip's first odometer, not the packet's
+    # metres from the speeds, within a km of the odometer since the trip's first body (not the packet's)
+    assert cdits == [14, 28, 42, 1000, 2000, 3000]
     assert state is not None and (state.first_lat, state.first_total_km) == (37.1, 100)
 
 

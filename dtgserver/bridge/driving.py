@@ -274,7 +274,11 @@ class DriveState:
     lane: tuple[tuple[int, int, int, int], ...] = ()
 
     def to_list(self) -> list[Any]:
-        return [getattr(self, f.name) for f in attrs.fields(DriveState)]
+        """The values in declaration order, as JSON gives them back (lists, not tuples), so that a
+        state read back from JSON equals the one written."""
+        values = [getattr(self, f.name) for f in attrs.fields(DriveState)]
+        return [[list(v) for v in value] if name in ("run", "lane") else list(value) if name == "counts" else value
+                for name, value in zip(_DRIVE_NAMES, values, strict=True)]
 
     @classmethod
     def from_list(cls, values: Sequence[Any]) -> DriveState:
@@ -297,6 +301,9 @@ class DriveState:
 
     def counts_by_name(self) -> dict[str, int]:
         return dict(zip(BEHAVIOURS, self.counts, strict=True))
+
+
+_DRIVE_NAMES = tuple(f.name for f in attrs.fields(DriveState))
 
 
 def heading_change(before_deg: int, after_deg: int) -> int:

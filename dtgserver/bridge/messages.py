@@ -27,9 +27,10 @@ from ..protocol import encode as encode_packet
 from ..protocol.fields import Scaled, Temperature
 from ..protocol.layout import REALTIME_BY_KIND, RealtimeLayout, day_ms, time_ms
 from ..protocol.layout import realtime as realtime_layout
-from . import trips
+from . import tripmetrics, trips
+from .driving import DrivingConfig, em_hex
 from .profiles import Profile, get_profile
-from .trips import TripState
+from .trips import DEFAULT_DRIVING, TripState
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 """Every encoded payload stays strictly below this (the platform's limit)."""
@@ -104,24 +105,27 @@ Built = list[tuple[str, dict[str, Any], bool]]
 
 def build(raw: bytes, state: TripState | None, *, packet_id: str, profile: str = "seed",
           battery_warning_v: float = 11.5, received_ms: int | None = None,
-          max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[list[Message], TripState | None]:
+          max_payload_bytes: int = MAX_PAYLOAD_BYTES, driving: DrivingConfig = DEFAULT_DRIVING,
+          ) -> tuple[list[Message], TripState | None]:
     """The messages of one framed packet in publish order, and the terminal's next trip state.
 
     `packet_id` is the store's stable id of the packet; `received_ms` (the store's receive time)
     is only used where the packet carries no time of its own: the `ts` of basic info.
-    `battery_warning_v` 0 disables Battery Warning events. A status log publishes nothing (it is
-    stored as a file); a packet kind without messages defined here is a ValueError.
+    `battery_warning_v` (the threshold of a 12 V system; twice it on a 24 V one) 0 disables
+    Battery Warning events. `driving` says which dangerous-driving criteria apply to which
+    terminal. A status log publishes nothing (it is stored as a file); a packet kind without
+    messages defined here is a ValueError.
     """
     table = get_profile(profile)
     frame = received(raw, max_body_count=_ANY_BODY_COUNT)  # one whole packet, its header valid
     layout = realtime_layout(raw)
     payloads: Built
     if layout is not None:
-        payloads, state = _realtime(raw, layout, state, table, packet_id, max_payload_bytes)
+        payloads, state = _realtime(raw, layout, state, table, packet_id, max_payload_bytes, driving)
     else:
         record = frame.record
         if isinstance(record, KeyOff):
-            payloads, state = _key_off(record, state, table, battery_warning_v)
+            payloads, state = _key_off(record, state, table, battery_warning_v, driving)
         elif isinstance(record, BasicInfo):
             payloads, state = _basic_info(record, state, table, received_ms)
         elif record.KIND in SILENT_KINDS:
@@ -143,10 +147,12 @@ SILENT_KINDS = frozenset({"status_log"})
 
 def map_record(record: Packet, state: TripState | None, *, packet_id: str, profile: str = "seed",
                battery_warning_v: float = 11.5, received_ms: int | None = None,
-               max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[list[Message], TripState | None]:
+               max_payload_bytes: int = MAX_PAYLOAD_BYTES, driving: DrivingConfig = DEFAULT_DRIVING,
+               ) -> tuple[list[Message], TripState | None]:
     """`build` for a record: the messages of the packet it encodes to."""
     return build(encode_packet(record), state, packet_id=packet_id, profile=profile,
-                 battery_warning_v=battery_warning_v, received_ms=received_ms, max_payload_bytes=max_payload_bytes)
+                 battery_warning_v=battery_warning_v, received_ms=received_ms, max_payload_bytes=max_payload_bytes,
+                 driving=driving)
 
 
 # -- realtime → microtrips (+ diagnostic events) ---------------------------------------------------
@@ -172,6 +178,8 @@ BODY_FIELDS: Mapping[str, tuple[str, str]] = {
 }
 # Keys computed from more than one field, or from the trip: built by `_element_source` itself.
 DERIVED_KEYS = ("tid", "clt", "cdit", "tmp")
+# Keys set on each element after it is built, from the trip's detector and measures (`_realtime`).
+TRIP_ELEMENT_KEYS = ("em",)
 
 ElementsBuilder = Callable[[memoryview, int | None, int | None], list[dict[str, Any]]]
 
@@ -262,6 +270,7 @@ def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
 def elements_builder(kind: str, keys: tuple[str, ...], string_keys: frozenset[str]) -> ElementsBuilder:
     """The generated `elements(bodies, tid, first_total_km)` for one realtime kind and key list."""
     layout = REALTIME_BY_KIND[kind]
+    keys = tuple(key for key in keys if key not in TRIP_ELEMENT_KEYS)  # set by `_realtime` afterwards
     namespace: dict[str, Any] = {"_iter": layout.body.iter_unpack, "_day_ms": day_ms, "_exact": exact,
                                  "_NO_READING": frozenset(Temperature.SPECIAL)}
     source = _element_source(layout, keys, string_keys)
@@ -271,8 +280,8 @@ def elements_builder(kind: str, keys: tuple[str, ...], string_keys: frozenset[st
 
 
 def _realtime(raw: bytes, layout: RealtimeLayout, state: TripState | None, table: Profile, packet_id: str,
-              max_payload_bytes: int) -> tuple[Built, TripState | None]:
-    moved = trips.realtime_advance(raw, layout, state)
+              max_payload_bytes: int, driving: DrivingConfig = DEFAULT_DRIVING) -> tuple[Built, TripState | None]:
+    moved = trips.realtime_advance(raw, layout, state, driving)
     if moved is None:
         return [], state  # no time at all to name a trip by: kept in the store, not published
     tid = moved.tid
@@ -291,6 +300,14 @@ def _realtime(raw: bytes, layout: RealtimeLayout, state: TripState | None, table
     # the trip's first odometer is known from the first body on: the same for every element
     first_total_km = None if moved.stale else moved.trip.first_total_km
     elements = elements_builder(kind, keys, table.string_keys)(layout.bodies(raw), tid, first_total_km)
+    if moved.cdit is not None and moved.masks is not None:  # not for an older trip's backlog: its state is gone
+        with_em = "em" in keys
+        if "cdit" in keys:  # metres from the speed (tripmetrics), in the place the builder gave the key
+            for element, metres in zip(elements, moved.cdit, strict=True):
+                element["cdit"] = metres
+        if with_em:
+            for element, mask in zip(elements, moved.masks, strict=True):
+                element["em"] = em_hex(mask)
     ty = table.microtrip_ty[kind]
     payloads: Built = []
     for chunk in split(elements, ty, packet_id, max_payload_bytes, element_bound(keys)):
@@ -354,7 +371,7 @@ def split(elements: list[dict[str, Any]], ty: int, packet_id: str, limit: int,
 
 
 def _key_off(record: KeyOff, state: TripState | None, table: Profile,
-             battery_warning_v: float) -> tuple[Built, TripState | None]:
+             battery_warning_v: float, driving: DrivingConfig = DEFAULT_DRIVING) -> tuple[Built, TripState | None]:
     topic = table.telemetry_topic.format(modem=record.modem)
     key_off_ms = time_ms(record.key_off_time)
     sent_ms = time_ms(record.sent_time)
@@ -364,7 +381,8 @@ def _key_off(record: KeyOff, state: TripState | None, table: Profile,
     if outcome.closes:
         assert trip is not None
         end_ms = key_off_ms if key_off_ms is not None else trip.last_ms
-        values = trips.trip_values(trip, end_ms)
+        values = trips.trip_values(trip, end_ms, battery_off_v=record.battery_v, modem=record.modem,
+                                   driving=driving)
         for key in ("stlat", "stlon", "edlat", "edlon"):
             if values[key] is not None:
                 values[key] = exact(values[key])
@@ -372,11 +390,13 @@ def _key_off(record: KeyOff, state: TripState | None, table: Profile,
 
     tid = trip.tid if trip is not None else None
     parking = {"tid": tid, "clt": sent_ms, "lat": exact(record.lat), "lon": exact(record.lon), "try": PARKING,
-               "vlt": record.battery_v}
+               "vlt": record.battery_v, "tim": tripmetrics.parking_s(sent_ms, key_off_ms)}
     kind = trip.kind if trip is not None else ""
     messages.append((topic, _envelope(sent_ms, table.parking_ty[kind], _pick(parking, table.parking_keys)), False))
 
-    if battery_warning_v > 0 and record.battery_v < battery_warning_v:
+    system_v = state.system_v if state is not None else None
+    if battery_warning_v > 0 and record.battery_v < tripmetrics.battery_warning_threshold_v(
+            system_v, battery_warning_v, record.battery_v):
         warning = {"tid": tid, "wbv": record.battery_v}
         messages.append((topic, _envelope(sent_ms, table.battery_warning_ty,
                                           _pick(warning, table.battery_warning_keys)), False))
@@ -401,4 +421,5 @@ def _basic_info(record: BasicInfo, state: TripState | None, table: Profile,
         "fwv": fwv,
     }
     topic = table.attributes_topic.format(modem=record.modem)
-    return [(topic, _pick(attributes, table.attribute_keys), True)], trips.with_firmware(state, fwv)
+    return [(topic, _pick(attributes, table.attribute_keys), True)], trips.with_firmware(
+        state, fwv, str(record.vehicle_type))

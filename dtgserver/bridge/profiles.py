@@ -16,13 +16,16 @@ import attrs
 REALTIME_KINDS = ("dtg", "obd", "mdt")
 
 _DTG_KEYS = ("tid", "clt", "lat", "lon", "sp", "rpm", "fc", "cdit", "vv", "dtr", "dctr", "bsg", "gan", "acx", "acy",
-             "tmp")
-_OBD_KEYS = ("tid", "clt", "lat", "lon", "sp", "rpm", "fc", "cdit", "vv", "dtr", "dctr", "gan", "tmp")
-_MDT_KEYS = ("tid", "clt", "lat", "lon", "sp", "cdit", "vv", "dtr", "dctr", "gan", "tmp")
+             "tmp", "em")
+_OBD_KEYS = ("tid", "clt", "lat", "lon", "sp", "rpm", "fc", "cdit", "vv", "dtr", "dctr", "gan", "tmp", "em")
+_MDT_KEYS = ("tid", "clt", "lat", "lon", "sp", "cdit", "vv", "dtr", "dctr", "gan", "tmp", "em")
+_GPS_KEYS = ("tid", "clt", "lat", "lon", "sp", "cdit", "vv", "dtr", "dctr", "gan", "tmp")  # the GPS Microtrip has no em
 
 # The key lists both profiles share (values left out when unknown).
-TRIP_KEYS = ("tid", "stt", "edt", "dis", "stlat", "stlon", "edlat", "edlon", "hsts", "mesp", "dtvt", "fc", "fwv")
-PARKING_KEYS = ("tid", "clt", "lat", "lon", "try", "vlt")
+# The Trip in the OBD Trip table's order (spec §8.2.2.2.1), then our extension `xdd`.
+TRIP_KEYS = ("tid", "stt", "edt", "dis", "tdis", "fc", "stlat", "stlon", "edlat", "edlon", "hsts", "mesp", "idt", "btv",
+             "gnv", "wut", "est", "fwv", "dtvt", "xdd")
+PARKING_KEYS = ("tid", "clt", "lat", "lon", "try", "vlt", "tim")
 DIAGNOSTIC_KEYS = ("tid", "dtcc", "dtck", "dtcs")
 BATTERY_WARNING_KEYS = ("tid", "wbv")
 ATTRIBUTE_KEYS = ("ts", "modem", "vid", "vin", "model", "vehicle_type", "business_number", "driver_code", "fwv")
@@ -36,7 +39,10 @@ KEY_SOURCES: Mapping[str, tuple[str, str]] = {
     "sp": ("body speed", "km/h"),
     "rpm": ("body engine RPM", "1/min"),
     "fc": ("body daily fuel (wire L×1000)", "mL"),
-    "cdit": ("(body total km − first total km of the trip) × 1000, from the trip state", "m"),
+    "cdit": ("the body speeds since the trip's first body summed, one body a second, kept within 1 km of the "
+             "odometer (docs/driving.md)", "m"),
+    "em": ('the dangerous-driving behaviours recognised at this body, two hex digits of the spec\'s bits '
+           '(docs/driving.md)', ""),
     "vv": ("body battery (wire V×10)", "V"),
     "dtr": ("body daily distance", "km"),
     "dctr": ("body total distance", "km"),
@@ -47,7 +53,15 @@ KEY_SOURCES: Mapping[str, tuple[str, str]] = {
     "tmp": ('body temperatures "A,B" (an absent/off sensor is an empty field; no key when both are)', "°C"),
     "stt": ("trip state: KEY ON time", "ms UTC"),
     "edt": ("KEY OFF packet: KEY OFF time", "ms UTC"),
-    "dis": ("trip state: (last total km − first total km) × 1000", "m"),
+    "dis": ("the trip's distance: the last body's `cdit`", "m"),
+    "tdis": ("the odometer at the trip's last body × 1000", "m"),
+    "idt": ("bodies standing with the engine running (RPM above 0; MDT: every standing body)", "s"),
+    "btv": ("the KEY OFF packet's battery: after the engine stopped", "V"),
+    "gnv": ("the highest battery reading of a moving body", "V"),
+    "wut": ("KEY ON to the first moving body (a trip that never moved: to its last body)", "s"),
+    "est": ("bodies at 80–100 km/h", "s"),
+    "xdd": ("**extension**: each dangerous-driving behaviour's count in the trip (docs/driving.md)", ""),
+    "tim": ("the KEY OFF packet's send time − its KEY OFF time", "s"),
     "stlat": ("trip state: first body's latitude", "°"),
     "stlon": ("trip state: first body's longitude", "°"),
     "edlat": ("trip state: last body's latitude", "°"),
@@ -119,7 +133,7 @@ SF2019 = Profile(
     microtrip_keys={
         "dtg": ("tid", "clt", "dtr", "dctr", "sp", "rpm", "bsg", "lat", "lon", "gan", "acx", "acy", "tmp"),
         "obd": _OBD_KEYS,
-        "mdt": _MDT_KEYS,
+        "mdt": _GPS_KEYS,
     },
     trip_ty={"dtg": 9, "obd": 3, "mdt": 1, "": 1},
     parking_ty={"dtg": 10, "obd": 4, "mdt": 2, "": 2},

@@ -27,6 +27,8 @@ KMH_S_PER_KM = 3600
 ECONOMY_SPEED_KMH = (80, 100)
 """`est`: the Trip's seconds at 80–100 km/h (bounds included)."""
 
+_ECONOMY = range(ECONOMY_SPEED_KMH[0], ECONOMY_SPEED_KMH[1] + 1)
+
 SYSTEM_VOLTAGE_SPLIT_V = 18.0
 """A running 12 V system reads about 13.5–14.8 V, a 24 V one about 27–29 V: above this it is 24 V."""
 
@@ -102,11 +104,12 @@ def measure(meter: TripMeter | None, *, time_ms: Sequence[int | None], speed_kmh
     if first_moving is None:
         first_moving = next(itertools.compress(time_ms, (v and t is not None for v, t in zip(
             speed_kmh, time_ms, strict=True))), None)
-    if rpm is None:
-        idle = n - sum(moving)
-    else:
-        idle = sum(1 for v, r in zip(speed_kmh, rpm, strict=True) if not v and r > 0)
-    economy = sum(1 for v in speed_kmh if ECONOMY_SPEED_KMH[0] <= v <= ECONOMY_SPEED_KMH[1])
+    standing = n - sum(moving)
+    if rpm is None or not standing:
+        idle = standing
+    else:  # RPM is never negative: standing with RPM above 0
+        idle = sum(map(bool, itertools.compress(rpm, [not m for m in moving])))
+    economy = sum(map(_ECONOMY.__contains__, speed_kmh))
     after = TripMeter(distances[-1], first_km, max_km, m.idle_s + idle, m.economy_s + economy, driving_v,
                       first_moving, m.bodies + n)
     return [_metres(d) for d in distances], after

@@ -24,8 +24,14 @@ from typing import Any, NamedTuple
 import attrs
 
 from ..protocol import BasicInfo, KeyOff, StatusLog, decode
-from ..protocol.layout import RealtimeLayout, time_ms
+from ..protocol.layout import RealtimeLayout, day_ms, time_ms, wire_time_ms
 from ..protocol.layout import realtime as realtime_layout
+from . import driving as drive
+from . import tripmetrics
+from .driving import DriveState, DrivingConfig
+from .tripmetrics import TripMeter
+
+DEFAULT_DRIVING = DrivingConfig()
 
 
 @attrs.frozen
@@ -58,6 +64,11 @@ class TripState:
     trip_sent: bool = False
     status_code: int = 0
     fwv: str | None = None
+    # the trip's dangerous-driving detector and measures (driving.py, tripmetrics.py), as JSON lists
+    drive: list[Any] | None = attrs.field(default=None, hash=False)
+    meter: list[Any] | None = attrs.field(default=None, hash=False)
+    vehicle_type: str | None = None  # terminal-wide: the last basic info's vehicle type code
+    system_v: int | None = None  # terminal-wide: 12 or 24 (V), from the battery while driving
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _STATE_NAMES}
@@ -85,7 +96,8 @@ class TripState:
         return cls.from_dict(data)
 
     def new_trip(self, tid: int, key_on_ms: int | None, kind: str) -> TripState:
-        return TripState(tid=tid, kind=kind, key_on_ms=key_on_ms, status_code=self.status_code, fwv=self.fwv)
+        return TripState(tid=tid, kind=kind, key_on_ms=key_on_ms, status_code=self.status_code, fwv=self.fwv,
+                         vehicle_type=self.vehicle_type, system_v=self.system_v)
 
 
 _STATE_NAMES = tuple(f.name for f in attrs.fields(TripState))
@@ -150,6 +162,8 @@ class Advance(NamedTuple):
     stale: bool  # the terminal's backlog of an older trip: published, but the state is left alone
     trip: TripState  # the trip the packet belongs to, with the packet accounted (unless stale)
     state: TripState | None  # the terminal's next state
+    masks: list[int] | None = None  # per body, the dangerous-driving behaviours marked on it (not stale)
+    cdit: list[int] | None = None  # per body, metres since the trip's first body (not stale)
 
 
 def advance(kind: str, key_on_ms: int | None, summary: BodySummary, state: TripState | None) -> Advance | None:
@@ -180,6 +194,55 @@ def advance(kind: str, key_on_ms: int | None, summary: BodySummary, state: TripS
     return Advance(tid, key_on_ms, False, current, current)
 
 
+def body_times_ms(raw: bytes, layout: RealtimeLayout) -> list[int | None]:
+    """UTC ms of every body's time, None where it is no calendar time."""
+    return _times(layout, list(zip(*layout.tuples(raw), strict=True)))
+
+
+def _times(layout: RealtimeLayout, columns: Sequence[Sequence[int]]) -> list[int | None]:
+    at = layout.body_slots["time"].index
+    yy, month, day, hour, minute, second, cc = columns[at:at + 7]
+    midnight = day_ms(yy[0], month[0], day[0])
+    if (midnight is not None and min(yy) == max(yy) and min(month) == max(month) and min(day) == max(day)
+            and max(hour) <= 23 and max(minute) <= 59 and max(second) <= 59 and max(cc) <= 99):
+        # one calendar day, every field in range (the usual packet): arithmetic, no check per body
+        return [midnight + ((h * 60 + m) * 60 + s) * 1000 + c * 10
+                for h, m, s, c in zip(hour, minute, second, cc, strict=True)]
+    return [wire_time_ms(*t) for t in zip(yy, month, day, hour, minute, second, cc, strict=True)]
+
+
+def drive_and_measure(trip: TripState, raw: bytes, layout: RealtimeLayout, modem: str,
+                      driving: DrivingConfig) -> tuple[list[int], list[int], TripState]:
+    """The packet's bodies through the trip's dangerous-driving detector and measures: the
+    behaviours marked on each body, the metres since the trip's first body at each, and the trip after."""
+    slots = layout.body_slots
+    columns = list(zip(*layout.tuples(raw), strict=True))  # one pass over the bodies, then a column per field
+
+    def column(name: str) -> Sequence[int]:
+        return columns[slots[name].index]
+
+    times = _times(layout, columns)
+    speeds = column("speed_kmh")
+    rules = driving.criteria_for(modem, trip.vehicle_type)
+    masks = [0] * len(speeds)
+    drive_list = trip.drive
+    if rules is not None:
+        masks, drive_state = drive.detect(
+            None if trip.drive is None else DriveState.from_list(trip.drive), rules, time_ms=times, speed_kmh=speeds,
+            azimuth_deg=column("azimuth_deg"), lat=column("lat"), lon=column("lon"),
+            status_code=column("status_code") if "status_code" in slots else None)
+        drive_list = drive_state.to_list()
+    battery = slots["battery_v"].adapter
+    scale = getattr(battery, "scale", 1)
+    cdit, meter = tripmetrics.measure(
+        None if trip.meter is None else TripMeter.from_list(trip.meter), time_ms=times, speed_kmh=speeds,
+        total_km=column("total_distance_km"), battery_v=[v / scale for v in column("battery_v")],
+        rpm=column("rpm") if "rpm" in slots else None)
+    system_v = tripmetrics.system_voltage(meter.max_driving_v)
+    return masks, cdit, attrs.evolve(trip, drive=drive_list, meter=meter.to_list(),
+                                     system_v=system_v if system_v is not None else trip.system_v)
+
+
 def account(state: TripState, summary: BodySummary) -> TripState:
     """The trip state after one more packet of bodies of the current trip."""
     if not summary.bodies:
@@ -202,13 +265,19 @@ def account(state: TripState, summary: BodySummary) -> TripState:
         driving_s=state.driving_s + summary.driving_s,
         first_total_fuel_ml=first_fuel, last_total_fuel_ml=last_fuel, trip_sent=state.trip_sent,
         status_code=state.status_code if summary.last_status_code is None else summary.last_status_code,
-        fwv=state.fwv,
+        fwv=state.fwv, drive=state.drive, meter=state.meter, vehicle_type=state.vehicle_type, system_v=state.system_v,
     )
 
 
-def realtime_advance(raw: bytes, layout: RealtimeLayout, state: TripState | None) -> Advance | None:
-    """`advance` for one framed realtime packet of `layout`'s kind."""
-    return advance(layout.kind, layout.key_on_ms(raw), summarize(raw, layout), state)
+def realtime_advance(raw: bytes, layout: RealtimeLayout, state: TripState | None,
+                     driving: DrivingConfig = DEFAULT_DRIVING) -> Advance | None:
+    """`advance` for one framed realtime packet of `layout`'s kind, with its bodies through the
+    trip's detector and measures."""
+    moved = advance(layout.kind, layout.key_on_ms(raw), summarize(raw, layout), state)
+    if moved is None or moved.stale:
+        return moved
+    masks, cdit, trip = drive_and_measure(moved.trip, raw, layout, layout.modem(raw), driving)
+    return moved._replace(trip=trip, state=trip, masks=masks, cdit=cdit)
 
 
 def status_changes(status_code: int, codes: Sequence[int]) -> list[tuple[int, int]]:
@@ -243,8 +312,11 @@ def key_off(state: TripState | None, key_off_ms: int | None) -> KeyOffOutcome:
     return KeyOffOutcome(trip, True, trip)
 
 
-def trip_values(trip: TripState, end_ms: int | None) -> dict[str, Any]:
-    """Every value the Trip message can carry, None where unknown (the profile picks the keys)."""
+def trip_values(trip: TripState, end_ms: int | None, *, battery_off_v: float | None = None,
+                modem: str = "", driving: DrivingConfig = DEFAULT_DRIVING) -> dict[str, Any]:
+    """Every value the Trip message can carry, None where unknown (the profile picks the keys).
+
+    `battery_off_v`: the battery after the engine stopped (the KEY OFF packet's)."""
     def difference(last: int | None, first: int | None, scale: int) -> int | None:
         if last is None or first is None or last < first:
             return None
@@ -264,30 +336,48 @@ def trip_values(trip: TripState, end_ms: int | None) -> dict[str, Any]:
         "dtvt": trip.driving_s if trip.speed_count else None,
         "fc": difference(trip.last_total_fuel_ml, trip.first_total_fuel_ml, 1),
         "fwv": trip.fwv or None,
-    }
+        "tdis": trip.last_total_km * 1000 if trip.last_total_km is not None else None,
+        "btv": battery_off_v,
+    } | _measures(trip, modem, driving)
 
 
-def with_firmware(state: TripState | None, fwv: str) -> TripState:
-    """The terminal's state after a basic info naming its firmware version."""
-    return attrs.evolve(state or TripState(), fwv=fwv)
+def _measures(trip: TripState, modem: str, driving: DrivingConfig) -> dict[str, Any]:
+    """The Trip's values from the trip's detector and measures."""
+    out: dict[str, Any] = dict.fromkeys(("idt", "gnv", "wut", "est", "xdd"))
+    if trip.meter is not None:
+        meter = TripMeter.from_list(trip.meter)
+        out |= {"dis": meter.distance_m, "idt": meter.idle_s, "gnv": meter.max_driving_v,
+                "wut": tripmetrics.warm_up_s(trip.key_on_ms, meter.first_moving_ms, trip.last_ms),
+                "est": meter.economy_s}
+    rules = driving.criteria_for(modem, trip.vehicle_type)
+    if rules is not None:
+        state = DriveState() if trip.drive is None else DriveState.from_list(trip.drive)
+        out["xdd"] = drive.finish(state, rules).counts_by_name()
+    return out
+
+
+def with_firmware(state: TripState | None, fwv: str, vehicle_type: str | None = None) -> TripState:
+    """The terminal's state after a basic info naming its firmware version (and vehicle type)."""
+    current = state or TripState()
+    return attrs.evolve(current, fwv=fwv, vehicle_type=vehicle_type or current.vehicle_type)
 
 
 # -- without messages ---------------------------------------------------------------------------------
 
 
-def next_state(raw: bytes, state: TripState | None) -> TripState | None:
+def next_state(raw: bytes, state: TripState | None, driving: DrivingConfig = DEFAULT_DRIVING) -> TripState | None:
     """The terminal's state after one framed packet, without building its messages: what a
     consumer that only keeps trip state computes per packet. The state `messages.build` returns
     with the messages (tests/test_trips.py)."""
     layout = realtime_layout(raw)
     if layout is not None:
-        moved = realtime_advance(raw, layout, state)
+        moved = realtime_advance(raw, layout, state, driving)
         return state if moved is None else moved.state
     record = decode(raw)
     if isinstance(record, KeyOff):
         return key_off(state, time_ms(record.key_off_time)).state
     if isinstance(record, BasicInfo):
-        return with_firmware(state, str(record.firmware_version))
+        return with_firmware(state, str(record.firmware_version), str(record.vehicle_type))
     if isinstance(record, StatusLog):
         return state
     raise ValueError(f"no trip state is defined for a packet of kind {record.KIND!r}")

@@ -1,0 +1,126 @@
+"""The trip's measures and dangerous-driving behaviours in the messages: `em` on each microtrip
+element (events straddling packets included), `cdit`/`dis` in metres from the speed, the Trip's
+mandatory keys and behaviour counts, parking `tim`, the battery warning of a 24 V vehicle."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import attrs
+from test_mapping import KEY_ON, KEY_ON_MS, MODEM, basic_info, dtg, dtg_body, key_off, mdt, obd, run
+
+from dtgserver.bridge.driving import DrivingConfig
+from dtgserver.bridge.messages import map_record
+from dtgserver.bridge.trips import TripState
+from dtgserver.protocol import BasicInfo, DtgBody
+
+
+def truck_info() -> BasicInfo:
+    return attrs.evolve(basic_info(), vehicle_type="31")
+
+
+def moving(second: int, speed: int, *, km: int = 120_000, battery: float = 27.8) -> DtgBody:
+    """A body of a vehicle driving east whose position moves every second (no tunnel)."""
+    return attrs.evolve(dtg_body(second, speed_kmh=speed, total_km=km), lon=round(127.0 + second * 1e-4, 6),
+                        battery_v=battery)
+
+
+def elements(messages: list[Any]) -> list[dict[str, Any]]:
+    return [e for m in messages if m.payload.get("ty") == 2 and isinstance(m.payload["pld"], list)
+            for e in m.payload["pld"]]
+
+
+def test_em_marks_the_body_of_an_acceleration_that_straddles_two_packets() -> None:
+    first = dtg(*(moving(s, 20) for s in range(60)))
+    second = dtg(*(moving(60 + s, 30) for s in range(60)))  # +10 km/h across the cut
+    messages, state = run([truck_info(), first, second])
+    ems = [e["em"] for e in elements(messages)]
+    assert ems[60] == "20"  # bit 5: harsh acceleration, on the first body of the second packet
+    assert ems.count("00") == 119
+    assert state is not None and state.drive is not None
+    # the same through a restart between the packets (the state through JSON)
+    again, _ = run([truck_info(), first, second], restart=True)
+    assert [e["em"] for e in elements(again)] == ems
+
+
+def test_cdit_and_dis_are_metres_from_the_speed() -> None:
+    first = dtg(*(moving(s, 36) for s in range(60)))  # 10 m a second
+    messages, _ = run([truck_info(), first, key_off(minutes=1)])
+    cdit = [e["cdit"] for e in elements(messages)]
+    assert cdit[:3] == [10, 20, 30] and cdit[-1] == 600
+    (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]
+    assert trip["dis"] == 600  # the odometer did not move: it once said 0 m
+
+
+def test_the_trips_mandatory_keys_and_behaviour_counts() -> None:
+    speeds = [0] * 30 + [20, 40, 60, 80, 90, 95, 100] + [100] * 20 + [60, 40, 0]
+    bodies = [moving(s, v, km=120_000 + s // 40, battery=28.4 if v else 24.9) for s, v in enumerate(speeds)]
+    messages, _ = run([truck_info(), dtg(*bodies), key_off(minutes=1, battery_v=24.3)])
+    (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]
+    assert list(trip) == ["tid", "stt", "edt", "dis", "tdis", "fc", "stlat", "stlon", "edlat", "edlon", "hsts",
+                          "mesp", "idt", "btv", "gnv", "wut", "est", "fwv", "dtvt", "xdd"]
+    assert trip["tdis"] == 120_001_000
+    assert trip["idt"] == 31  # standing with the engine running (RPM 1800)
+    assert trip["btv"] == 24.3 and trip["gnv"] == 28.4
+    assert trip["wut"] == 30  # KEY ON to the first moving body
+    assert trip["est"] == 24  # 80, 90, 95 and 21 seconds at 100 km/h
+    assert trip["xdd"]["start"] == 1 and trip["xdd"]["acceleration"] == 1
+    assert trip["xdd"]["deceleration"] == 1 and trip["xdd"]["stop"] == 1
+    assert set(trip["xdd"]) == {"start", "left_turn", "right_turn", "u_turn", "deceleration", "acceleration",
+                                "stop", "lane_change", "overtaking"}
+
+
+def test_no_class_no_behaviours() -> None:
+    driving = DrivingConfig(default_class=None)
+    bodies = [moving(s, v) for s, v in enumerate([0, 20, 40])]
+    info = attrs.evolve(basic_info(), vehicle_type="41")
+    messages, _ = run([info, dtg(*bodies), key_off(minutes=1)], driving=driving)
+    assert [e["em"] for e in elements(messages)] == ["00"] * 3
+    (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]
+    assert "xdd" not in trip
+    # the same bodies on a bus: a harsh start and acceleration
+    messages, _ = run([info, dtg(*bodies), key_off(minutes=1)],
+                      driving=DrivingConfig(default_class=None, classes={MODEM: "bus"}))
+    assert [e["em"] for e in elements(messages)] == ["00", "01", "20"]
+
+
+def test_parking_time() -> None:
+    late = attrs.evolve(key_off(minutes=30), key_off_time=KEY_ON + timedelta(minutes=10))
+    messages, _ = run([dtg(moving(0, 20)), late])
+    (parking,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 2 and isinstance(m.payload["pld"], dict)]
+    assert parking["tim"] == 1200 and list(parking)[-1] == "tim"
+
+
+def test_the_battery_warning_follows_the_system_voltage() -> None:
+    def warned(driving_v: float, off_v: float) -> bool:
+        messages, _ = run([dtg(moving(0, 30, battery=driving_v), moving(1, 30, battery=driving_v)),
+                           key_off(minutes=1, battery_v=off_v)])
+        return any(m.payload.get("ty") == 23 for m in messages)
+
+    assert warned(27.9, 22.9) and not warned(27.9, 23.0)  # 24 V: 2 × 11.5 V
+    assert warned(14.1, 11.4) and not warned(14.1, 12.2)  # 12 V
+    state = TripState(system_v=24)
+    messages, _ = map_record(key_off(battery_v=22.0), state, packet_id="p")
+    assert [m.payload["ty"] for m in messages] == [2, 23]
+
+
+def test_em_in_the_profiles_where_the_spec_has_it() -> None:
+    for profile, record, expected in (("seed", obd(0, 1), True), ("seed", mdt(0, 1), True),
+                                      ("sf2019", obd(0, 1), True), ("sf2019", mdt(0, 1), False),
+                                      ("sf2019", dtg(moving(0, 20)), False)):
+        messages, _ = map_record(record, None, packet_id="p", profile=profile)
+        assert all(("em" in e) == expected for e in messages[0].payload["pld"]), (profile, record.KIND)
+
+
+def test_the_state_without_messages_is_the_state_with_them() -> None:
+    from dtgserver.bridge.trips import next_state
+    from dtgserver.protocol import encode
+
+    records = [truck_info(), dtg(*(moving(s, 20 + s % 7 * 3) for s in range(60))), key_off(minutes=1)]
+    state = built = None
+    for record in records:
+        state = next_state(encode(record), state)
+        _, built = map_record(record, built, packet_id="p")
+    assert state == built and state is not None and state.meter is not None and state.vehicle_type == "31"
+    assert KEY_ON_MS // 1000 == state.tid
