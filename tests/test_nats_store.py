@@ -282,3 +282,34 @@ async def test_a_server_node_killed_under_load_the_terminals_retries_on_the_othe
     stored = {p.raw for p in await trio.to_thread.run_sync(stream_packets, nats_cluster.url)}
     assert set(acknowledged) <= stored
     assert len(acknowledged) == 6 * 28
+
+
+async def test_the_control_watch_survives_the_loss_of_the_node_it_was_on_and_of_quorum(
+        tmp_path: Path, nats_cluster: NatsCluster) -> None:
+    packet = dtg_bytes("01044440009")
+    nodes = nats_cluster.nodes
+    # connected to node 0 or 1, both killed below: its connection and its watch must move
+    async with running(tmp_path, f"nats://127.0.0.1:{nodes[0].port},127.0.0.1:{nodes[1].port}") as server:
+        port = server.port or 0
+        await until_ok(port, packet)
+        nats_cluster.kill(0)
+        nats_cluster.kill(1)  # and with them the quorum
+        await trio.to_thread.run_sync(nats_cluster.start, 0)
+        await trio.to_thread.run_sync(nats_cluster.start, 1)
+        await trio.to_thread.run_sync(nats_cluster.wait_for_leader)
+        with opened(nats_cluster.nodes[2].url) as backend:
+            control = NatsControl(backend)
+            with trio.fail_after(60):  # the bucket answers again once it has a leader
+                while True:
+                    try:
+                        await trio.to_thread.run_sync(control.set_maintenance, True)
+                        break
+                    except Exception:  # no leader yet: any of nats-py's errors
+                        await trio.sleep(0.5)
+            with trio.fail_after(30):
+                while await exchange(port, packet) != MAINTENANCE:
+                    await trio.sleep(0.1)
+            await trio.to_thread.run_sync(control.set_maintenance, False)
+            with trio.fail_after(30):
+                while await exchange(port, packet) != OK:
+                    await trio.sleep(0.1)
