@@ -48,8 +48,7 @@ def received(packets: list[bytes]) -> list[Received]:
 
 
 def make_packets(count: int, tag: int) -> list[bytes]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from packets import dtg
+    from dtgserver.testing import dtg
 
     return [encode(dtg(f"0{tag}{i:09d}"[:11], bodies=60)) for i in range(count)]
 
