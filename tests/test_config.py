@@ -87,7 +87,7 @@ NON_DEFAULTS: dict[str, tuple[str, object]] = {
 
 
 # Options of the command itself, not of the server: logging, the config file, worker processes.
-CLI_ONLY = {"config", "verbose", "quiet", "workers", "writer_process"}
+CLI_ONLY = {"config", "verbose", "quiet", "log_format", "workers", "writer_process"}
 
 
 @pytest.mark.parametrize(("how", "expected"), [

@@ -7,6 +7,7 @@ came from the device is escaped so that one session is always one printable line
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -283,3 +284,66 @@ async def test_serve_logs_sessions_to_stderr_unless_quiet(tmp_path: Path, args: 
         assert "SIGTERM: shutting down" in text
     else:
         assert found == [] and " INFO " not in text, text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [[], ["--workers", "2"], ["--writer-process"]])
+async def test_serve_log_format_json_gives_a_session_its_fields(tmp_path: Path, processes: list[str]) -> None:
+    """--log-format json: every stderr line one JSON object, in every process; a session's fields as JSON values."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from mosquitto import free_port
+
+    port = free_port()
+    stderr_path = tmp_path / "stderr.txt"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DTGSERVER_")}
+    with open(stderr_path, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dtgserver", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--data-dir", str(tmp_path / "data"), "--log-format", "json", *processes],
+            stdout=subprocess.DEVNULL, stderr=stderr, env=environment)
+    try:
+        with trio.fail_after(60):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    async with stream:
+                        await stream.send_all(dtg_bytes(bodies=1))
+                        if await read_all(stream, 2) == b"\x09\x00":
+                            break
+                except OSError:
+                    pass
+                assert process.poll() is None, stderr_path.read_text()
+                await trio.sleep(0.1)
+            ready = 1 if not processes else 2  # every process up (a stop before then is another matter)
+            while ('"message": "session"' not in stderr_path.read_text("utf-8")
+                   or len(re.findall(r'"message": "(listening on|writer of shard)', stderr_path.read_text())) < ready):
+                await trio.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, stderr_path.read_text("utf-8")
+    lines = [json.loads(line) for line in stderr_path.read_text("utf-8").splitlines()]  # each line JSON
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    sessions = [line for line in lines if line["message"] == "session" and line["result"] == [0]]
+    assert sessions, lines
+    mine = sessions[0]
+    assert mine["logger"] == "dtgserver.session" and mine["level"] == "INFO"
+    assert (mine["modem"], mine["kind"], mine["bodies"], mine["end"]) == ("01012345678", ["dtg"], 1, "closed")
+    assert mine["peer"].startswith("127.0.0.1:") and isinstance(mine["duration_ms"], float)
+    assert any(line["message"] == "SIGTERM: shutting down" for line in lines) or processes
+
+
+def test_the_json_session_fields_are_the_text_line_fields() -> None:
+    from dtgserver.server.app import Session
+
+    session = Session("10.0.0.1:5000", "01012345678", ["dtg", "key_off"], 60, [0, 0], "format error at byte 3: \x1b")
+    text = parse(session.line(0.0123))
+    fields = session.fields(0.0123)
+    assert set(fields) == set(text)
+    assert fields == {"peer": "10.0.0.1:5000", "modem": "01012345678", "kind": ["dtg", "key_off"], "bodies": 60,
+                      "result": [0, 0], "duration_ms": 12.3, "end": "format error at byte 3: \x1b"}
+    assert Session("x:1").fields(0)["modem"] is None

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import click
 import trio
@@ -187,7 +187,10 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
               help="With --store: partitions of the packet stream, recorded by the first server (default 16).")
 @click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="More logging (-v: debug).")
 @click.option("-q", "--quiet", is_flag=True, **_env("QUIET"), help="Warnings only (no line per session).")
-def serve(verbose: int, quiet: bool, workers: int, writer_process: bool, **options: Any) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", **_env("LOG_FORMAT"),
+              help="text: a line of words per record; json: one JSON object per line, a session's fields as keys.")
+def serve(verbose: int, quiet: bool, log_format: Literal["text", "json"], workers: int, writer_process: bool,
+          **options: Any) -> None:
     """Accept terminal connections, store every packet durably, answer 0x09 <result>.
 
     An answer of 0 is sent only after the packet is committed to disk (SQLite WAL, synchronous=FULL).
@@ -205,7 +208,7 @@ def serve(verbose: int, quiet: bool, workers: int, writer_process: bool, **optio
                                "or --mqtt (`dtgserver bridge` forwards from the stream)")
     checks.check_together(click.get_current_context(), options, workers * (2 if writer_process else 1))
     verbosity = -1 if quiet else verbose
-    logs.configure(verbosity)
+    logs.configure(verbosity, log_format)
     try:
         config = ServerConfig(**options)
     except ValueError as e:

@@ -63,6 +63,12 @@ class Session:
         return (f"session peer={self.peer} modem={self.modem} kind={','.join(self.kinds) or '-'} "
                 f"bodies={self.bodies} result={results} duration_ms={duration_s * 1000:.1f} end={printable(self.end)}")
 
+    def fields(self, duration_s: float) -> dict[str, Any]:
+        """The line's fields as JSON values (`--log-format json`): lists for kind and result, null for no modem."""
+        return {"peer": self.peer, "modem": None if self.modem == "-" else self.modem, "kind": self.kinds,
+                "bodies": self.bodies, "result": self.results, "duration_ms": round(duration_s * 1000, 1),
+                "end": self.end}
+
 
 class DtgServer:
     """The whole service: listeners, sessions, the store's writer, control polling, metrics, forwarder."""
@@ -340,7 +346,8 @@ class DtgServer:
         last = session.results[-1] if session.results else None
         self.metrics.sessions[Result(last).name.lower() if last is not None else "none"] += 1
         if session_log.isEnabledFor(logging.INFO):
-            session_log.info(session.line(time.perf_counter() - started))
+            duration_s = time.perf_counter() - started
+            session_log.info(session.line(duration_s), extra={"event": "session", "fields": session.fields(duration_s)})
 
     async def _session(self, stream: trio.abc.Stream, session: Session, connected: float) -> None:
         """Packets in, answers out, until the peer closes, a timeout, or a format error.

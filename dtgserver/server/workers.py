@@ -33,6 +33,7 @@ from typing import Any
 import attrs
 import trio
 
+from .. import logs
 from ..store import Control, shard_paths
 from ..store.control import connect
 from .app import ProcessRole, check_shard_count, serve
@@ -145,10 +146,8 @@ SPEC_VARIABLE = "_DTGSERVER_WORKER_SPEC"  # the environment, not argv: the broke
 
 def worker_main() -> int:
     """Entry point of one worker process: `python -m dtgserver.server.workers`, its settings in SPEC_VARIABLE."""
-    from .. import logs
-
     spec = json.loads(os.environ.pop(SPEC_VARIABLE))
-    logs.configure(spec["verbosity"])
+    logs.configure(spec["verbosity"], spec["log_format"])
     config = _config_from_json(spec["config"])
     exit_code = 0
     try:
@@ -269,7 +268,7 @@ class Supervisor:
         if config.metrics_port:  # one endpoint per process: METRICS_PORT + its place in self.workers
             config = attrs.evolve(config, metrics_port=config.metrics_port + self.workers.index(worker))
         spec = {"config": _config_to_json(config), "shard": worker.index, "shards": self.shards, "role": worker.role,
-                "verbosity": self.verbosity, "supervisor_pid": os.getpid()}
+                "verbosity": self.verbosity, "log_format": logs.current_format, "supervisor_pid": os.getpid()}
         command = [sys.executable, "-m", "dtgserver.server.workers"]
         env = {**os.environ, SPEC_VARIABLE: json.dumps(spec)}
         while not self._stopping.is_set():
