@@ -24,11 +24,12 @@ from serverproc import free_port, send, start_server, stop
 from test_server import running
 
 from dtgserver.protocol import decode, encode
+from dtgserver.store import Control
 from dtgserver.testing import dtg_bytes, status_log
 
 pytestmark = pytest.mark.slow
 
-OK, OVERLOADED = b"\x09\x00", b"\x09\x04"
+OK, UNKNOWN, MAINTENANCE, OVERLOADED = b"\x09\x00", b"\x09\x02", b"\x09\x03", b"\x09\x04"
 
 
 def store_contents(data_dir: Path) -> tuple[list[bytes], str]:
@@ -212,6 +213,44 @@ async def test_read_only_data_dir_answers_4_then_recovers(tmp_path: Path) -> Non
     rows = check_store(tmp_path, acked, sent)
     assert sorted(rows) == sorted(acked)
     assert log_files(tmp_path, "01066660000") == {"2026112108000000.log": "written while read-only"}
+
+
+async def test_an_unreadable_control_db_keeps_the_last_state_and_is_retried(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """control.db overwritten with garbage under a running server: every reload fails ("file is not
+    a database"); the server keeps serving with the registry it had, then reloads once it is back."""
+    control = Control(tmp_path)
+    control.add_device("01011112222")
+    control.set_registry_enforced(True)
+    control.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in control.db itself
+    control.close()
+    path = tmp_path / "control.db"
+    good = path.read_bytes()
+    async with running(tmp_path) as server:
+        assert server.port and server.control_state.registry_enforced
+        for damaged in (path, tmp_path / "control.db-shm"):  # in place: the server's connection reads them
+            with open(damaged, "r+b") as f:  # (the -shm too, or it would see no change and read nothing)
+                f.write(b"garbage!" * (damaged.stat().st_size // 8))
+        with trio.fail_after(10):
+            while server.control_failures < 3:  # retried at every poll, the server still up
+                await trio.sleep(0.02)
+        assert await send(server.port, dtg_bytes("01011112222")) == OK
+        assert await send(server.port, dtg_bytes("01033334444")) == UNKNOWN  # the registry loaded before
+        assert server.metrics.gauges["control_reload_failures_total"]() >= 3
+        with open(path, "r+b") as f:
+            f.write(good)
+        control = Control(tmp_path)
+        try:
+            control.set_maintenance(True)
+        finally:
+            control.close()
+        with trio.fail_after(10):
+            while not server.control_state.maintenance:
+                await trio.sleep(0.02)
+        assert await send(server.port, dtg_bytes("01011112222", minute=1)) == MAINTENANCE
+    errors = [r.getMessage() for r in caplog.records if r.name == "dtgserver.server" and r.levelname == "ERROR"]
+    assert len(errors) == 1 and "file is not a database" in errors[0]  # once per outage, not once a poll
+    assert store_contents(tmp_path)[0] == [dtg_bytes("01011112222")]
 
 
 # -- SIGTERM under load -----------------------------------------------------------------------

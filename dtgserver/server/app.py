@@ -12,6 +12,7 @@ import logging
 import math
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -95,6 +96,7 @@ class DtgServer:
         # the bytes every session of this process holds; a new connection needs one maximal frame of it left
         self.budget = BufferBudget(config.buffer_budget * MIB)
         self._frame_headroom = max_frame_length(role=Role.SERVER, max_body_count=config.max_body_count)
+        self.control_failures = 0  # reloads of the control state that failed (the state before kept)
         if config.store is not None:
             self._open_nats(config, shard, shards, reuse_port, role)
             return
@@ -164,6 +166,7 @@ class DtgServer:
             "commit_seconds_last": lambda: self.store.stats.last_commit_seconds if self.store is not None else 0,
             "commit_seconds_sum": lambda: sum(s.stats.commit_seconds_sum for s in self.stores.values()),
             "maintenance": lambda: int(self.control_state.maintenance),
+            "control_reload_failures_total": lambda: self.control_failures,
             "relayed_packets_total": lambda: sum(r.relayed for r in self.remotes.values()),
             "relay_received_packets_total": lambda: self.relay.received if self.relay else 0,
             "buffered_bytes": lambda: self.budget.used,
@@ -293,13 +296,33 @@ class DtgServer:
             sessions.start_soon(self.handle, await accept(listener))
 
     async def _poll_control(self) -> None:
-        """Reload the registry and the maintenance switch when another process changed them."""
+        """Reload the registry and the maintenance switch when another process changed them.
+
+        A read that fails (a failing disk, a damaged or replaced control.db) keeps the last state
+        loaded: it is logged (once per outage), counted, and tried again at the next poll.
+        """
+        failing_since: float | None = None
+        where = getattr(self.control, "path", "the control state")
         while True:
-            if await self.control.wait_changed(self.config.control_poll):
-                self.control_state = await trio.to_thread.run_sync(self.control.load)
-                log.info("control reloaded: maintenance=%s registry=%s devices=%d",
-                         self.control_state.maintenance, self.control_state.registry_enforced,
-                         len(self.control_state.active) + len(self.control_state.cancelled))
+            try:
+                changed = await self.control.wait_changed(self.config.control_poll)
+                # after a failure, reload whatever data_version says: the failed load changed nothing
+                if not changed and failing_since is None:
+                    continue
+                state = await trio.to_thread.run_sync(self.control.load)
+            except (sqlite3.Error, OSError) as e:
+                self.control_failures += 1
+                if failing_since is None:
+                    failing_since = trio.current_time()
+                    log.error("cannot read %s (%s): keeping the registry and maintenance switch loaded "
+                              "before, retrying every %.1f s", where, e, self.config.control_poll)
+                continue
+            if failing_since is not None:
+                log.info("%s read again after %.1f s", where, trio.current_time() - failing_since)
+                failing_since = None
+            self.control_state = state
+            log.info("control reloaded: maintenance=%s registry=%s devices=%d",
+                     state.maintenance, state.registry_enforced, len(state.active) + len(state.cancelled))
 
     async def _give_memory_back(self) -> None:
         """After a burst of large packets has passed (or their connections closed), hand the freed
