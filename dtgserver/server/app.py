@@ -27,7 +27,7 @@ from ..store.packets import ShardCountMismatch, shard_of
 from .config import MIB, ServerConfig
 from .memory import BufferBudget, trim
 from .metrics import Metrics, serve_metrics
-from .relay import RelayListener, RemoteShard
+from .relay import RelayDir, RelayListener, RemoteShard
 from .tcp import RECEIVE_SIZE, TcpStream, accept, listen_error
 from .timeouts import Timeouts
 
@@ -117,12 +117,14 @@ class DtgServer:
             queue_high_water=config.queue_high_water, outbox_high_water=config.outbox_high_water,
         ) for i in self.owned}
         self.store: PacketStore | None = self.stores.get(shard)  # whose outbox this process forwards
-        self.remotes = {i: RemoteShard(config.data_dir, config.port, i)
-                        for i in range(shards) if i not in self.stores}
+        others = [i for i in range(shards) if i not in self.stores]  # the shards other processes write
+        # the relay sockets' private directory, when packets go between processes
+        self.relay_dir = RelayDir(config.data_dir) if others or role == "writer" else None
+        self.remotes = {i: RemoteShard(self.relay_dir, config.port, i) for i in others if self.relay_dir}
         self.destinations: dict[int, PacketStore | RemoteShard] = {**self.stores, **self.remotes}
         # the end of the links other processes relay this shard's packets over
-        self.relay = RelayListener(config.data_dir, shard, shards, self.store, max_body_count=config.max_body_count) \
-            if self.store is not None and (self.remotes or role == "writer") else None
+        self.relay = RelayListener(self.relay_dir, shard, shards, self.store, max_body_count=config.max_body_count) \
+            if self.store is not None and self.relay_dir is not None else None
         self._init_rest()
 
     def _open_nats(self, config: ServerConfig, shard: int, shards: int, reuse_port: bool, role: ProcessRole) -> None:
@@ -145,6 +147,7 @@ class DtgServer:
         self.store = cast(Any, store)
         self.remotes = {}
         self.destinations = {i: cast(Any, store) for i in range(max(shards, shard + 1))}
+        self.relay_dir = None
         self.relay = None
         self._init_rest()
 
@@ -237,6 +240,8 @@ class DtgServer:
                 store.close()
             if self.relay is not None:
                 self.relay.close()
+            if self.relay_dir is not None:
+                self.relay_dir.close()
             self.control.close()
 
     async def _run_forwarder(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -16,19 +16,26 @@ reached (it is being restarted) or the link breaks before its result arrives, th
 answered 4: the terminal sends it again (spec §4.5), and the owner's digest check makes that
 resend harmless if the first copy was committed after all.
 
-Each worker listens on an abstract Unix socket (Linux; no file to clean up) named after the data
-directory, the port and its shard, and accepts links only from processes of its own user
-(SO_PEERCRED): the other workers.
+Each worker listens on a Unix socket `DIR/.relay/<port>-<shard>`. The directory `DIR/.relay`
+belongs to the server's user with mode 0700, so no other user can bind, replace or even reach a
+socket in it (an abstract socket name, used before, has no permissions: another local user could
+take the name first and answer 0 to packets it never stored). Both ends also check the other's
+credentials (SO_PEERCRED): the owner takes links only from processes of its own user, and the
+sender sends only to a socket a process of its own user listens on. Sockets are bound and
+reached through the directory's open descriptor (`/proc/self/fd/N/<name>`, Linux), so a long
+DIR does not run into the 108-byte limit of a socket path.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
+import contextlib
+import errno
 import logging
 import math
 import os
 import socket
+import stat
 import struct
 import time
 from pathlib import Path
@@ -50,10 +57,59 @@ RETRY_S = 0.5  # after a failed connect, the owner's packets are answered 4 at o
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-def address(data_dir: Path, port: int, shard: int) -> bytes:
-    """The abstract socket name of `shard`'s worker for this data directory and port."""
-    tag = hashlib.sha256(f"{os.path.realpath(data_dir)}:{port}".encode()).hexdigest()[:24]
-    return f"\0dtgserver-{tag}-{shard}".encode()
+RELAY_DIR = ".relay"
+
+
+class RelayDirError(OSError):
+    """DIR/.relay cannot be made private to this server's user."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the sentence alone, without "[Errno N]"
+
+
+class RelayDir:
+    """`DIR/.relay`, the relay sockets' directory: created mode 0700, checked to be a directory (not
+    a symlink) of this process's user, and held open; sockets are named through the descriptor."""
+
+    def __init__(self, data_dir: Path):
+        self.path = path = Path(data_dir) / RELAY_DIR
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise RelayDirError(e.errno, f"{path} must be a directory of this server's own (not a symlink): "
+                                         f"{e.strerror}") from None
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            os.close(fd)
+            raise RelayDirError(errno.EPERM, f"{path} belongs to uid {info.st_uid}, not to this server's uid "
+                                             f"{os.geteuid()}: remove it, the server makes its own")
+        if info.st_mode & 0o077:
+            os.fchmod(fd, 0o700)
+            log.warning("%s was mode %o: made 0700 (only the server's user may reach the relay sockets)",
+                        path, stat.S_IMODE(info.st_mode))
+        self.fd = fd
+
+    def socket_path(self, port: int, shard: int) -> str:
+        """Where shard `shard`'s owner listens, for the server on `port`."""
+        return f"/proc/self/fd/{self.fd}/{port}-{shard}"
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _peer_uid(sock: trio.socket.SocketType) -> int:
+    """The uid of the process at the other end of a connected Unix socket (-1 when unknown)."""
+    try:
+        _, uid, _ = _CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+    except OSError as e:
+        log.warning("relay link without credentials (%s)", e)
+        return -1
+    return int(uid)
 
 
 _LINK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -72,9 +128,9 @@ class RemoteShard:
     Start `run()` in a nursery: it connects when there is something to send and keeps the link.
     """
 
-    def __init__(self, data_dir: Path, port: int, shard: int):
-        self.data_dir, self.shard = Path(data_dir), shard
-        self.address = address(self.data_dir, port, shard)
+    def __init__(self, relay_dir: RelayDir, port: int, shard: int):
+        self.relay_dir, self.shard = relay_dir, shard
+        self.address = relay_dir.socket_path(port, shard)
         self.relayed = 0  # packets sent to the owner
         self._calls: dict[int, _Call] = {}
         self._outgoing: list[bytes] = []
@@ -85,7 +141,7 @@ class RemoteShard:
 
     def bind(self, port: int) -> None:
         """The port is known once listening (`--port 0` picks one)."""
-        self.address = address(self.data_dir, port, self.shard)
+        self.address = self.relay_dir.socket_path(port, self.shard)
 
     async def submit(self, packet: Received, peer: str) -> Result:
         if trio.current_time() < self._down_until:
@@ -109,6 +165,9 @@ class RemoteShard:
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 await sock.connect(self.address)
+                if (uid := _peer_uid(sock)) != os.geteuid():  # never hand a packet to another user
+                    raise PermissionError(errno.EPERM, f"the relay socket is held by uid {uid}, not by "
+                                                       f"this server's uid {os.geteuid()}: refused")
             except BaseException as e:
                 sock.close()
                 if not isinstance(e, OSError):
@@ -189,17 +248,24 @@ class _Link:
 class RelayListener:
     """The owner's end: takes the packets other workers relay for this worker's shard."""
 
-    def __init__(self, data_dir: Path, shard: int, shards: int, store: PacketStore, *, max_body_count: int):
-        self.data_dir, self.shard, self.shards = Path(data_dir), shard, shards
+    def __init__(self, relay_dir: RelayDir, shard: int, shards: int, store: PacketStore, *, max_body_count: int):
+        self.relay_dir, self.shard, self.shards = relay_dir, shard, shards
         self.store = store
         self.max_body_count = max_body_count
         self.received = 0  # packets other workers relayed here, queued for this shard's commits
         self._sock: trio.socket.SocketType | None = None
+        self._name = ""
+        self._inode = -1
 
     async def open(self, port: int) -> None:
+        """Listen on the shard's socket; one left by a process of this shard that died is replaced."""
+        self._name = f"{port}-{self.shard}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._name, dir_fd=self.relay_dir.fd)
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await sock.bind(address(self.data_dir, port, self.shard))
+            await sock.bind(self.relay_dir.socket_path(port, self.shard))
+            self._inode = os.stat(self._name, dir_fd=self.relay_dir.fd, follow_symlinks=False).st_ino
             sock.listen(64)
         except OSError:
             sock.close()
@@ -209,6 +275,10 @@ class RelayListener:
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
+            self._sock = None
+            with contextlib.suppress(OSError):  # our own socket file only, not a successor's
+                if os.stat(self._name, dir_fd=self.relay_dir.fd, follow_symlinks=False).st_ino == self._inode:
+                    os.unlink(self._name, dir_fd=self.relay_dir.fd)
 
     async def accept_loop(self, links: trio.Nursery) -> None:
         """Until cancelled (the server stops accepting); each link is served in `links` (the
@@ -222,13 +292,7 @@ class RelayListener:
                 log.error("relay accept failed (%s); retrying in 100 ms", e)
                 await trio.sleep(0.1)
                 continue
-            try:
-                _, uid, _ = _CREDENTIALS.unpack(stream.socket.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
-            except OSError as e:
-                uid = -1
-                log.warning("relay link without credentials (%s)", e)
-            if uid != os.geteuid():
+            if (uid := _peer_uid(stream.socket)) != os.geteuid():
                 log.warning("refused a relay link from uid %d", uid)
                 stream.socket.close()
                 continue

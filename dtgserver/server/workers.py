@@ -38,7 +38,7 @@ from ..store import Control, shard_paths
 from ..store.control import connect
 from .app import ProcessRole, check_shard_count, serve
 from .config import ServerConfig
-from .relay import address as relay_address
+from .relay import RelayDir
 from .tcp import listen_error
 
 log = logging.getLogger("dtgserver.workers")
@@ -206,13 +206,20 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
+        relay_dir: RelayDir | None = None
         if cfg.store is None:  # with --store nats:// the workers keep nothing in the data dir
             control = Control(cfg.data_dir)
             check_shard_count(control, cfg.data_dir, self.shards)  # refuse before any worker starts
             control.close()
             for path in shard_paths(cfg.data_dir):  # a file that is no database: say so once, not in a restart loop
                 connect(path).close()
-        reserved = _reserve_port(cfg.host, cfg.port)
+            relay_dir = RelayDir(cfg.data_dir)  # and a relay directory other users could reach
+        try:
+            reserved = _reserve_port(cfg.host, cfg.port)
+        except BaseException:
+            if relay_dir is not None:
+                relay_dir.close()
+            raise
         try:
             self.port = int(reserved.getsockname()[1])
             config = attrs.evolve(cfg, port=self.port)
@@ -220,7 +227,8 @@ class Supervisor:
                 for worker in self.writers:
                     nursery.start_soon(self._keep_running, worker, config)
                 for worker in self.writers:  # a front process would answer 4 until its writer is up
-                    await self._wait_taking_links(worker, config)
+                    assert relay_dir is not None  # writers relay through the data dir, never with --store
+                    await self._wait_taking_links(worker, config, relay_dir)
                 for worker in self.fronts:
                     nursery.start_soon(self._keep_running, worker, config)
                 if self.writers:
@@ -234,6 +242,8 @@ class Supervisor:
                 await self._stop_all(self.writers)
         finally:
             reserved.close()
+            if relay_dir is not None:
+                relay_dir.close()
 
     async def _stop_all(self, workers: list[Worker]) -> None:
         """SIGTERM, then wait for the graceful exits; one that outlives its grace period by far is stuck: kill it."""
@@ -246,9 +256,9 @@ class Supervisor:
             if _signal(worker, signal.SIGKILL):
                 log.error("%s did not stop in time: killed", worker.name)
 
-    async def _wait_taking_links(self, writer: Worker, config: ServerConfig) -> None:
+    async def _wait_taking_links(self, writer: Worker, config: ServerConfig, relay_dir: RelayDir) -> None:
         """Until the writer accepts a relay link (it has opened its shard), at most WRITER_READY_S."""
-        name = relay_address(config.data_dir, config.port, writer.index)
+        name = relay_dir.socket_path(config.port, writer.index)
         with trio.move_on_after(WRITER_READY_S):
             while not self._stopping.is_set():
                 sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
