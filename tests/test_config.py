@@ -69,6 +69,7 @@ NON_DEFAULTS: dict[str, tuple[str, object]] = {
     "buffer_budget": ("128", 128),
     "queue_high_water": ("99", 99),
     "grace_period": ("0.5", 0.5),
+    "commit_timeout": ("2.5", 2.5),
     "metrics_port": ("9100", 9100),
     "metrics_host": ('"0.0.0.0"', "0.0.0.0"),
     "mqtt_url": ('"mqtt://broker.example:1884"', "mqtt://broker.example:1884"),

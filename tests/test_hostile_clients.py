@@ -11,6 +11,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import math
 import os
 import re
 import resource
@@ -154,7 +155,7 @@ async def test_terminal_that_never_reads_its_answer_is_cut_by_the_send_timeout(
         tmp_path: Path, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture) -> None:
     """A lockstep stream: the answer's send waits until the peer reads, which it never does."""
     caplog.set_level(logging.INFO, "dtgserver.session")
-    server = DtgServer(ServerConfig(data_dir=tmp_path))
+    server = DtgServer(ServerConfig(data_dir=tmp_path, commit_timeout=math.inf))  # virtual time: see memory_session
     client, server_side = trio.testing.lockstep_stream_pair()
     packet = dtg_bytes()
     try:

@@ -248,8 +248,8 @@ async def test_a_relay_socket_held_by_another_user_gets_no_packet(public_dir: Pa
         out, _ = attacker.communicate(timeout=20)
     accepted, received = map(int, out.decode().split())
     assert answer == OVERLOADED
+    assert accepted >= 1, "worker 0 did try the socket"  # connected, checked, closed: nothing sent
     assert received == 0, "a packet went to another user's socket"
-    assert accepted <= 1  # the connect itself happens before the check; nothing is sent after it
 
 
 def test_the_relay_directory_is_the_servers_alone(tmp_path: Path) -> None:

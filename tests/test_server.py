@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -63,7 +64,8 @@ async def exchange(port: int, *packets: bytes, read: int | None = None) -> bytes
 
 @asynccontextmanager
 async def memory_session(tmp_path: Path, **overrides: object) -> AsyncIterator[tuple[DtgServer, trio.abc.Stream]]:
-    config = ServerConfig(**{"data_dir": tmp_path, **overrides})  # type: ignore[arg-type]
+    # No commit timeout: in virtual time the clock jumps while a commit runs in its thread.
+    config = ServerConfig(**{"data_dir": tmp_path, "commit_timeout": math.inf, **overrides})  # type: ignore[arg-type]
     server = DtgServer(config)
     client, server_side = trio.testing.memory_stream_pair()
     try:
@@ -267,6 +269,32 @@ async def test_commit_queue_over_high_water_gets_4(tmp_path: Path) -> None:
             blocker.close()
         assert answers == {"01000000001": OK, "01000000002": OK}
     assert sorted(m for m, _, _ in stored(tmp_path)) == ["01000000001", "01000000002"]
+
+
+async def test_a_commit_that_hangs_is_answered_4_after_the_commit_timeout(tmp_path: Path) -> None:
+    """The store locked by another connection (the commit waits for it, as on a hung disk): the
+    session is answered 4 after --commit-timeout, not when the lock goes; the server is unhealthy
+    until a commit is answered in time; the commit itself goes on, so the resend is a duplicate."""
+    raw = dtg_bytes("01000000009")
+    async with running(tmp_path, commit_timeout=0.5) as server:
+        assert server.port and server.healthy()
+        blocker = sqlite3.connect(tmp_path / "store-0.db", timeout=30)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            with trio.fail_after(8):  # the store would wait up to its 10 s busy timeout
+                assert await exchange(server.port, raw) == OVERLOADED
+            assert server.commit_timeouts == 1 and not server.healthy()
+            assert server.metrics.gauges["commit_timeouts_total"]() == 1
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        with trio.fail_after(10):
+            while server.store is not None and server.store.stats.committed_packets < 1:
+                await trio.sleep(0.01)  # the commit went on once the lock was gone
+        assert await exchange(server.port, raw) == OK
+        assert server.healthy()
+        assert server.store is not None and server.store.stats.duplicates == 1
+    assert [r for _, _, r in stored(tmp_path)] == [raw]  # answered 4, stored, and stored once
 
 
 async def test_metrics_and_health_endpoint(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ own thread and each rule calls into it with trio.from_thread.run.
 from __future__ import annotations
 
 import collections
+import math
 import shutil
 import sqlite3
 import tempfile
@@ -113,8 +114,10 @@ class ServerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.data_dir = Path(tempfile.mkdtemp(prefix="dtg-stateful-"))
+        # no commit timeout: in virtual time the clock jumps while a commit runs in its thread
         self.config = ServerConfig(data_dir=self.data_dir, idle_timeout=IDLE_TIMEOUT_S, packet_timeout=PACKET_TIMEOUT_S,
-                                   max_connections=MAX_CONNECTIONS, max_body_count=MAX_BODY_COUNT)
+                                   max_connections=MAX_CONNECTIONS, max_body_count=MAX_BODY_COUNT,
+                                   commit_timeout=math.inf)
         self.server = DtgServer(self.config)
         self.all_clients: list[Client] = []
         self.answered_ok: set[bytes] = set()  # every packet seen answered 0, over the whole run

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import trio
-from serverproc import alive, children, free_port, listening, send
+from serverproc import alive, children, free_port, free_ports, listening, send
 
 from dtgserver.bridge.mapping import TripState, map_record
 from dtgserver.protocol import Connection, Received, Result, Role, encode
@@ -277,6 +277,36 @@ async def test_sigterm_stops_every_worker_and_exits_0(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         await send(port, dtg_bytes("01099990001", bodies=2), timeout_s=2)
 
+
+
+@pytest.mark.slow
+async def test_shutdown_after_relayed_packets_ends_with_the_sessions(tmp_path: Path) -> None:
+    """Before: once a worker had relayed a packet, its open link kept the owner (and the owner's
+    link kept it) waiting out the whole grace period with no session left."""
+    from test_writer_process import metric
+
+    port, metrics_port = free_port(), free_ports(2)
+    process = await start_workers(tmp_path, port, 2, "--grace-period", "60", "--metrics-port", str(metrics_port))
+    try:
+        with trio.fail_after(60):
+            for minute in range(200):  # until each worker has relayed one: the kernel picks the worker
+                for shard in (0, 1):
+                    assert await send(port, dtg_bytes(modem_of_shard(shard), minute=minute, bodies=1)) == OK
+                if all(metric(metrics_port + i, "dtg_relayed_packets_total") for i in (0, 1)):
+                    break
+            else:
+                raise AssertionError("no packet relayed in 400 connections")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        try:
+            code = process.wait(timeout=90)
+        finally:
+            if process.stderr:
+                process.stderr.close()
+    elapsed = time.monotonic() - started
+    assert code == 0
+    assert elapsed < 30, f"{elapsed:.1f} s: waited for the grace period (60 s), not for the sessions"
 
 
 @pytest.mark.slow

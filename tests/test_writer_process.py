@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -201,6 +204,10 @@ def finish(process: subprocess.Popen[bytes], sig: int | None = signal.SIGTERM) -
         process.send_signal(sig)
     try:
         code = process.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # stuck: no process left behind (its workers follow), and the test fails
+        process.kill()
+        process.wait()
+        raise
     finally:
         assert process.stderr is not None
         log = process.stderr.read().decode("utf-8", "replace")
@@ -357,6 +364,115 @@ async def test_a_session_finishing_in_the_grace_period_is_committed(tmp_path: Pa
     assert answer == OK, log
     assert code == 0, log
     assert [r for _, r, _, _ in stored(tmp_path / "store-0.db")] == [raw]
+
+
+def handles_sigterm(pid: int) -> bool:
+    """SIGTERM blocked or caught by `pid`'s main thread: its first instruction has run."""
+    with open(f"/proc/{pid}/status") as f:
+        masks = dict(line.split(":\t") for line in f.read().splitlines() if line.startswith(("SigBlk", "SigCgt")))
+    return any(int(masks[key], 16) & (1 << (signal.SIGTERM - 1)) for key in ("SigBlk", "SigCgt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("whom", ["supervisor", "every process"])
+async def test_sigterm_during_start_up_stops_everything_and_exits_0(tmp_path: Path, whom: str) -> None:
+    """SIGTERM while the program is still importing, before any handler of trio's is in place:
+    to the supervisor alone, or (as a service manager stopping the unit does) also to the writer
+    just started. Before: acted on only after the writer wait, a writer killed by it restarted,
+    then a front process started anyway."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dtgserver", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(tmp_path), "--writer-process", "--grace-period", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    kids: list[int] = []
+    try:
+        with trio.fail_after(30):
+            while not handles_sigterm(process.pid):
+                await trio.sleep(0.001)
+            if whom == "every process":
+                while not (kids := children(process.pid)):
+                    await trio.sleep(0.001)
+                for pid in kids:
+                    os.kill(pid, signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+    finally:
+        code, log = finish(process, None)
+    elapsed = time.monotonic() - started
+    assert code == 0, log
+    assert "SIGTERM: stopping" in log
+    assert "front process 0 started" not in log, "nothing started after the signal"
+    assert "exited with" not in log and "restarting" not in log, log
+    assert elapsed < 25, f"{elapsed:.1f} s: the writer wait (30 s) is not what it waits for"
+    started_pids = [int(pid) for pid in re.findall(r"started \(pid (\d+)\)", log)]
+    assert not any(alive(pid) for pid in kids + started_pids)
+
+
+def health(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+@pytest.mark.slow
+async def test_a_stopped_writer_makes_the_front_unhealthy_and_sessions_wait_at_most_the_commit_timeout(
+        tmp_path: Path) -> None:
+    """SIGSTOP the writer: before, /healthz said 200 and each session waited as long as it was
+    stopped. Now 4 after --commit-timeout, 503 within a probe and the timeout, 200 once it runs."""
+    port, metrics_port = free_port(), free_ports(2)
+    process = await start_split(tmp_path, port, "--metrics-port", str(metrics_port), "--commit-timeout", "2")
+    first, second = dtg_bytes("01077770050", minute=0, bodies=2), dtg_bytes("01077770050", minute=1, bodies=2)
+    try:
+        _, [writer] = roles(process, port)
+        with trio.fail_after(20):
+            while health(metrics_port) != 200:  # the first probe answered
+                await trio.sleep(0.05)
+        assert await send(port, first) == OK
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            with trio.fail_after(8):
+                assert await send(port, second) == OVERLOADED
+            with trio.fail_after(10):
+                while health(metrics_port) != 503:
+                    await trio.sleep(0.1)
+            assert metric(metrics_port, "dtg_commit_timeouts_total") == 1
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        with trio.fail_after(20):
+            while health(metrics_port) != 200:
+                await trio.sleep(0.1)
+            assert await send(port, second) == OK  # its first copy may have been committed after all
+    finally:
+        code, log = finish(process)
+    assert code == 0, log
+    assert "not committed within 2 s" in log
+    assert [r for _, r, _, _ in stored(tmp_path / "store-0.db")] == [first, second]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--writer-process"], []], ids=["writer-process", "one-process"])
+async def test_a_metrics_port_that_cannot_be_bound_fails_start_up_in_one_line(tmp_path: Path,
+                                                                              layout: list[str]) -> None:
+    """Before: with --writer-process the writer's port (--metrics-port + 1) taken made it restart
+    forever while every packet was answered 4 and the front's /healthz said 200."""
+    port, metrics_port = free_port(), free_ports(2)
+    taken = metrics_port + 1 if layout else metrics_port
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", taken))
+        holder.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "dtgserver", "serve", "--host", "127.0.0.1", "--port", str(port), "-q",
+             "--data-dir", str(tmp_path), "--metrics-port", str(metrics_port), *layout],
+            capture_output=True, timeout=60, check=False,
+        )
+    options = "--metrics-port + 1, writer 0" if layout else "--metrics-host, --metrics-port"
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        f"dtgserver: error: cannot listen on 127.0.0.1:{taken} ({options}): Address already in use"]
 
 
 @pytest.mark.slow

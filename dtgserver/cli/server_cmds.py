@@ -149,6 +149,9 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
                    "is left, are answered 4 and closed.")
 @click.option("--queue-high-water", type=click.IntRange(1), default=2048, **_env("QUEUE_HIGH_WATER"),
               help="Packets waiting for a commit above which new packets are answered 4.")
+@click.option("--commit-timeout", type=checks.FiniteFloat(min=0.1), default=10.0, **_env("COMMIT_TIMEOUT"),
+              help="Seconds a packet may wait for its commit (a hung disk, a stopped writer process) before it "
+                   "is answered 4; /healthz then says 503 until a commit ends.")
 @click.option("--grace-period", type=checks.FiniteFloat(min=0), default=10.0, **_env("GRACE_PERIOD"),
               help="Seconds in-flight sessions get to finish on SIGINT/SIGTERM.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, **_env("METRICS_PORT"),
@@ -197,6 +200,13 @@ def serve(verbose: int, quiet: bool, log_format: Literal["text", "json"], worker
     Options also come from DTGSERVER_* environment variables and a --config TOML file
     (command line first, then environment, then the file).
     """
+    from ..server.app import held_stop_signals
+
+    with held_stop_signals():  # a SIGINT/SIGTERM during start-up waits for the server's handler
+        _serve(verbose, quiet, workers, writer_process, options)
+
+
+def _serve(verbose: int, quiet: bool, workers: int, writer_process: bool, options: dict[str, Any]) -> None:
     from .. import logs
     from ..server.app import serve as run_server
     from ..server.workers import serve_workers

@@ -14,7 +14,7 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -97,6 +97,10 @@ class DtgServer:
         self.budget = BufferBudget(config.buffer_budget * MIB)
         self._frame_headroom = max_frame_length(role=Role.SERVER, max_body_count=config.max_body_count)
         self.control_failures = 0  # reloads of the control state that failed (the state before kept)
+        self.commit_timeouts = 0  # packets answered 4 after waiting commit_timeout for their commit
+        # stores whose commit was waited for too long → how many commits they had ended by then
+        self._overdue: dict[PacketStore, int] = {}
+        self._last_commit_timeout = -math.inf
         if config.store is not None:
             self._open_nats(config, shard, shards, reuse_port, role)
             return
@@ -120,7 +124,8 @@ class DtgServer:
         others = [i for i in range(shards) if i not in self.stores]  # the shards other processes write
         # the relay sockets' private directory, when packets go between processes
         self.relay_dir = RelayDir(config.data_dir) if others or role == "writer" else None
-        self.remotes = {i: RemoteShard(self.relay_dir, config.port, i) for i in others if self.relay_dir}
+        self.remotes = {i: RemoteShard(self.relay_dir, config.port, i, commit_timeout=config.commit_timeout)
+                        for i in others if self.relay_dir}
         self.destinations: dict[int, PacketStore | RemoteShard] = {**self.stores, **self.remotes}
         # the end of the links other processes relay this shard's packets over
         self.relay = RelayListener(self.relay_dir, shard, shards, self.store, max_body_count=config.max_body_count) \
@@ -170,6 +175,8 @@ class DtgServer:
             "commit_seconds_sum": lambda: sum(s.stats.commit_seconds_sum for s in self.stores.values()),
             "maintenance": lambda: int(self.control_state.maintenance),
             "control_reload_failures_total": lambda: self.control_failures,
+            "commit_timeouts_total": lambda: self.commit_timeouts,
+            "healthy": lambda: int(self.healthy()),
             "relayed_packets_total": lambda: sum(r.relayed for r in self.remotes.values()),
             "relay_received_packets_total": lambda: self.relay.received if self.relay else 0,
             "buffered_bytes": lambda: self.budget.used,
@@ -198,7 +205,13 @@ class DtgServer:
         return self._stop.is_set()
 
     def healthy(self) -> bool:
-        return self._accepting and all(s.overloaded() is None for s in self.stores.values())
+        """Whether a packet sent now would be committed: accepting, no store of this process stuck
+        (a commit waited for past commit_timeout, and none ended since: a hung disk), none over a
+        high-water mark, and every other shard's owner answering its probes (server/relay.py: a
+        stopped, dead or overloaded writer)."""
+        self._overdue = {store: ended for store, ended in self._overdue.items() if _commits_ended(store) <= ended}
+        return (self._accepting and not self._overdue and all(s.overloaded() is None for s in self.stores.values())
+                and all(r.healthy() for r in self.remotes.values()))
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -266,14 +279,32 @@ class DtgServer:
         await f.run()
 
     async def _serve(self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[int]) -> None:
+        """Sessions until stop(), then the grace period; relay links until every session is done.
+
+        Relay links are served apart from the sessions: they carry other processes' packets and
+        stay open between packets. Once this process's own sessions have ended it takes no new
+        link and closes its own links to the other shards' owners; the links into its shard end
+        when their senders do the same. So processes stopping together each wait for the others'
+        sessions, not for the grace period (with every session done, every link is closed).
+        """
+        async with trio.open_nursery() as links:
+            if self.relay is not None:
+                links.start_soon(self.relay.accept_loop, links)
+            deadline = await self._serve_sessions(listeners, task_status)
+            for remote in self.remotes.values():
+                remote.close()
+            if self.relay is not None:
+                self.relay.stop_accepting()
+            links.cancel_scope.deadline = deadline
+
+    async def _serve_sessions(self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[int]) -> float:
+        """Until stop() and then until the sessions end, at the grace deadline at the latest (returned)."""
         cfg = self.config
         async with trio.open_nursery() as sessions:
             try:
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(self._accept_loop, listener, sessions)
-                    if self.relay is not None:
-                        acceptors.start_soon(self.relay.accept_loop, sessions)
                     self._accepting = True
                     if self.role == "writer":
                         log.info("writer of shard %d: packets from the front processes of port %d, data in %s",
@@ -290,11 +321,12 @@ class DtgServer:
                 for listener in listeners:
                     await trio.aclose_forcefully(listener)
             if self.role == "writer":
-                log.info("stopped taking new links; open ones get %.1f s to finish", cfg.grace_period)
+                log.info("stopping: the open relay links get %.1f s to finish", cfg.grace_period)
             else:
                 log.info("stopped accepting; %d sessions get %.1f s to finish", self.metrics.open_connections,
                          cfg.grace_period)
-            sessions.cancel_scope.deadline = trio.current_time() + cfg.grace_period
+            deadline = sessions.cancel_scope.deadline = trio.current_time() + cfg.grace_period
+        return deadline
 
     async def _accept_loop(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
         while True:
@@ -472,7 +504,20 @@ class DtgServer:
         if modem in state.cancelled or (state.registry_enforced and modem not in state.active):
             return Result.UNKNOWN_SUBSCRIBER
         store = self.destinations[shard_of(modem, self.shards) if self.shards > 1 else 0]
-        return await store.submit(event, session.peer)
+        # Not committed within commit_timeout: 4, so the terminal does not wait without bound. The
+        # commit goes on; should it succeed after all, the resend is answered 0 and not stored twice.
+        timeout = self.config.commit_timeout
+        with trio.move_on_after(timeout):
+            return await store.submit(event, session.peer)
+        if isinstance(store, PacketStore):  # unhealthy until this store ends a commit (others: probed)
+            self._overdue[store] = _commits_ended(store)
+        self.commit_timeouts += 1
+        now = trio.current_time()
+        if now - self._last_commit_timeout > timeout:  # once per stall, not once per packet
+            log.warning("a packet of %s was not committed within %g s (--commit-timeout): answered 4", modem,
+                        timeout)
+        self._last_commit_timeout = now
+        return Result.OVERLOADED
 
     async def _answer(self, stream: trio.abc.Stream, result: Result, session: Session) -> bool:
         session.results.append(int(result))
@@ -519,6 +564,10 @@ async def _close(stream: trio.abc.Stream) -> None:
         await trio.aclose_forcefully(stream)
 
 
+def _commits_ended(store: PacketStore) -> int:
+    return store.stats.commits + store.stats.failed_commits
+
+
 def check_shard_count(control: Control, data_dir: Path, shards: int) -> None:
     """Record DIR's shard count, or raise ShardCountMismatch when DIR was written with another one."""
     before = control.claim_shard_count(shards, len(shard_paths(data_dir)))
@@ -555,28 +604,56 @@ def _tuned_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def held_stop_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked until `stop_signals()` takes them: one that arrives during
+    start-up waits (pending) and is then acted on, instead of killing a process that has not
+    installed its handler yet. (Worker processes start with them blocked: the mask is inherited
+    across exec.) Unblocked on the way out, whatever happened."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[AsyncIterator[int]]:
+    """SIGINT and SIGTERM as a channel, unblocked once it is in place (a pending one arrives now)."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        yield signals
+
+
 async def serve(config: ServerConfig, *, shard: int = 0, shards: int = 1, reuse_port: bool = False,
                 role: ProcessRole = "combined", task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a server until SIGINT or SIGTERM, then shut down gracefully.
 
-    The signals stay caught until the end: a second one (Ctrl-C pressed again, or a supervisor's
-    SIGTERM after the terminal's SIGINT) is logged and does not cut the grace period short or
-    interrupt the final commits; the grace period already bounds the wait.
+    A signal is acted on whenever it comes, during start-up too (the server then stops as soon
+    as it has started). The signals stay caught until the end: a second one (Ctrl-C pressed
+    again, or a supervisor's SIGTERM after the terminal's SIGINT) is logged and does not cut the
+    grace period short or interrupt the final commits; the grace period already bounds the wait.
     """
     server = DtgServer(config, shard=shard, shards=shards, reuse_port=reuse_port, role=role)
-    with _tuned_gc(), trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with _tuned_gc(), stop_signals() as signals:
         async with trio.open_nursery() as nursery:
+
+            async def stop_on_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if server.stopping:
+                        log.info("%s again: already shutting down (at most %.1f s for sessions)", name,
+                                 config.grace_period)
+                    else:
+                        log.info("%s: shutting down", name)
+                        server.stop()
 
             async def run_then_stop_watching(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
                 await server.run(task_status=task_status)
                 nursery.cancel_scope.cancel()
 
+            nursery.start_soon(stop_on_signals)
             task_status.started(await nursery.start(run_then_stop_watching))
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if server.stopping:
-                    log.info("%s again: already shutting down (at most %.1f s for sessions)", name,
-                             config.grace_period)
-                else:
-                    log.info("%s: shutting down", name)
-                    server.stop()

@@ -21,6 +21,7 @@ class ServerConfig:
     idle_timeout: float = 3 * SECONDS  # spec §4.4: nothing received for 3 s → close
     packet_timeout: float = 30 * SECONDS  # one packet must arrive whole within this (slow-drip bound)
     send_timeout: float = 10 * SECONDS  # a terminal that does not read its answer
+    commit_timeout: float = 10 * SECONDS  # a packet not committed by then is answered 4 (hung disk, stopped writer)
     max_connections: int = 10_000
     max_body_count: int = DEFAULT_MAX_BODY_COUNT
     buffer_budget: int = 64  # MiB: bytes of partly received packets all sessions of a process may hold

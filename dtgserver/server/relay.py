@@ -54,6 +54,7 @@ ANSWER = struct.Struct(">IB")  # call id, result
 MAX_FRAME = 1 << 24  # far above any frame the framer accepts: a link sending more is broken
 RECEIVE_SIZE = 256 * 1024
 RETRY_S = 0.5  # after a failed connect, the owner's packets are answered 4 at once for this long
+PROBE_S = 1.0  # how often a sender asks each owner whether its shard takes packets (RemoteShard.healthy)
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -128,29 +129,55 @@ class RemoteShard:
     Start `run()` in a nursery: it connects when there is something to send and keeps the link.
     """
 
-    def __init__(self, relay_dir: RelayDir, port: int, shard: int):
+    def __init__(self, relay_dir: RelayDir, port: int, shard: int, *, commit_timeout: float = 10.0):
         self.relay_dir, self.shard = relay_dir, shard
         self.address = relay_dir.socket_path(port, shard)
+        self.commit_timeout = commit_timeout
         self.relayed = 0  # packets sent to the owner
+        self.answered_at = -math.inf  # when the owner last answered a probe: its shard can commit
         self._calls: dict[int, _Call] = {}
         self._outgoing: list[bytes] = []
+        self._outgoing_packets = 0  # of _outgoing, the packets (not probes)
         self._next_id = 0
         self._wake = trio.Event()
         self._down_until = -math.inf
         self._down_since: float | None = None  # the outage being logged, if any
+        self._scope = trio.CancelScope()
 
     def bind(self, port: int) -> None:
         """The port is known once listening (`--port 0` picks one)."""
         self.address = self.relay_dir.socket_path(port, self.shard)
 
+    def close(self) -> None:
+        """No packet will be relayed any more (this process's sessions have ended): drop the link,
+        so that the owner, which waits for its links to close, can stop."""
+        self._scope.cancel()
+
+    def healthy(self) -> bool:
+        """The owner answered a probe recently: it runs, its link works and its shard is not over a
+        high-water mark. A stopped, dead or restarting owner fails this within PROBE_S + commit_timeout."""
+        return trio.current_time() - self.answered_at <= PROBE_S + self.commit_timeout
+
     async def submit(self, packet: Received, peer: str) -> Result:
-        if trio.current_time() < self._down_until:
+        return await self._call(packet.raw, peer)
+
+    async def _probe_loop(self) -> None:
+        """Every PROBE_S, an empty request: the owner answers it after the requests before it, with
+        0 while its shard takes packets. So a stopped owner is noticed with no packet waiting."""
+        while True:
+            with trio.move_on_after(self.commit_timeout):
+                if await self._call(b"", "") == Result.OK:
+                    self.answered_at = trio.current_time()
+            await trio.sleep(PROBE_S)
+
+    async def _call(self, raw: bytes, peer: str) -> Result:
+        if (raw and trio.current_time() < self._down_until) or self._scope.cancel_called:
             return Result.OVERLOADED
         self._next_id = call_id = (self._next_id + 1) & 0xFFFFFFFF
         call = self._calls[call_id] = _Call()
         peer_bytes = peer.encode("utf-8", "replace")[:0xFFFF]
-        self._outgoing.append(REQUEST.pack(call_id, time.time(), len(packet.raw), len(peer_bytes))
-                              + peer_bytes + packet.raw)
+        self._outgoing.append(REQUEST.pack(call_id, time.time(), len(raw), len(peer_bytes)) + peer_bytes + raw)
+        self._outgoing_packets += bool(raw)
         self._wake.set()
         try:
             await call.done.wait()
@@ -160,6 +187,15 @@ class RemoteShard:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        with self._scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._probe_loop)
+                    await self._keep_linked()
+            finally:
+                self._fail_all()
+
+    async def _keep_linked(self) -> None:
         while True:
             await self._wake.wait()
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -176,7 +212,8 @@ class RemoteShard:
                     self._down_since = trio.current_time()
                     log.warning("worker %d cannot be reached (%s): its terminals' packets are answered 4 "
                                 "until it can", self.shard, e)
-                self._down_until = trio.current_time() + RETRY_S
+                if self._outgoing_packets:  # packets, not only a probe (which must not hold packets back)
+                    self._down_until = trio.current_time() + RETRY_S
                 self._fail_all()
                 continue
             if self._down_since is not None:
@@ -196,6 +233,7 @@ class RemoteShard:
         """The link is down: every call still waiting is answered 4 (its packet may or may not
         have been committed by the owner; the terminal's resend is deduplicated there)."""
         self._outgoing.clear()
+        self._outgoing_packets = 0
         calls, self._calls = self._calls, {}
         for call in calls.values():
             call.done.set()
@@ -209,8 +247,9 @@ class RemoteShard:
                     await self._wake.wait()
                     continue
                 data = b"".join(self._outgoing)
-                self.relayed += len(self._outgoing)
+                self.relayed += self._outgoing_packets
                 self._outgoing.clear()
+                self._outgoing_packets = 0
                 await stream.send_all(data)
         except _LINK_ERRORS as e:
             log.warning("relay link to worker %d broke while sending: %s", self.shard, e)
@@ -256,6 +295,7 @@ class RelayListener:
         self._sock: trio.socket.SocketType | None = None
         self._name = ""
         self._inode = -1
+        self._accepting = trio.CancelScope()
 
     async def open(self, port: int) -> None:
         """Listen on the shard's socket; one left by a process of this shard that died is replaced."""
@@ -280,9 +320,21 @@ class RelayListener:
                 if os.stat(self._name, dir_fd=self.relay_dir.fd, follow_symlinks=False).st_ino == self._inode:
                     os.unlink(self._name, dir_fd=self.relay_dir.fd)
 
+    def stop_accepting(self) -> None:
+        """This process's sessions have ended: take no new link (a connect is refused, and its
+        packet answered 4 by the sender). The open links are served until their senders close
+        them, which they do once their own sessions have ended."""
+        self._accepting.cancel()  # the accept loop then closes the listening socket
+
     async def accept_loop(self, links: trio.Nursery) -> None:
-        """Until cancelled (the server stops accepting); each link is served in `links` (the
-        sessions' nursery: a link keeps its grace period, like a terminal's connection)."""
+        """Until stop_accepting() or cancelled; each link is served in `links`."""
+        try:
+            with self._accepting:
+                await self._accept_into(links)
+        finally:
+            self.close()  # a late connect is refused at once, not left in the backlog
+
+    async def _accept_into(self, links: trio.Nursery) -> None:
         assert self._sock is not None
         listener = trio.SocketListener(self._sock)
         while True:
@@ -336,6 +388,8 @@ class RelayListener:
             log.warning("relay link broke while reading: %s", e)
 
     def _enqueue(self, frame: bytes, peer: str, received_at: float) -> Pending | Result:
+        if not frame:  # a probe (RemoteShard._probe_loop): answered in turn, 0 while packets are taken
+            return Result.OK if self.store.overloaded() is None else Result.OVERLOADED
         try:
             packet = received(frame, max_body_count=self.max_body_count)
         except ProtocolError as e:  # the sender framed it: a bug, not a terminal's doing

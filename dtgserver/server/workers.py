@@ -36,7 +36,7 @@ import trio
 from .. import logs
 from ..store import Control, shard_paths
 from ..store.control import connect
-from .app import ProcessRole, check_shard_count, serve
+from .app import STOP_SIGNALS, ProcessRole, check_shard_count, serve, stop_signals
 from .config import ServerConfig
 from .relay import RelayDir
 from .tcp import listen_error
@@ -204,9 +204,14 @@ class Supervisor:
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         relay_dir: RelayDir | None = None
+        self._check_metrics_ports()  # a worker that cannot listen would restart forever
         if cfg.store is None:  # with --store nats:// the workers keep nothing in the data dir
             control = Control(cfg.data_dir)
             check_shard_count(control, cfg.data_dir, self.shards)  # refuse before any worker starts
@@ -229,13 +234,15 @@ class Supervisor:
                 for worker in self.writers:  # a front process would answer 4 until its writer is up
                     assert relay_dir is not None  # writers relay through the data dir, never with --store
                     await self._wait_taking_links(worker, config, relay_dir)
-                for worker in self.fronts:
-                    nursery.start_soon(self._keep_running, worker, config)
-                if self.writers:
-                    log.info("front processes: %d, writers: %d, on %s:%d, data in %s", len(self.fronts),
-                             len(self.writers), cfg.host, self.port, cfg.data_dir)
-                else:
-                    log.info("%d workers on %s:%d, data in %s", len(self.fronts), cfg.host, self.port, cfg.data_dir)
+                if not self._stopping.is_set():  # a stop during start-up starts nothing more
+                    for worker in self.fronts:
+                        nursery.start_soon(self._keep_running, worker, config)
+                    if self.writers:
+                        log.info("front processes: %d, writers: %d, on %s:%d, data in %s", len(self.fronts),
+                                 len(self.writers), cfg.host, self.port, cfg.data_dir)
+                    else:
+                        log.info("%d workers on %s:%d, data in %s", len(self.fronts), cfg.host, self.port,
+                                 cfg.data_dir)
                 task_status.started(self.port)
                 await self._stopping.wait()
                 await self._stop_all(self.fronts)  # their last packets still reach the writers
@@ -244,6 +251,22 @@ class Supervisor:
             reserved.close()
             if relay_dir is not None:
                 relay_dir.close()
+
+    def _check_metrics_ports(self) -> None:
+        """Every process's metrics port can be bound now (a ListenError naming the first that cannot)."""
+        cfg = self.config
+        if cfg.metrics_port is None:
+            return
+        family, _ = _address(cfg.metrics_host, 0)
+        for place, worker in enumerate(self.workers):
+            port = cfg.metrics_port + place
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the endpoint's own socket
+                try:
+                    probe.bind(_address(cfg.metrics_host, port)[1])
+                except OSError as e:
+                    option = f"--metrics-port + {place}" if place else "--metrics-port"
+                    raise listen_error(e, cfg.metrics_host, port, f"{option}, {worker.name}") from None
 
     async def _stop_all(self, workers: list[Worker]) -> None:
         """SIGTERM, then wait for the graceful exits; one that outlives its grace period by far is stuck: kill it."""
@@ -283,11 +306,15 @@ class Supervisor:
         env = {**os.environ, SPEC_VARIABLE: json.dumps(spec)}
         while not self._stopping.is_set():
             started = trio.current_time()
-            # a session of its own: a Ctrl-C on the terminal reaches the supervisor only, which passes it on
+            # A session of its own: a Ctrl-C on the terminal reaches the supervisor only, which passes
+            # it on. SIGINT and SIGTERM blocked from its first instruction: one that comes before its
+            # handler is in place waits for it, instead of killing it (serve() unblocks them).
             process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, env=env,
-                                                       start_new_session=True)
+                                                       start_new_session=True, preexec_fn=_hold_stop_signals)
             worker.process, worker.starts = process, worker.starts + 1
             log.info("%s started (pid %d)", worker.name, process.pid)
+            if self._stopping.is_set():  # stopped while it was being started: _stop_all missed it
+                _signal(worker, signal.SIGTERM)
             with trio.CancelScope(shield=True):  # the nursery ends only when its workers have exited
                 returncode = await process.wait()
             if self._stopping.is_set():
@@ -302,6 +329,11 @@ class Supervisor:
             with trio.move_on_after(delay):
                 await self._stopping.wait()
             delay = min(delay * 2, self.backoff_max_s)
+
+
+def _hold_stop_signals() -> None:
+    """In the child, between fork and exec (async-signal-safe: one system call)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 def _signal(worker: Worker, signum: int) -> bool:
@@ -326,25 +358,33 @@ def _describe(returncode: int) -> str:
 
 async def serve_workers(config: ServerConfig, workers: int, verbosity: int = 0, *, writer_process: bool = False,
                         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> int:
-    """Supervise the processes until SIGINT or SIGTERM; 0 when every one stopped cleanly."""
+    """Supervise the processes until SIGINT or SIGTERM; 0 when every one stopped cleanly.
+
+    A signal is acted on whenever it comes: during start-up (while the writers are awaited) the
+    processes started so far are stopped, and no other is started.
+    """
     supervisor = Supervisor(config, workers, writer_process=writer_process, verbosity=verbosity)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with stop_signals() as signals:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(supervisor.run)
+
+            async def stop_on_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if supervisor.stopping:
+                        log.info("%s again: already stopping (each process gets %.1f s for its sessions)", name,
+                                 config.grace_period)
+                    else:
+                        log.info("%s: stopping %d processes", name, len(supervisor.workers))
+                        supervisor.stop()
+
+            async def run_then_stop_watching(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+                await supervisor.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signals)
+            port = await nursery.start(run_then_stop_watching)
             task_status.started(port)
-            async for signum in signals:
-                log.info("%s: stopping %d processes", signal.Signals(signum).name, len(supervisor.workers))
-                supervisor.stop()
-                break
-            # run() returns once every worker has exited; its kill timer must not hold us up
-            await _all_exited(supervisor)
-            nursery.cancel_scope.cancel()
     return 1 if supervisor.failed_exits else 0
-
-
-async def _all_exited(supervisor: Supervisor) -> None:
-    while any(w.process is not None and w.process.returncode is None for w in supervisor.workers):
-        await trio.sleep(0.05)
 
 
 if __name__ == "__main__":
