@@ -640,3 +640,79 @@ def test_the_state_from_bytes_follows_a_real_trip() -> None:
     assert (state.speed_count, state.first_total_km, state.last_total_km) == (180, 120_000, 120_002)
     assert state.max_speed_kmh == 60 and state.driving_s == 180 - 3 * 9  # s % 7 == 0: 9 of every 60 s
     assert state.last_ms == to_ms(packets[-1].bodies[-1].time)
+
+
+# -- what the trip and its messages keep exactly (each of these once survived a mutation) ---------------
+
+
+def test_a_key_off_at_exactly_the_key_on_time_ends_the_trip() -> None:
+    # A trip may be zero seconds long (the key turned on and off within the same 1/100 s):
+    # only a KEY OFF from *before* KEY ON is the terminal's backlog.
+    messages, state = run([dtg(dtg_body(0, speed_kmh=0)), key_off(minutes=0)])
+    (trip,) = [m.payload["pld"] for m in by_ty(messages, 1)]
+    assert trip["stt"] == trip["edt"] == KEY_ON_MS
+    assert state is not None and state.trip_sent
+
+
+def test_the_trip_starts_where_its_first_packet_does_however_many_follow() -> None:
+    # Each packet's bodies at a place of their own: the Trip starts at the first body of the first
+    # packet and ends at the last body of the last one, fuel and the state's odometer likewise.
+    packets = []
+    for p in range(4):
+        bodies = [attrs.evolve(dtg_body(p * 60 + s, total_km=120_000 + p * 3 + s),
+                               lat=round(37.4 + p * 0.01 + s * 0.001, 6), lon=round(127.0 + p * 0.01 + s * 0.001, 6))
+                  for s in range(3)]
+        packets.append(dtg(*bodies))
+    messages, state = run([*packets, key_off(minutes=10)], restart=True)
+    (trip,) = [m.payload["pld"] for m in by_ty(messages, 1)]
+    assert (trip["stlat"], trip["stlon"]) == (37.4, 127.0)
+    assert (trip["edlat"], trip["edlon"]) == (37.432, 127.032)
+    assert trip["fc"] == 3 * 60 + 2  # total fuel grows 1 mL a second: body 0 to body 182
+    assert state is not None
+    assert (state.first_lat, state.first_total_km, state.last_total_km) == (37.4, 120_000, 120_011)
+
+
+def test_tid_is_whole_seconds_in_every_payload() -> None:
+    # tid is an integer in JSON ("tid":1795215600), never a float ("tid":1795215600.0 or .99 for
+    # a KEY ON 0.99 s into the second: the same trip id, the seconds cut, not rounded).
+    later_in_the_second = KEY_ON + timedelta(milliseconds=990)
+    messages, _ = run([dtg(dtg_body(0), dtg_body(1)), key_off(), dtg(dtg_body(7), key_on=later_in_the_second)])
+    payloads = [encode_payload(m.payload) for m in messages]
+    assert all(b'"tid":%d' % TID in p for p in payloads if b'"tid"' in p)
+    assert sum(p.count(b'"tid":%d,' % TID) for p in payloads) == 5  # 2 + 1 elements, the Trip, the parking
+    assert all(type(m.payload["pld"]["tid"]) is int for m in by_ty(messages, 1))
+
+
+def test_a_payload_is_split_at_the_platforms_64_kib_exactly() -> None:
+    # The platform refuses a payload of 64 KiB or more. A chunk is held below that in the widest
+    # form it can take: json.dumps' ", " and ": ", the widest ts and message number. The packet id
+    # is in every payload, so lengthening it one character at a time finds the byte where a packet
+    # stops going whole: there, the widest form must be 65,535 bytes, and 65,536 one character on.
+    # (The limit is written out, so MAX_PAYLOAD_BYTES cannot move in either direction unnoticed.)
+    first, _ = map_record(dtg(*(dtg_body(s) for s in range(600))), None, packet_id="p")
+    record = dtg(*(dtg_body(s) for s in range(len(first[0].payload["pld"]))))  # as many as fit with id "p"
+
+    def messages(id_length: int) -> list[Message]:
+        return map_record(record, None, packet_id="p" * id_length)[0]
+
+    whole, halved = 1, 20_000  # whole with a 1-character id, split with a 20,000-character one
+    assert len(messages(whole)) == 1 and len(messages(halved)) == 2
+    while halved - whole > 1:
+        middle = (whole + halved) // 2
+        whole, halved = (middle, halved) if len(messages(middle)) == 1 else (whole, middle)
+
+    def widest(message: Message, id_length: int) -> int:
+        payload = dict(message.payload, ts=10**13, id="p" * id_length + ":99999")
+        return len(json.dumps(payload, ensure_ascii=False).encode())
+
+    (sent,) = messages(whole)
+    assert widest(sent, whole) == 65_535
+    assert widest(sent, halved) == 65_536  # the same elements with one id character more: split
+    assert all(len(encode_payload(m.payload)) < 65_536 for m in [sent, *messages(halved)])
+
+
+def test_compact_json_is_what_is_published() -> None:
+    (message,), _ = map_record(dtg(dtg_body(0)), None, packet_id="c")
+    payload = encode_payload(message.payload)
+    assert payload == json.dumps(message.payload, ensure_ascii=False, separators=(",", ":")).encode()
+    assert b", " not in payload and b": " not in payload
