@@ -203,10 +203,11 @@ def serve(verbose: int, quiet: bool, log_format: Literal["text", "json"], worker
     from ..server.app import held_stop_signals
 
     with held_stop_signals():  # a SIGINT/SIGTERM during start-up waits for the server's handler
-        _serve(verbose, quiet, workers, writer_process, options)
+        _serve(verbose, quiet, log_format, workers, writer_process, options)
 
 
-def _serve(verbose: int, quiet: bool, workers: int, writer_process: bool, options: dict[str, Any]) -> None:
+def _serve(verbose: int, quiet: bool, log_format: Literal["text", "json"], workers: int, writer_process: bool,
+           options: dict[str, Any]) -> None:
     from .. import logs
     from ..server.app import serve as run_server
     from ..server.workers import serve_workers
