@@ -151,7 +151,7 @@ async def test_a_linked_logs_directory_answers_4_logs_why_and_a_resend_is_stored
         assert server.port
         assert await exchange(server.port, packet) == OVERLOADED
         assert list(outside.iterdir()) == []
-        assert f"{data_dir / 'logs'} is a symbolic link" in caplog.text
+        assert f"answering 4: {data_dir / 'logs'} is a symbolic link" in caplog.text
         assert "answering 4" in caplog.text
         (data_dir / "logs").unlink()
         assert await exchange(server.port, packet) == OK

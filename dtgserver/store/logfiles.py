@@ -50,6 +50,9 @@ _durable_lock = threading.Lock()  # one writer thread per shard; shards may shar
 class UnsafeLogPath(OSError):
     """A symbolic link, or not a directory / regular file, where a status log path goes: not written."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # the path and the reason, for the commit's error line; no "[Errno 40]"
+
 
 def status_log_path(data_dir: Path, record: StatusLog) -> Path:
     """logs/<modem>/<send time>.log, built from validated digits only: a log's first-choice name."""
