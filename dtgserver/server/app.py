@@ -414,8 +414,8 @@ class DtgServer:
 
         One cancel scope for the whole session, its deadline (in `self.timeouts`, see
         server/timeouts.py) moved to whatever is awaited: the next byte (idle timeout; the packet
-        timeout while a packet is partly in), nothing while the store commits, the answer's send
-        (send timeout).
+        timeout while a packet is partly in), nothing while the store commits (that wait has its
+        own bound, commit_timeout, in `_accept`), the answer's send (send timeout).
         """
         cfg = self.config
         metrics = self.metrics
@@ -470,7 +470,7 @@ class DtgServer:
                         return
                     budget.release(len(event.raw))  # handed to the store (bounded by --queue-high-water)
                     held -= len(event.raw)
-                    timeouts.set(scope, math.inf)  # a commit that began is never abandoned by a timeout
+                    timeouts.set(scope, math.inf)  # the commit's wait is bounded by commit_timeout (_accept)
                     result = await self._accept(event, session)
                     session.results.append(int(result))
                     metrics.results[int(result)] += 1
