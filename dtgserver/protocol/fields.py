@@ -70,8 +70,6 @@ Bind = Callable[[Any], str]
 class Field(construct.Adapter):  # type: ignore[misc]
     """Base adapter: an identity over a fixed-size integer, with an optional documented range."""
 
-    kind: ClassVar[str] = "int"
-
     def __init__(
         self,
         subcon: construct.Construct,
@@ -204,8 +202,6 @@ class Code(Field):
 class Flag(Field):
     """0/1 as a bool; any other byte is kept as its integer (and warned about)."""
 
-    kind = "bool"
-
     def decode_expr(self, wire: str, conv: str, bind: Bind) -> str:
         return f"({wire} == 1 if {wire} <= 1 else {wire})"
 
@@ -230,8 +226,6 @@ class Flag(Field):
 
 class Scaled(Field):
     """An integer on the wire, a float of `unit` in the record: wire = round(value × scale)."""
-
-    kind = "float"
 
     def __init__(self, subcon: construct.Construct, scale: int, *, unit: str, lo: float | None = None,
                  hi: float | None = None, doc: str = ""):
@@ -271,7 +265,6 @@ class Scaled(Field):
 class Temperature(Scaled):
     """°C × 10, where 99.0 means no sensor and 98.0 sensor off (spec §7)."""
 
-    kind = "temperature"
     SPECIAL: ClassVar[dict[int, SensorState]] = {990: SensorState.ABSENT, 980: SensorState.OFF}
     WIRE: ClassVar[dict[SensorState, int]] = {v: k for k, v in SPECIAL.items()}
 
@@ -323,8 +316,6 @@ class Temperature(Scaled):
 
 class KstTime(Field):
     """YY MM DD hh mm ss cc (cc = 1/100 s), Korean local time, as an aware datetime."""
-
-    kind = "time"
 
     arity = 7
 
@@ -411,7 +402,6 @@ def format_time(value: datetime) -> str:
 class Text(Field):
     """Fixed-width EUC-KR text, right-aligned, left-filled with '#'; decoded as CP949."""
 
-    kind = "text"
     raw_digits = False
 
     def __init__(self, width: int, *, doc: str = ""):

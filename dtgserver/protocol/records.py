@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from .errors import Result
 from .fields import BadTime, SensorState, WireStr
 
 if TYPE_CHECKING:
@@ -239,13 +238,6 @@ class Response(Packet):
     @property
     def modem(self) -> None:  # type: ignore[override]  # the server's answer names no terminal
         return None
-
-
-def result_name(result: int) -> str:
-    try:
-        return Result(result).name.lower()
-    except ValueError:
-        return "unknown"
 
 
 PACKET_TYPES: tuple[type[Packet], ...] = (BasicInfo, DtgRealtime, KeyOff, ObdRealtime, MdtRealtime, StatusLog, Response)
