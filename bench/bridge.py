@@ -100,15 +100,17 @@ def floor(raw: bytes, tid: int, cdit: list[int], em: list[str], packet_id: str) 
 
 
 def timed(contenders: dict[str, Callable[[], Any]], rounds: int, number: int) -> dict[str, tuple[float, float]]:
-    """(best, median) µs per call of each contender over `rounds` rounds of `number` calls; every
-    round runs every contender in turn, so a busy moment of the machine falls on all of them."""
+    """(best, median) µs of this process's CPU time per call of each contender, over `rounds`
+    rounds of `number` calls; every round runs every contender in turn, so a busy moment of the
+    machine falls on all of them (CPU time, not wall time: the other processes of a shared
+    machine do not count, only what they do to the caches and the clock)."""
     per_call: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, function in contenders.items():
-            started = time.perf_counter()
+            started = time.process_time()
             for _ in range(number):
                 function()
-            per_call[name].append((time.perf_counter() - started) / number * 1e6)
+            per_call[name].append((time.process_time() - started) / number * 1e6)
     return {name: (min(times), statistics.median(times)) for name, times in per_call.items()}
 
 

@@ -135,3 +135,69 @@ def test_the_record_and_its_bytes_give_the_same_messages() -> None:
     packet = dtg(dtg_body(0), dtg_body(1))
     assert map_record(packet, None, packet_id="x") == map_record(wire(packet), None, packet_id="x")
     assert encode_packet(wire(packet)) == encode_packet(packet)
+
+
+# -- the microtrip from the bytes is the microtrip the decoded records give ------------------------------------
+
+
+def _oracle_element(body: Any, keys: tuple[str, ...], string_keys: frozenset[str], tid: int,
+                    first_total_km: int | None) -> dict[str, Any]:
+    """One element as the record path builds it: every key from the decoded body's fields."""
+    from dtgserver.protocol import SensorState
+
+    def text(value: Any) -> str:
+        return f"{value:g}"
+
+    fields = {"lat": ("lat", float), "lon": ("lon", float), "sp": ("speed_kmh", int), "rpm": ("rpm", int),
+              "fc": ("daily_fuel_l", lambda litres: round(litres * 1000)), "vv": ("battery_v", float),
+              "dtr": ("daily_distance_km", int), "dctr": ("total_distance_km", int), "bsg": ("brake", int),
+              "gan": ("azimuth_deg", int), "acx": ("accel_x_ms2", float), "acy": ("accel_y_ms2", float)}
+    out: dict[str, Any] = {}
+    for key in keys:
+        if key == "tid":
+            out[key] = tid
+        elif key == "clt":
+            if time_ms(body.time) is not None:
+                out[key] = time_ms(body.time)
+        elif key == "cdit":
+            if first_total_km is not None and body.total_distance_km >= first_total_km:
+                out[key] = (body.total_distance_km - first_total_km) * 1000
+        elif key == "tmp":
+            a, b = body.temp_a_c, body.temp_b_c
+            if not (isinstance(a, SensorState) and isinstance(b, SensorState)):
+                out[key] = (f"{'' if isinstance(a, SensorState) else text(a)},"
+                            f"{'' if isinstance(b, SensorState) else text(b)}")
+        else:
+            name, convert = fields[key]
+            value = convert(getattr(body, name))
+            out[key] = text(value) if key in string_keys else value
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(records(DtgRealtime, max_bodies=5), records(ObdRealtime, max_bodies=5),
+                 records(MdtRealtime, max_bodies=5)),
+       st.sampled_from(sorted(PROFILES)), st.none() | st.integers(-(2**31), 2**31 - 1), st.data())
+def test_elements_from_the_bytes_are_the_elements_of_the_decoded_bodies(record: Any, profile: str,
+                                                                         first_total_km: int | None,
+                                                                         data: st.DataObject) -> None:
+    from dtgserver.bridge.messages import TRIP_ELEMENT_KEYS, elements_builder
+    from dtgserver.protocol import decode
+    from dtgserver.protocol.layout import realtime
+
+    raw = encode_packet(record)
+    if data.draw(st.booleans()):  # any bytes in the bodies: bad times, odd flags, every wire value
+        raw = raw[:23] + data.draw(st.binary(min_size=len(raw) - 23, max_size=len(raw) - 23))
+    decoded = decode(raw)
+    layout = realtime(raw)
+    assert layout is not None
+    table = PROFILES[profile]
+    keys = tuple(key for key in table.microtrip_keys[layout.kind] if key not in TRIP_ELEMENT_KEYS)  # set afterwards
+    built = elements_builder(layout.kind, keys, table.string_keys)(layout.bodies(raw), 1_795_215_600, first_total_km)
+    expected = [_oracle_element(body, keys, table.string_keys, 1_795_215_600, first_total_km)
+                for body in decoded.bodies]  # type: ignore[attr-defined]
+    assert built == expected
+    for element, oracle in zip(built, expected, strict=True):
+        assert list(element) == list(oracle)  # the same keys in the same (JSON) order
+        assert [type(v) for v in element.values()] == [type(v) for v in oracle.values()] or \
+            all(isinstance(v, type(o)) for v, o in zip(element.values(), oracle.values(), strict=True))

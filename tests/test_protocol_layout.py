@@ -127,7 +127,7 @@ def test_tuples_columns_and_values_are_the_decoded_bodies(raw: bytes) -> None:
             column = [layout.body_slots[name].adapter.decode(v) for v in layout.column(raw, name)]
             assert column == [getattr(body, name) for body in record.bodies], name
     for index, body in [(0, record.bodies[0]), (-1, record.bodies[-1]), (len(record.bodies) - 1, record.bodies[-1])]:
-        assert layout.decoded(raw, index, [*names, "no_such_field"]) == {name: getattr(body, name) for name in names}
+        assert layout.decoded(raw, index, (*names, "no_such_field")) == {name: getattr(body, name) for name in names}
     times = [t for t in (ms(body.time) for body in record.bodies) if t is not None]
     assert layout.times_ms(raw) == ((times[0], times[-1]) if times else (None, None))
     assert layout.key_on_ms(raw) == ms(record.key_on_time)

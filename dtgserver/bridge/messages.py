@@ -181,7 +181,7 @@ DERIVED_KEYS = ("tid", "clt", "cdit", "tmp")
 # Keys set on each element after it is built, from the trip's detector and measures (`_realtime`).
 TRIP_ELEMENT_KEYS = ("em",)
 
-ElementsBuilder = Callable[[memoryview, int | None, int | None], list[dict[str, Any]]]
+ElementsBuilder = Callable[[memoryview, int, int | None], list[dict[str, Any]]]
 
 
 def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: frozenset[str]) -> str:
@@ -190,7 +190,8 @@ def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
     One statement per key in the key list's order (the JSON's order), reading the body's wire
     values by their place in the struct tuple. A key without a value is left out, never
     invented: a body time that is no calendar time has no `clt`, a trip without a known first
-    odometer (or a body behind it) no `cdit`, a body whose sensors report no reading no `tmp`.
+    odometer (`first_total_km` None: `elements_builder` then builds the source without `cdit`)
+    or a body behind it no `cdit`, a body whose sensors report no reading no `tmp`.
     """
     slots = layout.body_slots
     width = sum(slot.arity for slot in slots.values())
@@ -213,14 +214,15 @@ def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
 
     lines = ["def elements(bodies, tid, first_total_km):",
              "    out = []",
+             "    append = out.append",
              f"    for {', '.join(wire)} in _iter(bodies):"]
     body = []
     values: list[str] = []
     optional: list[str] = []
+    deletes: list[str] = []
     for key in keys:
         if key == "tid":
             values.append("tid")
-            optional.append("tid")
         elif key == "clt":
             y, mo, d, h, mi, s, cc = wire[slots["time"].index:slots["time"].index + 7]
             body += [f"midnight = _day_ms({y}, {mo}, {d})",
@@ -230,10 +232,8 @@ def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
             optional.append("clt")
         elif key == "cdit":
             km = at("total_distance_km")
-            body.append(f"cdit = ({km} - first_total_km) * 1000 "
-                        f"if first_total_km is not None and {km} >= first_total_km else None")
-            values.append("cdit")
-            optional.append("cdit")
+            values.append(f"({km} - first_total_km) * 1000")
+            deletes.append(f"if {km} < first_total_km:\n            del e['cdit']")
         elif key == "tmp":
             a, b = at("temp_a_c"), at("temp_b_c")
             adapter = slots["temp_a_c"].adapter
@@ -260,7 +260,8 @@ def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
     items = ", ".join(f"{key!r}: {value}" for key, value in zip(keys, values, strict=True))
     body.append(f"e = {{{items}}}")
     body += [f"if {name} is None:\n            del e[{name!r}]" for name in optional]
-    body.append("out.append(e)")
+    body += deletes
+    body.append("append(e)")
     lines += ["        " + line for line in body]
     lines.append("    return out")
     return "\n".join(lines)
@@ -268,7 +269,24 @@ def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
 
 @functools.lru_cache(maxsize=64)
 def elements_builder(kind: str, keys: tuple[str, ...], string_keys: frozenset[str]) -> ElementsBuilder:
-    """The generated `elements(bodies, tid, first_total_km)` for one realtime kind and key list."""
+    """`elements(bodies, tid, first_total_km)` for one realtime kind and key list: every body's
+    microtrip element (`tid` an int; `first_total_km` None when the trip's first odometer is not
+    known, and then no element has `cdit`)."""
+    with_cdit = _compiled(kind, keys, string_keys)
+    if "cdit" not in keys:
+        return with_cdit
+    without_cdit = _compiled(kind, tuple(key for key in keys if key != "cdit"), string_keys)
+
+    def elements(bodies: memoryview, tid: int, first_total_km: int | None) -> list[dict[str, Any]]:
+        if first_total_km is None:
+            return without_cdit(bodies, tid, None)
+        return with_cdit(bodies, tid, first_total_km)
+
+    return elements
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(kind: str, keys: tuple[str, ...], string_keys: frozenset[str]) -> ElementsBuilder:
     layout = REALTIME_BY_KIND[kind]
     keys = tuple(key for key in keys if key not in TRIP_ELEMENT_KEYS)  # set by `_realtime` afterwards
     namespace: dict[str, Any] = {"_iter": layout.body.iter_unpack, "_day_ms": day_ms, "_exact": exact,
@@ -311,8 +329,8 @@ def _realtime(raw: bytes, layout: RealtimeLayout, state: TripState | None, table
     ty = table.microtrip_ty[kind]
     payloads: Built = []
     for chunk in split(elements, ty, packet_id, max_payload_bytes, element_bound(keys)):
-        times = [e["clt"] for e in chunk if "clt" in e]
-        payloads.append((topic, _envelope(times[-1] if times else moved.key_on_ms, ty, chunk), False))
+        last = next((e["clt"] for e in reversed(chunk) if "clt" in e), moved.key_on_ms)  # the last body time
+        payloads.append((topic, _envelope(last, ty, chunk), False))
     return payloads + events, moved.state
 
 
@@ -337,6 +355,12 @@ def element_bound(keys: tuple[str, ...]) -> int:
     return 2 + sum(len(json.dumps(key)) + 4 + VALUE_BOUND for key in keys)
 
 
+@functools.lru_cache(maxsize=64)
+def _overhead(ty: int) -> int:
+    """Bytes of the envelope of an empty array with the widest `ts`, without the id's value."""
+    return _size(_envelope(10**13, ty, []) | {"id": ""}) - 2
+
+
 def split(elements: list[dict[str, Any]], ty: int, packet_id: str, limit: int,
           element_bound: int | None = None) -> list[list[dict[str, Any]]]:
     """Elements in consecutive chunks whose encoded envelope stays below `limit` bytes.
@@ -345,7 +369,7 @@ def split(elements: list[dict[str, Any]], ty: int, packet_id: str, limit: int,
     element fit, nothing is encoded to find out (a minute's 60 elements are far below the limit).
     """
     # the envelope around the array, with the widest ts and message number it can get
-    overhead = _size(_envelope(10**13, ty, []) | {"id": f"{packet_id}:99999"})
+    overhead = _overhead(ty) + _size(f"{packet_id}:99999")
     if element_bound is not None and overhead + len(elements) * (element_bound + 2) < limit:
         return [elements] if elements else []
     # The usual case, one dumps: the whole array's size is overhead + element sizes + the ", "

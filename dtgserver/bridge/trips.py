@@ -142,12 +142,12 @@ def summarize(raw: bytes, layout: RealtimeLayout) -> BodySummary:
     if count <= 0:
         return BodySummary()
     first_ms, last_ms = layout.times_ms(raw)
-    head, tail = layout.decoded(raw, 0, _ENDS), layout.decoded(raw, -1, _ENDS)
+    head, tail = layout.decoded(raw, 0, _ENDS), layout.decoded(raw, count - 1, _ENDS)
     speeds = layout.column(raw, "speed_kmh")
     fuel = "total_fuel_l" in head
     return BodySummary(
         count, first_ms, last_ms, head["total_distance_km"], tail["total_distance_km"],
-        max(layout.column(raw, "total_distance_km")),
+        layout.column_max(raw, "total_distance_km"),
         head["lat"], head["lon"], tail["lat"], tail["lon"], max(speeds), sum(speeds), count - speeds.count(0),
         _ml(head["total_fuel_l"]) if fuel else None, _ml(tail["total_fuel_l"]) if fuel else None,
         tail.get("status_code"),
@@ -283,6 +283,8 @@ def realtime_advance(raw: bytes, layout: RealtimeLayout, state: TripState | None
 def status_changes(status_code: int, codes: Sequence[int]) -> list[tuple[int, int]]:
     """(body index, code) of each body whose device status differs from the one before and is
     not 0 (ok), the one before the first body being `status_code`."""
+    if codes.count(status_code) == len(codes):  # the usual packet: no change at all
+        return []
     changes = []
     for index, code in enumerate(codes):
         if code != status_code and code != 0:

@@ -76,6 +76,12 @@ def day_ms(yy: int, month: int, day: int) -> int | None:
 def wire_time_ms(yy: int, month: int, day: int, hour: int, minute: int, second: int, cc: int) -> int | None:
     """UTC ms of the seven values of a wire time (KST, cc in 1/100 s); None exactly where the
     decoder gives a `BadTime` (no calendar time): the same as decoding it and converting."""
+    return _time_ms(bytes((yy, month, day, hour, minute, second, cc)))
+
+
+def _time_ms(seven: bytes) -> int | None:
+    """`wire_time_ms` of the 7 bytes of a time, unpacked here (cheaper than a call with *args)."""
+    yy, month, day, hour, minute, second, cc = seven
     midnight = day_ms(yy, month, day)
     if midnight is None or hour > 23 or minute > 59 or second > 59 or cc > 99:
         return None
@@ -108,17 +114,20 @@ class RealtimeLayout:
                  body_slots: Mapping[str, Slot]):
         self.protocol_id = record.PROTOCOL_ID
         self.record = record
+        self.kind = record.KIND
         self.header = header
         self.header_size = header_size
         self.body = body
         self.body_slots = body_slots
+        self._size = body.size
+        self._time_at = header_size + body_slots["time"].offset
+        self._key_on_at = header["key_on_time"].offset
+        self._pickers: dict[tuple[str, ...], tuple[struct.Struct, list[tuple[str, Any]]]] = {}
+        self._byte_columns = {name: header_size + slot.offset for name, slot in body_slots.items()
+                              if slot.arity == 1 and slot.adapter.fmt == "B"}  # one unsigned byte: a slice
         self._columns = {  # one field of every body, the rest of the body skipped
             name: struct.Struct(f">{slot.offset}x{slot.adapter.fmt}{body.size - slot.end}x")
             for name, slot in body_slots.items() if slot.arity == 1}
-
-    @property
-    def kind(self) -> str:
-        return self.record.KIND
 
     @property
     def body_size(self) -> int:
@@ -142,38 +151,55 @@ class RealtimeLayout:
             index += self.body_count(raw)
         return self.body.unpack_from(raw, self.header_size + index * self.body.size)
 
-    def decoded(self, raw: bytes, index: int, names: Sequence[str]) -> dict[str, Any]:
+    def decoded(self, raw: bytes, index: int, names: tuple[str, ...]) -> dict[str, Any]:
         """The values of the fields `names` of body `index` (negative counts from the last), decoded
         exactly as in its record; a name this kind's body does not have is left out."""
-        values = self.body_values(raw, index)
-        out = {}
-        for name in names:
-            slot = self.body_slots.get(name)
-            if slot is not None:
-                wire = values[slot.index] if slot.arity == 1 else bytes(values[slot.index:slot.index + slot.arity])
-                out[name] = slot.adapter.decode(wire)
-        return out
+        picker = self._pickers.get(names)
+        if picker is None:
+            picker = self._pickers[names] = self._picker(names)
+        reader, decoders = picker
+        if index < 0:
+            index += self.body_count(raw)
+        values = reader.unpack_from(raw, self.header_size + index * self._size)
+        return {name: decode(value) for (name, decode), value in zip(decoders, values)}  # noqa: B905  # same length
+
+    def _picker(self, names: tuple[str, ...]) -> tuple[struct.Struct, list[tuple[str, Any]]]:
+        """A struct reading only the fields `names` of a body (in wire order), and their decoders."""
+        chosen = sorted((self.body_slots[name] for name in set(names) if name in self.body_slots),
+                        key=lambda slot: slot.offset)
+        fmt, position = ">", 0
+        for slot in chosen:
+            fmt += f"{slot.offset - position}x" if slot.offset > position else ""
+            fmt += slot.adapter.fmt if slot.arity == 1 else f"{slot.size}s"
+            position = slot.end
+        return struct.Struct(fmt), [(slot.name, slot.adapter.decode) for slot in chosen]
+
+    def column_max(self, raw: bytes, name: str) -> int:
+        """The largest wire value of field `name` over the bodies (one-value fields only)."""
+        at = self._byte_columns.get(name)
+        if at is not None:
+            return max(raw[at::self.body.size])
+        return int(max(self._columns[name].iter_unpack(memoryview(raw)[self.header_size:]))[0])
 
     def column(self, raw: bytes, name: str) -> Sequence[int]:
         """The wire value of field `name` in every body, in order (one-value fields only).
 
         A one-byte unsigned field is a slice of the packet (a `bytes` of the values)."""
-        slot = self.body_slots[name]
-        if slot.adapter.fmt == "B":
-            return raw[self.header_size + slot.offset::self.body.size]
+        at = self._byte_columns.get(name)
+        if at is not None:
+            return raw[at::self.body.size]
         return [v for (v,) in self._columns[name].iter_unpack(memoryview(raw)[self.header_size:])]
 
     def times_ms(self, raw: bytes) -> tuple[int | None, int | None]:
         """UTC ms of the first and of the last body whose time is a calendar time (None, None: none is)."""
-        slot = self.body_slots["time"]
-        size, count = self.body.size, self.body_count(raw)
-        first_at = self.header_size + slot.offset
-        last_at = first_at + (count - 1) * size
+        size = self._size
+        first_at = self._time_at
+        last_at = first_at + ((len(raw) - self.header_size) // size - 1) * size
         for at in range(first_at, last_at + 1, size):
-            first = wire_time_ms(*raw[at:at + 7])
+            first = _time_ms(raw[at:at + 7])
             if first is not None:
                 for back in range(last_at, at - 1, -size):
-                    last = wire_time_ms(*raw[back:back + 7])
+                    last = _time_ms(raw[back:back + 7])
                     if last is not None:
                         return first, last
         return None, None
@@ -181,7 +207,7 @@ class RealtimeLayout:
     def body_time_ms(self, raw: bytes, index: int) -> int | None:
         """UTC ms of body `index`'s time; None when it is no calendar time."""
         at = self.header_size + index * self.body.size + self.body_slots["time"].offset
-        return wire_time_ms(*raw[at:at + 7])
+        return _time_ms(raw[at:at + 7])
 
     def modem(self, raw: bytes) -> str:
         """The header's modem, as the decoder reads it."""
@@ -191,8 +217,8 @@ class RealtimeLayout:
 
     def key_on_ms(self, raw: bytes) -> int | None:
         """UTC ms of the header's KEY ON time; None when it is no calendar time."""
-        at = self.header["key_on_time"].offset
-        return wire_time_ms(*raw[at:at + 7])
+        at = self._key_on_at
+        return _time_ms(raw[at:at + 7])
 
     def cut(self, raw: bytes) -> RealtimeCut:
         """The packet cut around what a load generator changes in each copy (docs/simulator.md):
