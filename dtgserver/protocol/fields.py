@@ -246,9 +246,10 @@ class Scaled(Field):
     def encode(self, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {value!r}")
-        if value != value or value in (float("inf"), float("-inf")):
+        scaled = value * self.scale
+        if scaled != scaled or scaled in (float("inf"), float("-inf")):  # NaN, ±inf, or a float that overflows
             raise ValueError(f"{value!r} is not a number the wire can carry")
-        raw = round(value * self.scale)
+        raw = round(scaled)
         # Float noise from arithmetic (129.0501 computed as 129.05010000000001) is not precision
         # the caller meant; a value between two wire steps (12.34 at ×10) is, and is refused.
         if abs(raw / self.scale - value) > 1e-9 * max(1.0, abs(value)):
