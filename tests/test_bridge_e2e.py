@@ -136,12 +136,12 @@ async def test_broker_killed_under_load_loses_nothing_and_keeps_order(tmp_path: 
                 with trio.fail_after(20):
                     while len(answered) < 30:
                         await trio.sleep(0.01)
-                assert server.forwarder is not None and not server.forwarder.connected
+                assert server.bridge is not None and not server.bridge.forwarders[0].connected
                 broker.start()  # same port
             await subscriber.wait_for(lambda s: {json.loads(m.payload)["id"].split(":")[0] for m in s.messages}
                                       >= set(answered), timeout_s=40)
             with trio.fail_after(20):
-                while server.store.backlog():
+                while server.bridge.backlog():
                     await trio.sleep(0.05)
     payloads = [json.loads(m.payload) for m in subscriber.messages]
     # duplicates only as QoS 1 allows: an identical id carries an identical message
@@ -158,14 +158,14 @@ async def test_broker_killed_under_load_loses_nothing_and_keeps_order(tmp_path: 
 
 async def test_backlog_high_water_answers_4_while_the_broker_is_down(tmp_path: Path, broker: Mosquitto) -> None:
     broker.stop()
-    async with server_with_broker(tmp_path, broker, outbox_high_water=3) as server:
+    async with server_with_broker(tmp_path, broker, backlog_high_water=3) as server:
         assert server.port
         answers = [await send(server.port, encode(dtg(minute=m, bodies=5))) for m in range(5)]
-        assert answers == [OK, OK, OK, OVERLOADED, OVERLOADED]  # one message per packet: 3 fill it
-        assert server.store.backlog() == 3
+        assert answers == [OK, OK, OK, OVERLOADED, OVERLOADED]  # 3 packets after the cursor fill it
+        assert server.bridge.backlog() == 3
         broker.start()
         with trio.fail_after(30):
-            while server.store.backlog():
+            while server.bridge.backlog():
                 await trio.sleep(0.05)
         assert await send(server.port, encode(dtg(minute=3, bodies=5))) == OK
         assert [p.raw for p in server.store.packets()] == [encode(dtg(minute=m, bodies=5)) for m in range(4)]
@@ -205,7 +205,7 @@ async def test_after_a_restart_the_undelivered_backlog_is_published_first(tmp_pa
         assert server.port
         for raw in backlog:
             assert await send(server.port, raw) == OK
-        assert server.store.backlog() == 3
+        assert server.bridge.backlog() == 3
     broker.start()
     with Subscriber(broker, "v1/sensors/#") as subscriber:
         async with server_with_broker(tmp_path, broker) as server:
@@ -240,3 +240,52 @@ async def test_replay_to_an_unreachable_broker_gives_up_at_its_timeout(tmp_path:
 def test_replay_options_are_checked_before_it_starts(tmp_path: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(main, ["replay", "--data-dir", str(tmp_path), "--mqtt", "mqtt://127.0.0.1:1", *args])
     assert result.exit_code == 2 and message in result.stderr
+
+
+async def test_mqtt_enabled_on_a_data_dir_with_history(tmp_path: Path, broker: Mosquitto) -> None:
+    """Served without MQTT, then with it: the history is not published, and the trip under way
+    when MQTT came on ends with the Trip of the whole trip (its states rebuilt from the history)."""
+    history = [basic_info(), dtg(minute=0), dtg(minute=1)]  # a trip under way
+    later = [dtg(minute=2), key_off()]
+    async with server_with_broker(tmp_path, broker, mqtt_url=None) as server:
+        assert server.port
+        for record in history:
+            assert await send(server.port, encode(record)) == OK
+    assert not (tmp_path / "data" / "bridge-0.db").exists()  # no bridge without --mqtt
+    with Subscriber(broker, "v1/sensors/#") as subscriber:
+        async with server_with_broker(tmp_path, broker) as server:
+            assert server.port and server.bridge is not None
+            with trio.fail_after(20):
+                await server.bridge.consumers[0].ready.wait()
+            for record in later:
+                assert await send(server.port, encode(record)) == OK
+            stored = list(server.store.packets())
+            expected = expected_messages([*history, *later], {p.raw: int(p.received_at * 1000) for p in stored})
+            await subscriber.wait_count(3)
+            await trio.sleep(0.3)  # nothing more may arrive
+    got = [(m.topic, json.loads(m.payload), m.retain) for m in subscriber.messages]
+    assert got == expected[-3:]  # minute 2's microtrip, the Trip, the parking microtrip
+    trip = got[1][1]
+    assert trip["ty"] == 1 and trip["pld"]["dtvt"] == 180  # all three minutes, not only the last
+
+
+async def test_live_and_replay_publish_identical_payloads(tmp_path: Path, broker: Mosquitto) -> None:
+    sequence = [basic_info(), dtg(minute=0), dtg(minute=1), key_off(battery_v=11.0), obd("01033334444"),
+                key_off("01033334444")]
+    with Subscriber(broker, "v1/sensors/#") as live:
+        async with server_with_broker(tmp_path, broker) as server:
+            assert server.port
+            for record in sequence:
+                assert await send(server.port, encode(record)) == OK
+            await live.wait_count(9)
+            await trio.sleep(0.3)
+    with Subscriber(broker, "v1/sensors/#", client_id="replay-watcher") as replayed:
+        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(
+            main, ["replay", "--data-dir", str(tmp_path / "data"), "--mqtt", broker.url]))
+        assert result.exit_code == 0, result.output
+        count = int(result.output.split()[1])
+        # the attributes are retained: the replay watcher also gets the live copy first; not counted
+        await replayed.wait_for(lambda s: sum(1 for m in s.messages if not m.retain) >= count)
+    assert len(live.messages) == 9 == count
+    replay = [m for m in replayed.messages if not m.retain]
+    assert [(m.topic, m.payload) for m in replay] == [(m.topic, m.payload) for m in live.messages]

@@ -305,16 +305,18 @@ def test_docs_schema_is_the_code_schema() -> None:
 
 
 async def test_docs_list_every_metric(tmp_path: Path) -> None:
-    async with running(tmp_path) as server:  # without --mqtt: no forwarder metrics
+    async with running(tmp_path) as server:  # without --mqtt: no bridge metrics
         assert server.port
         assert await exchange(server.port, dtg_bytes(), b"\x05\x00") == OK + bytes([9, 1])
     rendered = {re.split(r"[{ ]", line)[0] for line in server.metrics.render().splitlines()
                 if line and not line.startswith("#")}
-    documented = set(re.findall(r"^\| `(dtg_[a-z_]+)", DOCS.read_text("utf-8"), re.MULTILINE))
-    forwarder = {"dtg_mqtt_published_total", "dtg_mqtt_acknowledged_total", "dtg_mqtt_reconnects_total",
-                 "dtg_mqtt_connected"}  # only with --mqtt
+    documented = set(re.findall(r"^\| `(dtg_[a-z0-9_]+)", DOCS.read_text("utf-8"), re.MULTILINE))
+    bridge = {"dtg_mqtt_published_total", "dtg_mqtt_acknowledged_total", "dtg_mqtt_reconnects_total",
+              "dtg_mqtt_connected", "dtg_bridge_derived_packets_total", "dtg_bridge_derive_errors_total",
+              "dtg_bridge_read_errors_total", "dtg_bridge_cursor_saves_total", "dtg_bridge_cursor_errors_total",
+              "dtg_bridge_lag_p50_seconds", "dtg_bridge_lag_p99_seconds", "dtg_bridge_trip_states"}  # with --mqtt
     assert rendered - documented == set()
-    assert documented - rendered == forwarder
+    assert documented - rendered == bridge
 
 
 def test_docs_name_tests_that_exist() -> None:

@@ -16,19 +16,17 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from serverproc import alive, children, free_port, free_ports, listening, send
 
-from dtgserver.bridge.mapping import TripState, map_record
-from dtgserver.protocol import Connection, Received, Result, Role, encode
+from dtgserver.protocol import Connection, Received, Result, Role
 from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
 from dtgserver.store import PacketStore, read_stored
 from dtgserver.store.packets import ShardCountMismatch, shard_of
-from dtgserver.testing import dtg_bytes, key_off
+from dtgserver.testing import dtg_bytes
 
 OK = b"\x09\x00"
 EXPECTED_SHARDS = [0, 1, 2, 2]  # zlib.crc32(b"01012345678") % 2, 3, 4, 8
@@ -42,60 +40,12 @@ def received(raw: bytes) -> Received:
     return event
 
 
-def mapper(record: Any, state: Any, *, packet_id: str, **received: Any) -> Any:
-    return map_record(record, state, packet_id=packet_id, **received)
-
-
 # -- the shared shard, in process -------------------------------------------------------------
-
-
-def outbox(path: Path) -> list[tuple[int, str, bytes]]:
-    db = sqlite3.connect(path)
-    try:
-        return [(i, t, bytes(p)) for i, t, p in db.execute("SELECT id, topic, payload FROM outbox ORDER BY id")]
-    finally:
-        db.close()
-
-
-def trip_packets(modem: str) -> list[bytes]:
-    """A trip whose messages depend on the state carried between packets (start, minutes, KEY OFF)."""
-    return [dtg_bytes(modem, minute=m, bodies=5) for m in range(3)] + [encode(key_off(modem))]
-
-
-def trip_states(path: Path) -> dict[str, str]:
-    db = sqlite3.connect(path)
-    try:
-        return dict(db.execute("SELECT modem, state FROM trip_state"))
-    finally:
-        db.close()
-
-
-async def test_without_mqtt_the_trip_state_is_kept_as_with_it(tmp_path: Path) -> None:
-    """Storing without MQTT skips building messages, not the state forwarding would later need."""
-    packets = trip_packets("01055550003")[:3]  # a trip in progress: no KEY OFF yet
-    stores = [PacketStore(tmp_path / name, mapper=mapper, forward=forward)
-              for name, forward in (("off", False), ("on", True))]
-    try:
-        async with trio.open_nursery() as nursery:
-            for store in stores:
-                await nursery.start(store.run)
-            for raw in packets:
-                for store in stores:
-                    assert await store.submit(received(raw), "peer") is Result.OK
-            nursery.cancel_scope.cancel()
-    finally:
-        for store in stores:
-            store.close()
-    off, on = (trip_states(tmp_path / name / "store-0.db") for name in ("off", "on"))
-    assert off == on
-    state = TripState.from_json(off["01055550003"])
-    assert state is not None and state.speed_count == 15
-    assert outbox(tmp_path / "off" / "store-0.db") == []
 
 
 async def test_a_commit_waits_for_a_write_lock_held_elsewhere(tmp_path: Path) -> None:
     """The writer begins on the event loop when the lock is free; when another connection holds
-    it (the forwarder deleting delivered rows), it waits in a thread and the loop keeps running."""
+    it (an operator's sqlite3 shell), it waits in a thread and the loop keeps running."""
     store = PacketStore(tmp_path)
     other = sqlite3.connect(store.path, isolation_level=None)
     results: list[Result] = []
@@ -121,25 +71,6 @@ async def test_a_commit_waits_for_a_write_lock_held_elsewhere(tmp_path: Path) ->
         store.close()
     assert results == [Result.OK]
     assert stored_modems(store.path) == ["01055550004"] * 2
-
-
-async def test_outbox_ids_not_reused_after_the_outbox_drained(tmp_path: Path) -> None:
-    """The forwarder fetches after the highest id it saw: a drained outbox must not start again at 1."""
-    store = PacketStore(tmp_path, mapper=mapper, forward=True)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            assert await store.submit(received(dtg_bytes("01055550002", bodies=5)), "peer") is Result.OK
-            rows = await store.fetch(0, 100)
-            await store.mark_delivered([r.id for r in rows])
-            assert store.backlog() == 0
-            assert await store.submit(received(dtg_bytes("01055550002", minute=1, bodies=5)), "peer") is Result.OK
-            with trio.fail_after(5):
-                later = await store.fetch(max(r.id for r in rows), 100)
-            assert later and min(r.id for r in later) > max(r.id for r in rows)
-            nursery.cancel_scope.cancel()
-    finally:
-        store.close()
 
 
 def test_shard_of_is_stable_and_spreads() -> None:

@@ -1,4 +1,4 @@
-"""The forwarder's view of the durable outbox: what to publish next, and what the broker has acked."""
+"""What the forwarder publishes from: the consumer's messages, and where it reports the broker's acks."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ class OutboxRow:
 
 
 class Outbox(Protocol):
-    """Implemented by the store; ids grow in commit order, so id order is each terminal's order."""
+    """Implemented by the consumer (bridge/consumer.py); ids grow in the shard's order, so id order is
+    each terminal's order. Ids are the consumer's own, valid while it runs."""
 
     async def fetch(self, after_id: int, limit: int) -> list[OutboxRow]:
-        """Undelivered rows with id > after_id in id order; waits until there is at least one.
+        """Rows with id > after_id in id order; waits until there is at least one.
 
         Cancel-safe: a cancelled fetch has taken nothing (the rows are fetched again later).
         """
@@ -34,5 +35,5 @@ class Outbox(Protocol):
         ...
 
     def backlog(self) -> int:
-        """How many rows are not yet delivered (cheap: read by the metrics endpoint)."""
+        """How much is not yet delivered (cheap: read by the metrics endpoint)."""
         ...

@@ -14,12 +14,11 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
 from ..protocol import BasicInfo, DtgBody, ObdBody, ProtocolError, Realtime, decode
-from ..store import StoredPacket
 from .driving import BEHAVIOURS, BIT, Criteria, DriveState, DrivingConfig, detect, finish
 from .tripmetrics import TripMeter, measure
 
@@ -77,7 +76,14 @@ class Row:
         return out
 
 
-def report(packets: Iterable[StoredPacket], config: DrivingConfig, *, by: str = "vehicle",
+class StoredBytes(Protocol):
+    """What the report reads of a stored packet (the store's `StoredPacket`, a log's `LoggedPacket`)."""
+
+    @property
+    def raw(self) -> bytes: ...
+
+
+def report(packets: Iterable[StoredBytes], config: DrivingConfig, *, by: str = "vehicle",
            since: float | None = None, until: float | None = None) -> list[Row]:
     """The rows, sorted by key. `packets` in each terminal's receive order (`read_stored` gives that);
     `since`/`until` (Unix seconds) bound the bodies' own times."""

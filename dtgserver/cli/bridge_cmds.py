@@ -1,62 +1,176 @@
-"""`dtgserver replay`: republish stored records to an MQTT broker."""
+"""`dtgserver bridge` (the MQTT bridge as its own process) and `dtgserver replay`."""
 
 from __future__ import annotations
 
+import logging
 import math
+import signal
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 import trio
 
+from ..bridge.profiles import PROFILES
 from . import checks
 from .server_cmds import _parse_time, data_dir_option
+
+log = logging.getLogger("dtgserver.bridge")
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 REPLAY_TIMEOUT_S = 300.0
 
 
+def _mqtt_options(default_client_id: str | None) -> Callable[[F], F]:
+    """The broker and message options `bridge` and `replay` share (`serve` has them too)."""
+
+    def decorate(f: F) -> F:
+        for option in reversed([
+            click.option("--mqtt", "mqtt_url", required=True, callback=checks.broker_url, envvar="DTGSERVER_MQTT",
+                         show_envvar=True, help="Broker: mqtt://[user:pass@]host[:port] or mqtts://..."),
+            click.option("--mqtt-tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                         callback=checks.tls_ca, envvar="DTGSERVER_MQTT_TLS_CA", show_envvar=True,
+                         help="CA certificate file for mqtts://."),
+            click.option("--topic-prefix", default="", callback=checks.topic_prefix, envvar="DTGSERVER_TOPIC_PREFIX",
+                         show_envvar=True, help="Prepended to every MQTT topic."),
+            click.option("--client-id", default=default_client_id, callback=checks.client_id,
+                         help="MQTT client id" + ("." if default_client_id else " (default: dtgserver-<hostname>; "
+                                                  "-shard<i> is added per shard when DIR has several).")),
+            click.option("--profile", type=click.Choice(list(PROFILES)), default="seed",
+                         help="Smart[Fleet] message numbering."),
+            click.option("--battery-warning-v", type=checks.FiniteFloat(min=0), default=11.5,
+                         help="KEY OFF battery below this raises a Battery Warning event (0 disables)."),
+        ]):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _check_tls(mqtt_url: str, mqtt_tls_ca: Path | None) -> None:
+    if mqtt_tls_ca is not None and not mqtt_url.startswith("mqtts://"):
+        raise click.BadParameter(f"a CA file needs an mqtts:// broker URL (--mqtt is {mqtt_url!r})",
+                                 param_hint="'--mqtt-tls-ca'")
+
+
+def _store_shards(data_dir: Path) -> int:
+    """How many shards DIR's store has; exits 1 with a message when DIR holds no store."""
+    from ..store import Control, shard_paths
+
+    found = len(shard_paths(data_dir))
+    if not found:
+        click.echo(f"dtgserver: error: no store in {data_dir}", err=True)
+        sys.exit(1)
+    control = Control(data_dir)
+    try:
+        return control.shard_count() or found
+    finally:
+        control.close()
+
+
 @click.command(cls=checks.ConfigCommand)
 @data_dir_option
-@click.option("--mqtt", "mqtt_url", required=True, callback=checks.broker_url, envvar="DTGSERVER_MQTT",
-              show_envvar=True, help="Broker: mqtt://[user:pass@]host[:port] or mqtts://...")
-@click.option("--mqtt-tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=checks.tls_ca,
-              envvar="DTGSERVER_MQTT_TLS_CA", show_envvar=True, help="CA certificate file for mqtts://.")
-@click.option("--topic-prefix", default="", callback=checks.topic_prefix, envvar="DTGSERVER_TOPIC_PREFIX",
-              show_envvar=True, help="Prepended to every MQTT topic.")
-@click.option("--client-id", default="dtgserver-replay", callback=checks.client_id, help="MQTT client id.")
+@_mqtt_options(None)
+@click.option("--trip-cache", type=click.IntRange(1), default=100_000, envvar="DTGSERVER_TRIP_CACHE",
+              show_envvar=True, help="Terminals whose trip state is kept in memory (least recently used "
+                                     "first out; the rest are read back from DIR/bridge-<shard>.db).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, envvar="DTGSERVER_METRICS_PORT",
+              show_envvar=True, help="Serve Prometheus /metrics and /healthz on this port (off when not given).")
+@click.option("--metrics-host", default="127.0.0.1", callback=checks.listen_host, envvar="DTGSERVER_METRICS_HOST",
+              show_envvar=True, help="Address of the metrics endpoint.")
+@click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings only.")
+def bridge(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix: str, client_id: str | None,
+           profile: str, battery_warning_v: float, trip_cache: int, metrics_port: int | None, metrics_host: str,
+           verbose: int, quiet: bool) -> None:
+    """Forward a data dir's packets to MQTT from a process of its own, beside a `serve` writing DIR.
+
+    Reads every shard's committed packets, publishes their messages with QoS 1, and keeps its
+    cursor and trip states in DIR/bridge-<shard>.db: killed and started again, it resumes where
+    the broker's acknowledgements had got to. The first start begins after the packets already
+    stored. Runs until SIGINT or SIGTERM. One bridge (this command, or `serve --mqtt`) consumes a
+    shard at a time; another one waits for it.
+    """
+    from .. import logs
+    from ..bridge.consumer import BridgeOptions
+    from ..bridge.cursor import SqliteCursor
+    from ..bridge.service import Bridge, MqttOptions
+    from ..store.sqlite_log import SqlitePacketLog
+
+    _check_tls(mqtt_url, mqtt_tls_ca)
+    logs.configure(-1 if quiet else verbose)
+    shards = _store_shards(data_dir)
+    packet_log = SqlitePacketLog(data_dir, shards)
+    try:
+        service = Bridge(packet_log, range(shards), partial(SqliteCursor, data_dir),
+                         MqttOptions(mqtt_url, mqtt_tls_ca, topic_prefix, client_id),
+                         BridgeOptions(profile=profile, battery_warning_v=battery_warning_v, trip_cache=trip_cache))
+        trio.run(_run_bridge, service, metrics_host, metrics_port)
+    except* (OSError, ValueError) as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        click.echo(f"dtgserver: error: {error}", err=True)
+        sys.exit(1)
+    finally:
+        packet_log.close()
+
+
+async def _run_bridge(service: Any, metrics_host: str, metrics_port: int | None) -> None:
+    from ..server.metrics import Metrics, serve_metrics
+
+    metrics = Metrics()
+    service.register_metrics(metrics.gauges)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            if metrics_port is not None:
+                await nursery.start(serve_metrics, metrics, metrics_host, metrics_port, lambda: True)
+            log.info("bridge of %d shard(s) running", len(service.consumers))
+            async for signum in signals:
+                log.info("%s: saving the cursors and stopping", signal.Signals(signum).name)
+                break
+            nursery.cancel_scope.cancel()
+
+
+@click.command(cls=checks.ConfigCommand)
+@data_dir_option
+@_mqtt_options("dtgserver-replay")
 @click.option("--modem", default=None, callback=checks.modem, help="Only this terminal.")
 @click.option("--since", default=None, help="Publish packets received at or after this (ISO 8601, KST when no "
                                              "offset; or Unix seconds). Earlier ones only rebuild trip state.")
-@click.option("--profile", type=click.Choice(["seed", "sf2019"]), default="seed", help="Smart[Fleet] numbering.")
-@click.option("--battery-warning-v", type=checks.FiniteFloat(min=0), default=11.5,
-              help="Battery Warning threshold (0 disables).")
+@click.option("--until", default=None, help="Publish packets received before this (same forms as --since).")
 @click.option("--timeout", type=checks.FiniteFloat(min=0), default=REPLAY_TIMEOUT_S, show_default=True,
               help="Seconds the whole replay may take (connecting included); then it stops and exits 1. "
                    "0: no limit.")
 def replay(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix: str, client_id: str,
-           modem: str | None, since: str | None, profile: str, battery_warning_v: float, timeout: float) -> None:
-    """Republish stored records (all shards), mapped afresh, with QoS 1; exits when the broker acked them all.
+           profile: str, battery_warning_v: float, modem: str | None, since: str | None, until: str | None,
+           timeout: float) -> None:
+    """Republish stored packets (all shards), derived afresh, with QoS 1; exits when the broker acked them all.
 
-    Exits 1 when the broker has not acknowledged them all within --timeout (unreachable, refusing,
-    or too slow): what it did acknowledge stays published, and a second replay publishes all again.
+    The live bridge's consumer with its cursor in memory: the same messages, byte for byte, and
+    the live cursor does not move. Exits 1 when the broker has not acknowledged them all within
+    --timeout (unreachable, refusing, or too slow): what it did acknowledge stays published, and a
+    second replay publishes all again.
     """
+    from ..bridge.consumer import BridgeOptions
     from ..bridge.forwarder import BrokerUrl
     from ..bridge.replay import replay as run_replay
-    from ..store import shard_paths
+    from ..store.sqlite_log import SqlitePacketLog
 
-    if mqtt_tls_ca is not None and not mqtt_url.startswith("mqtts://"):
-        raise click.BadParameter(f"a CA file needs an mqtts:// broker URL (--mqtt is {mqtt_url!r})",
-                                 param_hint="'--mqtt-tls-ca'")
-    since_s = _parse_time(since, "--since")
-    if not shard_paths(data_dir):
-        click.echo(f"dtgserver: error: no store in {data_dir}", err=True)
-        sys.exit(1)
+    _check_tls(mqtt_url, mqtt_tls_ca)
+    since_s, until_s = _parse_time(since, "--since"), _parse_time(until, "--until")
+    packet_log = SqlitePacketLog(data_dir, _store_shards(data_dir))
 
     async def bounded() -> int | None:
         with trio.move_on_after(timeout or math.inf):
-            return await run_replay(data_dir, mqtt_url, modem=modem, since=since_s, profile=profile,
-                                    battery_warning_v=battery_warning_v, tls_ca=mqtt_tls_ca,
-                                    topic_prefix=topic_prefix, client_id=client_id)
+            return await run_replay(packet_log, mqtt_url, modem=modem, since=since_s, until=until_s,
+                                    options=BridgeOptions(profile=profile, battery_warning_v=battery_warning_v),
+                                    tls_ca=mqtt_tls_ca, topic_prefix=topic_prefix, client_id=client_id)
         return None
 
     try:
@@ -64,6 +178,8 @@ def replay(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
     except ValueError as e:
         click.echo(f"dtgserver: error: {e}", err=True)
         sys.exit(1)
+    finally:
+        packet_log.close()
     if delivered is None:
         click.echo(f"dtgserver: error: replay not finished after {timeout:g} s (--timeout): the broker "
                    f"{BrokerUrl.parse(mqtt_url)} has not acknowledged every message; is it reachable?", err=True)
@@ -71,4 +187,4 @@ def replay(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
     click.echo(f"replayed {delivered} messages")
 
 
-COMMANDS = [replay]
+COMMANDS = [bridge, replay]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import click
 import trio
 
+from ..bridge.profiles import PROFILES
 from ..protocol import DEFAULT_MAX_BODY_COUNT, KST
 from ..server.config import DEFAULT_PORT, ServerConfig
 from . import checks
@@ -168,12 +169,17 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
               help="Prepended to every MQTT topic.")
 @click.option("--client-id", default=None, callback=checks.client_id, **_env("CLIENT_ID"),
               help="MQTT client id (default: generated).")
-@click.option("--profile", type=click.Choice(["seed", "sf2019"]), default="seed", **_env("PROFILE"),
+@click.option("--profile", type=click.Choice(list(PROFILES)), default="seed", **_env("PROFILE"),
               help="Smart[Fleet] message numbering.")
 @click.option("--battery-warning-v", type=checks.FiniteFloat(min=0), default=11.5, **_env("BATTERY_WARNING_V"),
               help="KEY OFF battery below this raises a Battery Warning event (0 disables).")
-@click.option("--outbox-high-water", type=click.IntRange(1), default=100_000, **_env("OUTBOX_HIGH_WATER"),
-              help="Undelivered MQTT messages above which new packets are answered 4.")
+@click.option("--backlog-high-water", "--outbox-high-water", "backlog_high_water", type=click.IntRange(1),
+              default=100_000, **_env("BACKLOG_HIGH_WATER"),
+              help="With --mqtt: committed packets the bridge has not yet had acknowledged by the broker, at "
+                   "which new packets are answered 4.")
+@click.option("--trip-cache", type=click.IntRange(1), default=100_000, **_env("TRIP_CACHE"),
+              help="With --mqtt: terminals whose trip state the bridge keeps in memory (least recently used "
+                   "first out; the rest are read back from DIR/bridge-<shard>.db).")
 @click.option("--workers", default="1", callback=_workers, **_env("WORKERS"),
               help="Server processes on the one port (SO_REUSEPORT), a shard each; auto = one per CPU. "
                    "A data dir keeps the number it was first served with. With --writer-process: N "

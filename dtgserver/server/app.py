@@ -1,7 +1,8 @@
 """The Trio TCP server: one task per connection, the sans-io core for framing, the store for answers.
 
 Data's way through: socket → Connection (framer + schema → record) → registry/maintenance →
-PacketStore.submit (group commit) → answer `0x09 <result>` → (forwarder → MQTT, from the store).
+PacketStore.submit (group commit) → answer `0x09 <result>`. With `--mqtt`, the bridge reads the
+committed packets (store.sqlite_log) and publishes what it derives from them (bridge.service).
 """
 
 from __future__ import annotations
@@ -11,19 +12,23 @@ import gc
 import logging
 import math
 import signal
-import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import attrs
 import trio
 
+from ..bridge.consumer import BridgeOptions, Consumer
+from ..bridge.cursor import SqliteCursor
+from ..bridge.service import Bridge, MqttOptions
 from ..protocol import NEED_DATA, Connection, ProtocolError, Received, Result, Role, max_frame_length
 from ..store import Control, ControlState, PacketStore, shard_paths
 from ..store.packets import ShardCountMismatch, shard_of
+from ..store.sqlite_log import SqlitePacketLog
 from .config import MIB, ServerConfig
 from .memory import BufferBudget, trim
 from .metrics import Metrics, serve_metrics
@@ -108,7 +113,6 @@ class DtgServer:
         check_shard_count(self.control, config.data_dir, shards)
         self.control_state: ControlState = self.control.load()
         self.control.changed()
-        mapper, forward = self._bridge()
         self.shard, self.shards, self.reuse_port, self.role = shard, shards, reuse_port, role
         if role == "front":
             self.owned: list[int] = []
@@ -117,10 +121,9 @@ class DtgServer:
         else:
             self.owned = list(range(shards))
         self.stores = {i: PacketStore(
-            config.data_dir, shard=i, mapper=mapper, forward=forward, max_batch=config.max_batch,
-            queue_high_water=config.queue_high_water, outbox_high_water=config.outbox_high_water,
+            config.data_dir, shard=i, max_batch=config.max_batch, queue_high_water=config.queue_high_water,
         ) for i in self.owned}
-        self.store: PacketStore | None = self.stores.get(shard)  # whose outbox this process forwards
+        self.store: PacketStore | None = self.stores.get(shard)
         others = [i for i in range(shards) if i not in self.stores]  # the shards other processes write
         # the relay sockets' private directory, when packets go between processes
         self.relay_dir = RelayDir(config.data_dir) if others or role == "writer" else None
@@ -157,14 +160,13 @@ class DtgServer:
         self._init_rest()
 
     def _init_rest(self) -> None:
-        self.forwarder: Any = None
         self._stop = trio.Event()
         self._accepting = False
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.metrics.gauges.update({
             "commit_queue": lambda: sum(s.queued for s in self.stores.values()),
-            "mqtt_backlog": lambda: self.store.backlog() if self.store is not None else 0,
+            "mqtt_backlog": lambda: 0,  # the bridge's own, with --mqtt
             "commits_total": lambda: sum(s.stats.commits for s in self.stores.values()),
             "commit_failures_total": lambda: sum(s.stats.failed_commits for s in self.stores.values()),
             "committed_packets_total": lambda: sum(s.stats.committed_packets for s in self.stores.values()),
@@ -184,17 +186,25 @@ class DtgServer:
             "buffer_budget_refusals_total": lambda: self.budget.refused,
             "memory_trims_total": lambda: self.budget.trims,
         })
+        self.packet_log: SqlitePacketLog | None = None  # what the bridge reads, with --mqtt
+        self.bridge: Bridge | None = self._bridge() if self.config.mqtt_url is not None and self.stores else None
 
-    def _bridge(self) -> tuple[Any, bool]:
-        from ..bridge.mapping import map_record
-
+    def _bridge(self) -> Bridge:
+        """The MQTT bridge of the shards this process writes: it reads their commits in process."""
         cfg = self.config
-
-        def mapper(record: Any, state: Any, *, packet_id: str, received_ms: int) -> Any:
-            return map_record(record, state, packet_id=packet_id, profile=cfg.profile,
-                              battery_warning_v=cfg.battery_warning_v, received_ms=received_ms)
-
-        return mapper, cfg.mqtt_url is not None
+        assert cfg.mqtt_url is not None
+        packet_log = self.packet_log = SqlitePacketLog(cfg.data_dir, self.shards, writers=self.stores)
+        bridge = Bridge(packet_log, self.stores, partial(SqliteCursor, cfg.data_dir),
+                        MqttOptions(cfg.mqtt_url, cfg.mqtt_tls_ca, cfg.topic_prefix, cfg.client_id),
+                        BridgeOptions(profile=cfg.profile, battery_warning_v=cfg.battery_warning_v,
+                                      trip_cache=cfg.trip_cache),
+                        start_at={shard: store.last_id for shard, store in self.stores.items()})
+        for shard, store in self.stores.items():
+            consumer = bridge.consumers[shard]
+            store.consumer_lag = partial(_lag, consumer, store)
+            store.consumer_high_water = cfg.backlog_high_water
+        bridge.register_metrics(self.metrics.gauges)
+        return bridge
 
     def stop(self) -> None:
         """Stop accepting; in-flight sessions get the grace period, then queued commits finish."""
@@ -226,8 +236,8 @@ class DtgServer:
                 if cfg.metrics_port is not None:
                     self.metrics_port = await services.start(
                         serve_metrics, self.metrics, cfg.metrics_host, cfg.metrics_port, self.healthy)
-                if cfg.mqtt_url is not None and self.store is not None:  # a front process forwards nothing
-                    await services.start(self._run_forwarder)
+                if self.bridge is not None:  # a front process writes nothing, so has nothing to forward
+                    await services.start(self.bridge.run)
                 listeners: list[trio.SocketListener]
                 if self.role == "writer":
                     listeners = []  # its packets come over the relay links only
@@ -249,6 +259,8 @@ class DtgServer:
                 await self._serve(listeners, task_status)
                 services.cancel_scope.cancel()  # the store's writer commits what is queued first
         finally:
+            if self.packet_log is not None:
+                self.packet_log.close()
             for store in self.stores.values():
                 store.close()
             if self.relay is not None:
@@ -256,27 +268,6 @@ class DtgServer:
             if self.relay_dir is not None:
                 self.relay_dir.close()
             self.control.close()
-
-    async def _run_forwarder(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        from ..bridge.forwarder import Forwarder
-
-        cfg = self.config
-        assert cfg.mqtt_url is not None and self.store is not None
-        client_id = cfg.client_id
-        if self.shards > 1:  # one MQTT session per shard: a broker drops the older of two equal client ids
-            client_id = f"{client_id or 'dtgserver-' + socket.gethostname()}-shard{self.shard}"
-        self.forwarder = Forwarder(self.store, cfg.mqtt_url, tls_ca=cfg.mqtt_tls_ca, topic_prefix=cfg.topic_prefix,
-                                   client_id=client_id)
-        f = self.forwarder
-
-        def counter(name: str) -> Callable[[], float]:
-            return lambda: float(getattr(f, name, 0))
-
-        for name in ("published", "acknowledged", "reconnects"):
-            self.metrics.gauges[f"mqtt_{name}_total"] = counter(name)
-        self.metrics.gauges["mqtt_connected"] = lambda: float(bool(getattr(f, "connected", False)))
-        task_status.started()
-        await f.run()
 
     async def _serve(self, listeners: list[trio.SocketListener], task_status: trio.TaskStatus[int]) -> None:
         """Sessions until stop(), then the grace period; relay links until every session is done.
@@ -566,6 +557,11 @@ async def _close(stream: trio.abc.Stream) -> None:
 
 def _commits_ended(store: PacketStore) -> int:
     return store.stats.commits + store.stats.failed_commits
+
+
+def _lag(consumer: Consumer, store: PacketStore) -> int:
+    """Committed packets the shard's bridge has not yet had acknowledged and saved."""
+    return consumer.lag(store.last_id)
 
 
 def check_shard_count(control: Control, data_dir: Path, shards: int) -> None:

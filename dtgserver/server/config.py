@@ -38,7 +38,8 @@ class ServerConfig:
     client_id: str | None = None
     profile: str = "seed"
     battery_warning_v: float = 11.5
-    outbox_high_water: int = 100_000
+    backlog_high_water: int = 100_000  # packets after the bridge's cursor before new packets get 4
+    trip_cache: int = 100_000  # terminals whose trip state the bridge keeps in memory
     # the store on a NATS JetStream cluster (dtgserver.store.nats) instead of SQLite in data_dir; None = SQLite
     store: str | None = None  # nats://… URL
     store_tls_ca: Path | None = None

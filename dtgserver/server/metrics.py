@@ -39,7 +39,7 @@ READ_AT_SCRAPE: dict[str, tuple[str, str]] = {
     "commit_batch_size_sum": ("summary", "Packets per commit."),
     "commit_seconds_last": ("gauge", "Duration of the last commit, in seconds."),
     "commit_seconds_sum": ("summary", "Duration of the commits, in seconds."),
-    "mqtt_backlog": ("gauge", "MQTT messages not yet acknowledged (the outbox)."),
+    "mqtt_backlog": ("gauge", "Committed packets after the MQTT bridge's saved cursor (not yet all acknowledged)."),
     "maintenance": ("gauge", "1 in maintenance mode."),
     "control_reload_failures_total": ("counter", "Reloads of the registry and switches that failed (last state kept)."),
     "commit_timeouts_total": ("counter", "Packets answered 4: their commit had not ended within --commit-timeout."),
@@ -54,6 +54,14 @@ READ_AT_SCRAPE: dict[str, tuple[str, str]] = {
     "buffer_budget_bytes": ("gauge", "--buffer-budget in bytes."),
     "buffer_budget_refusals_total": ("counter", "Sessions and new connections answered 4: the buffer budget spent."),
     "memory_trims_total": ("counter", "Times freed memory was handed back to the OS (malloc_trim)."),
+    "bridge_derived_packets_total": ("counter", "Packets the MQTT bridge derived messages from."),
+    "bridge_derive_errors_total": ("counter", "Packets whose messages could not be built (logged, skipped)."),
+    "bridge_read_errors_total": ("counter", "Failed reads of packets or saved trip states (retried)."),
+    "bridge_cursor_saves_total": ("counter", "Saves of the bridge's cursor (one per batch of acknowledgements)."),
+    "bridge_cursor_errors_total": ("counter", "Failed saves or opens of the bridge's cursor (retried)."),
+    "bridge_lag_p50_seconds": ("gauge", "Median seconds from a packet's arrival to the PUBACK of its last message."),
+    "bridge_lag_p99_seconds": ("gauge", "99th percentile of the same, over the last 10,000 packets."),
+    "bridge_trip_states": ("gauge", "Trip states in the bridge's memory (bounded by --trip-cache)."),
 }
 SUMMARY_COUNT = "commits_total"
 

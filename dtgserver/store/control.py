@@ -96,6 +96,11 @@ class Control:
     def set_registry_enforced(self, on: bool) -> None:
         self._set("registry", "on" if on else "off")
 
+    def shard_count(self) -> int | None:
+        """The number of shards recorded by `claim_shard_count`, if any."""
+        recorded = self._get("shards")
+        return None if recorded is None else int(recorded)
+
     def claim_shard_count(self, shards: int, found: int) -> int | None:
         """Record that DIR's packets are spread over `shards` shards; the number recorded before, if another.
 

@@ -4,14 +4,17 @@ An answer of 0 is sent only after the transaction holding the packet has committ
 terminal's data is on disk before the terminal is told so. Sessions hand packets to one writer
 task, which commits whatever has queued up in one transaction: the fsync is shared by every
 session waiting at that moment. A byte-identical resend finds its digest already stored and is
-answered 0 without a second row. Trip state and the MQTT outbox are written in the same
-transaction as the packet, so neither can get ahead of or behind the data.
+answered 0 without a second row.
+
+The store keeps packets and nothing derived from them: the MQTT bridge reads the committed
+packets through `dtgserver.store.log.PacketLog` (`sqlite_log.SqlitePacketLog`) and keeps its own
+cursor and trip states in its own files. Data dirs written by older versions also hold the
+tables `trip_state` and `outbox` in each shard; nothing reads or writes them any more.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import sqlite3
 import time
@@ -23,9 +26,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..bridge.mapping import next_state
-from ..bridge.outbox import OutboxRow
-from ..protocol import Received, Result, StatusLog, decode
+from ..protocol import Received, Result, StatusLog
 from .control import BUSY_TIMEOUT_S, connect
 from .logfiles import write_status_log
 
@@ -45,23 +46,10 @@ CREATE TABLE IF NOT EXISTS packets (
 );
 CREATE INDEX IF NOT EXISTS packets_by_modem ON packets(modem, id);
 CREATE INDEX IF NOT EXISTS packets_by_time ON packets(received_at);
-CREATE TABLE IF NOT EXISTS trip_state (
-    modem TEXT PRIMARY KEY,
-    state TEXT NOT NULL                   -- TripState.to_json(): array of its values, or null
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: the forwarder's cursor only moves forward
-    packet_id INTEGER NOT NULL REFERENCES packets(id),
-    modem TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    retain INTEGER NOT NULL
-);
 """
 
 DIGEST_SIZE = 16
 _STAGE_CHUNK = 32  # packets staged between two turns of the event loop
-_STAGE_CHUNK_MQTT = 4  # the same when each packet's MQTT messages are built too
 SHARD_COUNT_KEY = "shards"  # in control.db settings: how many shards DIR's data is spread over
 
 
@@ -70,14 +58,12 @@ class ShardCountMismatch(Exception):
 
 
 def shard_of(modem: str, shards: int) -> int:
-    """The one shard a terminal's packets, trip state and MQTT outbox live in, whichever worker accepted it.
+    """The one shard a terminal's packets live in (and so the bridge's trip state of it), whichever worker
+    accepted it.
 
     A stable hash (not Python's salted `hash`): every worker process and every restart agrees.
     """
     return zlib.crc32(modem.encode("ascii", "replace")) % shards if shards > 1 else 0
-
-# map_record(record, state, *, packet_id) -> (messages, new state); see dtgserver.bridge.mapping
-Mapper = Callable[..., tuple[list[Any], Any]]
 
 
 @attrs.define
@@ -93,16 +79,9 @@ class Pending:
 class _Staged:
     """What a batch's chunks staged so far in its transaction."""
 
-    results: list[str | None] = attrs.field(factory=list)
-    states: dict[str, Any] = attrs.field(factory=dict)  # trip states changed by the batch
-    added: int = 0  # outbox rows
+    results: list[str | None] = attrs.field(factory=list)  # "new", "duplicate" per packet
+    last_id: int = 0  # the highest packet id the batch inserted
     logs: list[StatusLog] = attrs.field(factory=list)  # status logs to write before COMMIT
-
-    def add(self, chunk: tuple[list[str | None], dict[str, Any], int]) -> None:
-        results, states, added = chunk
-        self.results += results
-        self.states.update(states)
-        self.added += added
 
 
 @attrs.frozen
@@ -144,34 +123,29 @@ class PacketStore:
         data_dir: Path,
         *,
         shard: int = 0,
-        mapper: Mapper | None = None,
-        forward: bool = False,
         max_batch: int = 512,
         queue_high_water: int = 2048,
-        outbox_high_water: int = 100_000,
     ):
-        """The shard's only writer: the trip states are cached between batches (`serve --workers N`
-        relays each packet to the one worker of its terminal's shard, server/relay.py)."""
+        """The shard's only writer (`serve --workers N` relays each packet to the one worker of its
+        terminal's shard, server/relay.py)."""
         self.data_dir = Path(data_dir)
+        self.shard = shard
         self.path = self.data_dir / f"store-{shard}.db"
-        self.mapper = mapper
-        self.forward = forward
         self.max_batch = max_batch
         self.queue_high_water = queue_high_water
-        self.outbox_high_water = outbox_high_water
+        # Set by whoever runs a consumer that must keep up (the MQTT bridge): how many committed
+        # packets it has yet to take, and the count at which new packets are answered 4.
+        self.consumer_lag: Callable[[], int] | None = None
+        self.consumer_high_water: int | None = None
         self.stats = StoreStats()
         self.db = connect(self.path)
         self.db.executescript(PACKET_SCHEMA)
         self.db.execute("PRAGMA busy_timeout = 0")  # _begin: try at once, wait in a thread only if busy
-        self._reader = connect(self.path)  # export and the forwarder's fetch
-        self._acker = connect(self.path)  # the forwarder's deletes of delivered rows
-        self._reader_lock = trio.Lock()
-        self._acker_lock = trio.Lock()
+        self._reader = connect(self.path)  # export and tests
         self._pending: list[Pending] = []
         self._wake = trio.Event()
-        self._outbox_wake = trio.Event()
-        self._trip_states: dict[str, Any] = {}
-        self._backlog = self._count_outbox()
+        self._committed = trio.Event()  # set (and replaced) by every commit that added packets
+        self.last_id: int = self.db.execute("SELECT coalesce(max(id), 0) FROM packets").fetchone()[0]
         self._closed = False
 
     def close(self) -> None:
@@ -179,7 +153,6 @@ class PacketStore:
             self._closed = True
             self.db.close()
             self._reader.close()
-            self._acker.close()
 
     # -- the session side ---------------------------------------------------------------------
     @property
@@ -190,8 +163,10 @@ class PacketStore:
         """Why new packets must be answered 4 right now, or None."""
         if len(self._pending) >= self.queue_high_water:
             return f"commit queue at {len(self._pending)}"
-        if self.forward and self._backlog >= self.outbox_high_water:
-            return f"MQTT backlog at {self._backlog}"
+        if self.consumer_lag is not None and self.consumer_high_water is not None:
+            lag = self.consumer_lag()
+            if lag >= self.consumer_high_water:
+                return f"MQTT backlog at {lag} packets"
         return None
 
     async def submit(self, received: Received, peer: str) -> Result:
@@ -212,6 +187,13 @@ class PacketStore:
         self._wake.set()
         return item
 
+    # -- consumers in this process (dtgserver.store.sqlite_log) --------------------------------
+    async def wait_beyond(self, position: int) -> int:
+        """Until a packet with id > position is committed; the last id then."""
+        while self.last_id <= position:
+            await self._committed.wait()
+        return self.last_id
+
     # -- the writer ----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """This process's writer: commits batches until cancelled, then commits what is still queued."""
@@ -225,9 +207,6 @@ class PacketStore:
                 while self._pending:
                     await self._commit_pending()
 
-    def _count_outbox(self) -> int:
-        return int(self._reader.execute("SELECT count(*) FROM outbox").fetchone()[0])
-
     async def _commit_pending(self) -> None:
         self._wake = trio.Event()
         while self._pending:
@@ -236,13 +215,13 @@ class PacketStore:
             started = time.perf_counter()
             # Not abandoned on cancel: a commit that began finishes, and its sessions learn of it.
             with trio.CancelScope(shield=True):
-                results, states, added = await self._write_batch(batch)
+                results, last_id = await self._write_batch(batch)
             elapsed = time.perf_counter() - started
             if results[0] is not None:
-                self._trip_states.update(states)
-                self._backlog += added
-                if added:
-                    self._outbox_wake.set()
+                if last_id > self.last_id:
+                    self.last_id = last_id
+                    self._committed.set()
+                    self._committed = trio.Event()
                 self.stats.commits += 1
                 self.stats.committed_packets += sum(1 for r in results if r == "new")
                 self.stats.duplicates += sum(1 for r in results if r == "duplicate")
@@ -256,8 +235,9 @@ class PacketStore:
                 item.result = Result.OVERLOADED if outcome is None else Result.OK
                 item.done.set()
 
-    async def _write_batch(self, batch: Sequence[Pending]) -> tuple[list[str | None], dict[str, Any], int]:
-        """One transaction for the whole batch; all or nothing.
+    async def _write_batch(self, batch: Sequence[Pending]) -> tuple[list[str | None], int]:
+        """One transaction for the whole batch; all or nothing. Returns each packet's outcome
+        ("new", "duplicate", or None for all when the commit failed) and the highest id inserted.
 
         Only what may block goes to a worker thread: the durable end (status log files written
         and fsynced, then COMMIT and its fsync), and BEGIN IMMEDIATE when the write lock is busy
@@ -276,25 +256,22 @@ class PacketStore:
             return self._failed(batch, e)
         staged = _Staged()
         try:
-            # With MQTT each packet's messages take ~1 ms to build: smaller chunks, shorter stalls.
-            chunk = _STAGE_CHUNK_MQTT if self.forward else _STAGE_CHUNK
-            for start in range(0, len(batch), chunk):
+            for start in range(0, len(batch), _STAGE_CHUNK):
                 if start:
                     await trio.lowlevel.checkpoint()  # let sessions run between chunks
-                staged.add(self._write_rows(db, batch[start:start + chunk], rows[start:start + chunk],
-                                            staged.states, staged.logs))
+                self._write_rows(db, batch[start:start + _STAGE_CHUNK], rows[start:start + _STAGE_CHUNK], staged)
             await trio.to_thread.run_sync(self._finish, staged.logs)
         except BaseException as e:
             self._rollback()
             if not isinstance(e, (sqlite3.Error, OSError, ValueError)):
                 raise
             return self._failed(batch, e)
-        return staged.results, staged.states, staged.added
+        return staged.results, staged.last_id
 
     async def _begin(self) -> None:
         """BEGIN IMMEDIATE: on the event loop's thread when the write lock is free, which it is
-        unless the forwarder is deleting delivered rows (this is the shard's only writer); else
-        in a thread that waits for it. A thread's round trip costs more CPU than the BEGIN."""
+        unless another process holds it (this is the shard's only writer); else in a thread that
+        waits for it. A thread's round trip costs more CPU than the BEGIN."""
         try:
             self.db.execute("BEGIN IMMEDIATE")
             return
@@ -317,9 +294,9 @@ class PacketStore:
             pass  # a failed COMMIT may have ended the transaction already
 
     @staticmethod
-    def _failed(batch: Sequence[Pending], error: BaseException) -> tuple[list[str | None], dict[str, Any], int]:
+    def _failed(batch: Sequence[Pending], error: BaseException) -> tuple[list[str | None], int]:
         log.error("commit of %d packets failed, answering 4: %s", len(batch), error)
-        return [None] * len(batch), {}, 0
+        return [None] * len(batch), 0
 
     def _finish(self, logs: Sequence[StatusLog]) -> None:
         """In a worker thread: the status logs durable on disk, then COMMIT."""
@@ -327,14 +304,10 @@ class PacketStore:
             write_status_log(self.data_dir, record)
         self.db.execute("COMMIT")
 
-    def _write_rows(self, db: sqlite3.Connection, batch: Sequence[Pending], rows: list[tuple[Any, ...]],
-                    earlier: dict[str, Any], logs: list[StatusLog],
-                    ) -> tuple[list[str | None], dict[str, Any], int]:
-        """One chunk of the batch, inside its transaction: a fixed number of statements per chunk.
-
-        `earlier`: trip states already changed by the batch's earlier chunks; `logs` collects
-        the status logs to write before COMMIT.
-        """
+    @staticmethod
+    def _write_rows(db: sqlite3.Connection, batch: Sequence[Pending], rows: list[tuple[Any, ...]],
+                    staged: _Staged) -> None:
+        """One chunk of the batch, inside its transaction: a fixed number of statements per chunk."""
         # Holding the write lock, and packets are never deleted: what this INSERT adds gets ids
         # above the largest id now. A digest not among them was stored before: a resend.
         last_id = db.execute("SELECT coalesce(max(id), 0) FROM packets").fetchone()[0]
@@ -342,106 +315,18 @@ class PacketStore:
             "INSERT OR IGNORE INTO packets(digest, modem, kind, protocol_id, body_count, received_at, peer, raw) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         inserted = dict(db.execute("SELECT digest, id FROM packets WHERE id > ?", (last_id,)).fetchall())
-        results: list[str | None] = []
-        new: list[tuple[Pending, bytes, int]] = []
+        if inserted:
+            staged.last_id = max(staged.last_id, *inserted.values())
         for item, row in zip(batch, rows, strict=True):
-            packet_id = inserted.pop(row[0], None)  # popped: the same packet twice in one batch is one row
-            if packet_id is None:
-                results.append("duplicate")
-            else:
-                results.append("new")
-                new.append((item, row[0], packet_id))
-        for item, _, _ in new:
+            # popped: the same packet twice in one batch is one row
+            if inserted.pop(row[0], None) is None:
+                staged.results.append("duplicate")
+                continue
+            staged.results.append("new")
             if item.received.kind == StatusLog.KIND:
                 record = item.received.record
                 assert isinstance(record, StatusLog)
-                logs.append(record)
-        if self.mapper is None:
-            return results, {}, 0
-
-        states = self._trip_states_of(db, {item.received.modem for item, _, _ in new} - earlier.keys())
-        states.update(earlier)
-        changed: dict[str, Any] = {}
-        outbox: list[tuple[int, str, str, bytes, int]] = []
-        for item, key, packet_id in new:
-            received = item.received
-            modem = received.modem
-            state = states.get(modem)
-            if self.forward:
-                messages, new_state = self.mapper(received.record, state, packet_id=key.hex(),
-                                                  received_ms=int(item.received_at * 1000))
-                outbox.extend((packet_id, modem, m.topic, json.dumps(m.payload, ensure_ascii=False).encode(),
-                               int(m.retain)) for m in messages)
-            else:
-                # Without MQTT only the trip state is kept (so that forwarding can start any time),
-                # read from the bytes: the bodies are never decoded into records.
-                new_state = next_state(received.raw, state)
-            if new_state is not state:
-                states[modem] = changed[modem] = new_state
-        if changed:
-            db.executemany(
-                "INSERT INTO trip_state(modem, state) VALUES (?, ?) "
-                "ON CONFLICT(modem) DO UPDATE SET state = excluded.state",
-                [(modem, "null" if state is None else state.to_json()) for modem, state in changed.items()])
-        if outbox:  # in packet order: the forwarder publishes in id order, each terminal's order
-            db.executemany("INSERT INTO outbox(packet_id, modem, topic, payload, retain) VALUES (?, ?, ?, ?, ?)",
-                           outbox)
-        return results, changed, len(outbox)
-
-    def _trip_states_of(self, db: sqlite3.Connection, modems: set[str]) -> dict[str, Any]:
-        """The states before this batch: from the cache, else read inside the writing transaction."""
-        from ..bridge.mapping import TripState
-
-        states: dict[str, Any] = {}
-        wanted = []
-        for modem in modems:
-            if modem in self._trip_states:
-                states[modem] = self._trip_states[modem]
-            else:
-                wanted.append(modem)
-        for start in range(0, len(wanted), 500):  # below SQLite's limit of variables per statement
-            chunk = wanted[start:start + 500]
-            for modem, stored in db.execute(
-                    f"SELECT modem, state FROM trip_state WHERE modem IN ({','.join('?' * len(chunk))})", chunk):
-                states[modem] = TripState.from_json(stored)
-        return states
-
-    # -- the outbox (dtgserver.bridge.outbox.Outbox) -------------------------------------------
-    def backlog(self) -> int:
-        return self._backlog
-
-    async def fetch(self, after_id: int, limit: int) -> list[OutboxRow]:
-        while True:
-            wake = self._outbox_wake = trio.Event()
-            async with self._reader_lock:
-                rows = await trio.to_thread.run_sync(self._fetch, after_id, limit)
-            if rows:
-                return rows
-            await wake.wait()
-
-    def _fetch(self, after_id: int, limit: int) -> list[OutboxRow]:
-        rows = self._reader.execute(
-            "SELECT id, modem, topic, payload, retain FROM outbox WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
-        ).fetchall()
-        return [OutboxRow(i, m, t, bytes(p), bool(r)) for i, m, t, p, r in rows]
-
-    async def mark_delivered(self, ids: Sequence[int]) -> None:
-        if not ids:
-            return
-        async with self._acker_lock:
-            removed = await trio.to_thread.run_sync(self._delete_outbox, list(ids))
-        self._backlog -= removed
-
-    def _delete_outbox(self, ids: list[int]) -> int:
-        db = self._acker
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            removed = db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids]).rowcount
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return int(removed)
+                staged.logs.append(record)
 
     # -- reading -------------------------------------------------------------------------------
     def packets(self, *, modem: str | None = None, since: float | None = None, until: float | None = None,
@@ -463,10 +348,6 @@ class PacketStore:
 
     def count(self) -> int:
         return int(self._reader.execute("SELECT count(*) FROM packets").fetchone()[0])
-
-
-def decode_stored(packet: StoredPacket) -> Any:
-    return decode(packet.raw)
 
 
 def shard_paths(data_dir: Path) -> list[Path]:
