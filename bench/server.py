@@ -7,8 +7,8 @@ A session is what a terminal does once a minute: connect, send one 60-body DTG r
   answers 0x09 0x00 with no other work: the floor of Python + Trio + the kernel.
 - full: `dtgserver serve -q` (decode, registry check, group commit to SQLite with
   synchronous=FULL, answer only after the commit); MQTT off.
-- full+mqtt: the same with `--mqtt` to a Mosquitto started here on a free port (the outbox row is
-  written in the same transaction; the forwarder publishes QoS 1 and deletes on PUBACK).
+- full+mqtt: the same with `--mqtt` to a Mosquitto started here on a free port (the bridge reads
+  the committed packets, derives their messages, publishes QoS 1 and saves its cursor on PUBACK).
 - workers=1 / workers=2: `serve --workers N`, MQTT off.
 - full+nats, workers=N+nats: `serve --store nats://…` against a 3-node JetStream cluster started here
   (R3, file storage, on this machine's disk and cores): answered 0 after the stream's PubAck. The
@@ -617,6 +617,9 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
                 m = metrics(endpoints)
                 figures["mqtt_acknowledged"] = m.get("dtg_mqtt_acknowledged_total")
                 figures["mqtt_backlog_1s_after"] = m.get("dtg_mqtt_backlog")
+                # commit → PUBACK of a packet's last message, over the bridge's last 10,000 packets
+                figures["bridge_lag_p50_ms"] = 1000 * (m.get("dtg_bridge_lag_p50_seconds") or 0.0)
+                figures["bridge_lag_p99_ms"] = 1000 * (m.get("dtg_bridge_lag_p99_seconds") or 0.0)
     finally:
         stop(server)
         if broker is not None:
