@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import os
 import ssl
 import threading
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -136,6 +138,7 @@ class NatsLink:
         self.loop = asyncio.new_event_loop()
         self.nc: Client | None = None
         self.connected = False
+        self._down_since: float | None = None  # time.monotonic() when the connection was lost
         self.connects = 0  # successful connections, reconnections included
         self.last_error: Exception | None = None  # what nats-py last reported (a refused password, a bad certificate)
         self._connected = threading.Event()
@@ -213,14 +216,22 @@ class NatsLink:
     async def _disconnected(self) -> None:
         if self.connected and not self._closed:
             log.warning("lost the NATS connection to %s; reconnecting", self.url)
+            self._down_since = time.monotonic()
         self.connected = False
         self._connected.clear()
 
     async def _reconnected(self) -> None:
         self.connects += 1
         self.connected = True
+        self._down_since = None
         self._connected.set()
         log.info("reconnected to the NATS cluster %s", self.url)
+
+    def down_for(self) -> float:
+        """Seconds since the connection was lost (0 while connected; infinite before the first connection)."""
+        if self.connected:
+            return 0.0
+        return math.inf if self._down_since is None else time.monotonic() - self._down_since
 
     async def _error(self, error: Exception) -> None:
         self.last_error = error

@@ -8,8 +8,10 @@ the equivalent of a group commit), and the PubAcks come back to Trio in batches.
 - PubAck → 0; a PubAck marked duplicate (the digest is in the stream's duplicate window) → 0.
 - An error reply (no quorum, no stream leader), no responders, or no PubAck within
   `ack_timeout` → 4, never 0.
-- No connection to any node → 4 at once, and the server goes on accepting; nats-py reconnects
-  in the background and answers are 0 again as soon as the cluster has a quorum.
+- No connection to any node for RECONNECT_GRACE_S → 4 at once, and the server goes on accepting;
+  nats-py reconnects in the background and answers are 0 again as soon as the cluster has a
+  quorum. Within the grace (the node the connection was on died, the client moves to another)
+  packets are published as usual and wait for their PubAck, retried, up to the ack timeout.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ HEADER_KIND = "Dtg-Kind"
 DRAIN_MARGIN_S = 1.0  # at shutdown: the ack timeout plus this for the last answers to come back
 ATTEMPT_TIMEOUT_S = 2.0  # one publish's wait for its PubAck before it is sent again
 RETRY_DELAY_S = 0.25
+RECONNECT_GRACE_S = 2.0  # the connection lost for less than this: packets are queued for the next node, not refused
 READER_OPEN_S = 30.0  # export: how long to wait for JetStream to make the reading consumer
 
 _Message = tuple[str, bytes, dict[str, str]]  # subject, payload, headers
@@ -79,7 +82,7 @@ class JetStreamStore:
     def overloaded(self) -> str | None:
         if not self.backend.ready:
             return "NATS cluster not reached yet"
-        if not self.link.connected:
+        if self.link.down_for() > RECONNECT_GRACE_S:  # a moment to move to another node: packets wait for it
             return "NATS cluster unreachable"
         if self.control is not None and not self.control.loaded:
             return "registry not read from the NATS cluster yet"
