@@ -373,7 +373,7 @@ def test_trip_states_in_memory_are_measured() -> None:
     """Not a speed test: the figure docs/performance.md quotes for --trip-cache sizing."""
     import tracemalloc
 
-    from dtgserver.bridge.mapping import TripState
+    from dtgserver.bridge.trips import TripState
 
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dtgserver.bridge.derive import Outgoing, TripState, derive
-from dtgserver.bridge.mapping import map_record
+from dtgserver.bridge.messages import map_record
 from dtgserver.protocol import DtgRealtime, KeyOff, MdtRealtime, ObdRealtime, Packet, ProtocolError, encode
 from dtgserver.testing import KEY_ON, basic_info, dtg, key_off, packets, status_log
 

@@ -50,7 +50,6 @@ CREATE INDEX IF NOT EXISTS packets_by_time ON packets(received_at);
 
 DIGEST_SIZE = 16
 _STAGE_CHUNK = 32  # packets staged between two turns of the event loop
-SHARD_COUNT_KEY = "shards"  # in control.db settings: how many shards DIR's data is spread over
 
 
 class ShardCountMismatch(Exception):
