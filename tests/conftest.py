@@ -6,16 +6,19 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
+import trio
 
 from dtgserver.cli.codec_cmds import parse_hex_text
 from dtgserver.protocol import KST, BadTime, Packet
+from dtgserver.server.app import DtgServer
+from dtgserver.store import PacketStore
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +38,20 @@ def restore_logging() -> Iterator[None]:
     logger.setLevel(saved[0])
     logger.handlers[:] = saved[1]
     logger.propagate = saved[2]
+
+
+def store_of(server: DtgServer) -> PacketStore:
+    """The server's own store: every server has one but a `--writer-process` front (`store` None)."""
+    assert server.store is not None, "a --writer-process front has no store"
+    return server.store
+
+
+async def until(condition: Callable[[], bool], *, poll_s: float = 0.01) -> None:
+    """Sleep until `condition()` holds (the caller bounds the wait, with `trio.fail_after`). A
+    condition read through a call is read anew each time, for mypy too, which would otherwise keep
+    an attribute narrowed by an earlier loop or assert."""
+    while not condition():
+        await trio.sleep(poll_s)
 
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -240,7 +240,7 @@ class Subscriber:
 
     @property
     def payloads(self) -> list[bytes]:
-        return [m.payload for m in list(self.messages)]
+        return [bytes(m.payload) for m in list(self.messages)]
 
     async def wait_for(self, done: Callable[[Subscriber], bool], timeout_s: float = 20.0) -> None:
         with trio.fail_after(timeout_s):

@@ -87,7 +87,7 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> tuple[i
 
 def children(pid: int) -> list[int]:
     """The worker processes: listed under the thread that started them (trio starts processes from threads)."""
-    found = []
+    found: list[int] = []
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/children") as f:

@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 import trio
 from click.testing import CliRunner
+from conftest import store_of
 from mosquitto import Mosquitto, Subscriber, broker_fixture, free_port  # noqa: F401  (the broker fixture)
 from serverproc import send
 from test_export import fill
 
 from dtgserver.bridge import map_record
+from dtgserver.bridge.service import Bridge
 from dtgserver.cli import main
 from dtgserver.protocol import KST, MdtBody, MdtRealtime, ObdBody, ObdRealtime, SensorState, decode, encode
 from dtgserver.server.app import DtgServer
@@ -41,6 +43,12 @@ async def server_with_broker(tmp_path: Path, broker: Mosquitto, **overrides: Any
         server.stop()
 
 
+def bridge_of(server: DtgServer) -> Bridge:
+    """The bridge of a server started with --mqtt."""
+    assert server.bridge is not None
+    return server.bridge
+
+
 def obd(modem: str) -> ObdRealtime:
     bodies = [ObdBody(5, 2000, KEY_ON + timedelta(seconds=s), 60 + s, 2100, 129.05 + s / 1e4, 35.15, 180,
                       1.25, 900.5, 3.5, SensorState.OFF, 13.8, 9.1) for s in range(30)]
@@ -56,7 +64,7 @@ def mdt(modem: str) -> MdtRealtime:
 def expected_messages(packets: list[Any], received_ms: dict[bytes, int]) -> list[tuple[str, dict[str, Any], bool]]:
     """What the mapping says these packets publish, terminal by terminal, in order."""
     states: dict[str, Any] = {}
-    out = []
+    out: list[tuple[str, dict[str, Any], bool]] = []
     for sent in packets:
         raw = encode(sent)
         record = decode(raw)  # what the server stored and mapped
@@ -79,7 +87,7 @@ async def test_every_kind_reaches_the_subscriber_in_order(tmp_path: Path, broker
             for record in sequence:
                 assert await send(server.port, encode(record)) == OK
             # basic info's ts is the receive time: take it from the store to predict the payload
-            stored = list(server.store.packets())
+            stored = list(store_of(server).packets())
             received_ms = {p.raw: int(p.received_at * 1000) for p in stored}
             expected = expected_messages(sequence, received_ms)
             await subscriber.wait_count(len(expected))
@@ -141,7 +149,7 @@ async def test_broker_killed_under_load_loses_nothing_and_keeps_order(tmp_path: 
             await subscriber.wait_for(lambda s: {json.loads(m.payload)["id"].split(":")[0] for m in s.messages}
                                       >= set(answered), timeout_s=40)
             with trio.fail_after(20):
-                while server.bridge.backlog():
+                while bridge_of(server).backlog():
                     await trio.sleep(0.05)
     payloads = [json.loads(m.payload) for m in subscriber.messages]
     # duplicates only as QoS 1 allows: an identical id carries an identical message
@@ -162,13 +170,13 @@ async def test_backlog_high_water_answers_4_while_the_broker_is_down(tmp_path: P
         assert server.port
         answers = [await send(server.port, encode(dtg(minute=m, bodies=5))) for m in range(5)]
         assert answers == [OK, OK, OK, OVERLOADED, OVERLOADED]  # 3 packets after the cursor fill it
-        assert server.bridge.backlog() == 3
+        assert bridge_of(server).backlog() == 3
         broker.start()
         with trio.fail_after(30):
-            while server.bridge.backlog():
+            while bridge_of(server).backlog():
                 await trio.sleep(0.05)
         assert await send(server.port, encode(dtg(minute=3, bodies=5))) == OK
-        assert [p.raw for p in server.store.packets()] == [encode(dtg(minute=m, bodies=5)) for m in range(4)]
+        assert [p.raw for p in store_of(server).packets()] == [encode(dtg(minute=m, bodies=5)) for m in range(4)]
 
 
 async def test_replay_republishes_the_store(tmp_path: Path, broker: Mosquitto) -> None:
@@ -205,7 +213,7 @@ async def test_after_a_restart_the_undelivered_backlog_is_published_first(tmp_pa
         assert server.port
         for raw in backlog:
             assert await send(server.port, raw) == OK
-        assert server.bridge.backlog() == 3
+        assert bridge_of(server).backlog() == 3
     broker.start()
     with Subscriber(broker, "v1/sensors/#") as subscriber:
         async with server_with_broker(tmp_path, broker) as server:
@@ -259,7 +267,7 @@ async def test_mqtt_enabled_on_a_data_dir_with_history(tmp_path: Path, broker: M
                 await server.bridge.consumers[0].ready.wait()
             for record in later:
                 assert await send(server.port, encode(record)) == OK
-            stored = list(server.store.packets())
+            stored = list(store_of(server).packets())
             expected = expected_messages([*history, *later], {p.raw: int(p.received_at * 1000) for p in stored})
             await subscriber.wait_count(3)
             await trio.sleep(0.3)  # nothing more may arrive

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 import pytest
-from click.core import UNSET
+from click.core import UNSET  # type: ignore[attr-defined]  # click's "no value" sentinel, not in its __all__
 from click.testing import CliRunner
 from test_config import configs  # noqa: F401  (the fixture)
 

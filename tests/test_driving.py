@@ -30,7 +30,7 @@ from dtgserver.bridge.driving import (
 
 # The criteria transcribed a second time, straight from the sources' tables (speeds km/h, km/h
 # per s; turns as (min speed, within s, min°, max°)), so that a slip in either copy fails here.
-EXPECTED = {
+EXPECTED: dict[str, dict[str, dict[str, Any]]] = {
     "chart": {
         "truck": {"start": 6, "accel": [(None, 5)], "decel": [(None, 8)], "stop": 8,
                   "turn": (20, 4, 60, 120), "u_turn": (15, 8, 160, 180), "lane": 6},

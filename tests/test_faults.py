@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 import trio
+from conftest import store_of
 from serverproc import free_port, send, start_server, stop
 from test_server import running
 
-from dtgserver.protocol import decode, encode
+from dtgserver.protocol import StatusLog, decode, encode
 from dtgserver.store import Control
 from dtgserver.testing import dtg_bytes, status_log
 
@@ -168,7 +169,7 @@ async def test_tmpfs_full_answers_4_then_recovers(tmp_path: Path) -> None:
                 if packet not in acked:
                     assert await send(server.port, packet) == OK
                     acked.append(packet)
-        assert server.store.stats.failed_commits >= 5
+        assert store_of(server).stats.failed_commits >= 5
         rows = check_store(data_dir, acked, sent)
         assert sorted(rows) == sorted(acked)
 
@@ -314,5 +315,5 @@ async def test_sigterm_under_load_answers_or_closes_and_exits_0(tmp_path: Path) 
     assert len(rows) >= len(acked) >= 300
     for raw in rows:  # status logs: the file of every stored one exists, whole
         record = decode(raw)
-        if record.KIND == "status_log":
+        if isinstance(record, StatusLog):
             assert str(record.log) in log_files(tmp_path, str(record.modem)).values()

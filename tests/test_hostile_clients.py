@@ -18,14 +18,15 @@ import resource
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import trio
 import trio.testing
-from conftest import VALID_SAMPLES
+from conftest import VALID_SAMPLES, store_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_faults import free_port, start_server, stop
+from serverproc import free_port, start_server, stop
 from test_server import exchange, memory_session, read_until_closed, running, stored
 
 from dtgserver.cli.server_cmds import serve
@@ -70,7 +71,7 @@ def traced() -> Iterator[None]:
         tracemalloc.stop()
 
 
-def _load_oracle():  # type: ignore[no-untyped-def]
+def _load_oracle() -> ModuleType:
     spec = importlib.util.spec_from_file_location("framer_oracle", FUZZ / "framer_oracle.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -160,10 +161,10 @@ async def test_terminal_that_never_reads_its_answer_is_cut_by_the_send_timeout(
     packet = dtg_bytes()
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.store.run)
+            await nursery.start(store_of(server).run)
             nursery.start_soon(server.handle, server_side)
             await client.send_all(packet)
-            while not server.store.stats.committed_packets:  # the commit runs in a thread: real time
+            while not store_of(server).stats.committed_packets:  # the commit runs in a thread: real time
                 await trio.sleep(0.01)
             start = trio.current_time()  # from here on only virtual time passes
             while server.metrics.open_connections:
@@ -171,7 +172,7 @@ async def test_terminal_that_never_reads_its_answer_is_cut_by_the_send_timeout(
             assert trio.current_time() - start == pytest.approx(10.0, abs=0.6)  # send_timeout
             nursery.cancel_scope.cancel()
     finally:
-        server.store.close()
+        store_of(server).close()
         server.control.close()
         await client.aclose()
     assert stored(tmp_path) == [("01012345678", "dtg", packet)]  # committed before the answer was offered

@@ -38,7 +38,7 @@ def imports_of(path: Path) -> set[str]:
     """Every module of ours `path` imports (also inside functions), as a dotted name under dtgserver
     ("" for the dtgserver package itself)."""
     package = path.relative_to(PACKAGE).with_suffix("").parts[:-1]
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text("utf-8"))):
         if isinstance(node, ast.Import):
             found.update(a.name.removeprefix("dtgserver").lstrip(".") for a in node.names

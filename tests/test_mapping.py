@@ -6,9 +6,10 @@ import hashlib
 import itertools
 import json
 import re
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import pytest
@@ -62,9 +63,14 @@ TRE = f"v1/sensors/{MODEM}/tre"
 DOCS = Path(__file__).parent.parent / "docs" / "mqtt.md"
 
 
-def wire(record: Packet) -> Any:
+P = TypeVar("P", bound=Packet)
+
+
+def wire(record: P) -> P:
     """The record as the server sees it: encoded to bytes and decoded again."""
-    return decode(encode(record))
+    again = decode(encode(record))
+    assert isinstance(again, type(record))
+    return again
 
 
 def dtg_body(second: int, *, speed_kmh: int = 50, total_km: int = 120_000, status_code: int = 0,
@@ -111,7 +117,7 @@ def store_id(record: Packet) -> str:
     return hashlib.sha256(encode(record)).digest()[:16].hex()
 
 
-def run(records: list[Packet], state: TripState | None = None, *, restart: bool = False, real_ids: bool = False,
+def run(records: Sequence[Packet], state: TripState | None = None, *, restart: bool = False, real_ids: bool = False,
         **options: Any) -> tuple[list[Message], TripState | None]:
     """Map packets in order (ids p0, p1, …); with `restart`, the state goes through JSON between packets."""
     messages: list[Message] = []
@@ -337,7 +343,7 @@ def test_status_logs_are_not_published() -> None:
 
 
 def test_sf2019_numbers_types_globally_and_uses_its_dtg_keys() -> None:
-    options = {"profile": "sf2019"}
+    options: dict[str, Any] = {"profile": "sf2019"}
     messages, _ = run([dtg(dtg_body(0, status_code=11)), key_off(battery_v=11.0)], **options)
     assert [m.payload["ty"] for m in messages] == [10, 101, 9, 10, 104]
     element = messages[0].payload["pld"][0]
@@ -424,6 +430,7 @@ def test_no_element_encodes_longer_than_its_bound(record: Any, profile: str, fir
     layout = realtime_layout(raw)
     assert layout is not None
     tid = to_ms(record.key_on_time)
+    assert tid is not None  # the strategy's times are all calendar times
     elements = elements_builder(record.KIND, keys, table.string_keys)(layout.bodies(raw), tid, first_total_km)
     for element in elements:
         assert len(json.dumps(element, ensure_ascii=False).encode()) <= element_bound(keys)
@@ -438,7 +445,12 @@ def test_a_minutes_microtrip_is_not_encoded_to_measure_it(monkeypatch: pytest.Mo
 
     sized: list[Any] = []
     real = module._size
-    monkeypatch.setattr(module, "_size", lambda value: sized.append(value) or real(value))
+
+    def measured(value: Any) -> int:
+        sized.append(value)
+        return real(value)
+
+    monkeypatch.setattr(module, "_size", measured)
     for profile in PROFILES:
         for packet in (dtg(*(dtg_body(s) for s in range(60))), obd(*range(60)), mdt(*range(60))):
             sized.clear()
@@ -637,7 +649,7 @@ def test_the_state_from_bytes_follows_a_real_trip() -> None:
     state: TripState | None = None
     for packet in packets:
         state = next_state(encode(packet), state)
-    assert state is not None and state.tid == to_ms(KEY_ON) // 1000
+    assert state is not None and state.tid == KEY_ON_MS // 1000
     assert (state.speed_count, state.first_total_km, state.last_total_km) == (180, 120_000, 120_002)
     assert state.max_speed_kmh == 60 and state.driving_s == 180 - 3 * 9  # s % 7 == 0: 9 of every 60 s
     assert state.last_ms == to_ms(packets[-1].bodies[-1].time)

@@ -4,6 +4,7 @@ records at the wire's limits, the JSON is exactly the documented encoding, the t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -148,10 +149,12 @@ def _oracle_element(body: Any, keys: tuple[str, ...], string_keys: frozenset[str
     def text(value: Any) -> str:
         return f"{value:g}"
 
-    fields = {"lat": ("lat", float), "lon": ("lon", float), "sp": ("speed_kmh", int), "rpm": ("rpm", int),
-              "fc": ("daily_fuel_l", lambda litres: round(litres * 1000)), "vv": ("battery_v", float),
-              "dtr": ("daily_distance_km", int), "dctr": ("total_distance_km", int), "bsg": ("brake", int),
-              "gan": ("azimuth_deg", int), "acx": ("accel_x_ms2", float), "acy": ("accel_y_ms2", float)}
+    Field = tuple[str, Callable[[Any], Any]]  # the body's attribute, and how its value is written
+    fields: dict[str, Field] = {
+        "lat": ("lat", float), "lon": ("lon", float), "sp": ("speed_kmh", int), "rpm": ("rpm", int),
+        "fc": ("daily_fuel_l", lambda litres: round(litres * 1000)), "vv": ("battery_v", float),
+        "dtr": ("daily_distance_km", int), "dctr": ("total_distance_km", int), "bsg": ("brake", int),
+        "gan": ("azimuth_deg", int), "acx": ("accel_x_ms2", float), "acy": ("accel_y_ms2", float)}
     out: dict[str, Any] = {}
     for key in keys:
         if key == "tid":

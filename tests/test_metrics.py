@@ -113,6 +113,7 @@ def test_openmetrics_when_the_scraper_asks() -> None:
     assert headers["content-type"].startswith("application/openmetrics-text")
     text = body.decode()
     assert text.endswith("# EOF\n")
-    samples = {(s.name, tuple(s.labels.items())): s.value for f in openmetrics_families(text) for s in f.samples}
+    families = openmetrics_families(text)  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
+    samples = {(s.name, tuple(s.labels.items())): s.value for f in families for s in f.samples}
     assert samples[("dtg_answers_total", (("result", "0"),))] == 7
     assert samples[("dtg_commit_seconds_count", ())] == 4 and samples[("dtg_commit_seconds_sum", ())] == 0.5

@@ -16,7 +16,7 @@ from dtgserver.protocol import encode
 from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
 from dtgserver.store import DeviceStatus, StoredPacket
-from dtgserver.store.nats import NatsBackend, NatsControl, NatsOptions, StoreUrl, read_stream
+from dtgserver.store.nats import JetStreamStore, NatsBackend, NatsControl, NatsOptions, StoreUrl, read_stream
 from dtgserver.testing import dtg_bytes, status_log
 
 __all__ = ["nats_cluster_fixture"]
@@ -34,6 +34,13 @@ async def running(tmp_path: Path, url: str, **overrides: object) -> AsyncIterato
         await nursery.start(server.run)
         yield server
         server.stop()
+
+
+def jetstream_of(server: DtgServer) -> JetStreamStore:
+    """The store of a `--store nats://` server (typed as the SQLite store it stands in for)."""
+    store: object = server.store
+    assert isinstance(store, JetStreamStore)
+    return store
 
 
 async def until_ok(port: int, packet: bytes, timeout_s: float = 30) -> None:
@@ -83,8 +90,8 @@ async def test_a_resend_is_acknowledged_as_a_duplicate_and_stored_once(
         await until_ok(server.port or 0, packet)
         assert await exchange(server.port or 0, packet) == OK
         assert await exchange(server.port or 0, packet, packet) == OK + OK
-        assert server.store.stats.committed_packets == 1
-        assert server.store.stats.duplicates == 3
+        assert jetstream_of(server).stats.committed_packets == 1
+        assert jetstream_of(server).stats.duplicates == 3
     assert [p.raw for p in await trio.to_thread.run_sync(stream_packets, nats_cluster.url)] == [packet]
 
 
@@ -102,7 +109,7 @@ async def test_many_sessions_publish_concurrently_not_one_round_trip_each(
             for packet in packets[1:]:
                 nursery.start_soon(one, packet)
         assert answers == [OK] * (len(packets) - 1)
-        assert server.store.max_in_flight > 1  # several packets waited for their PubAcks at once
+        assert jetstream_of(server).max_in_flight > 1  # several packets waited for their PubAcks at once
     stored = await trio.to_thread.run_sync(stream_packets, nats_cluster.url)
     assert sorted(p.raw for p in stored) == sorted(packets)
 
@@ -169,7 +176,7 @@ async def test_one_node_killed_mid_load_answers_stay_0_and_nothing_acknowledged_
             await trio.sleep(0.5)
             nats_cluster.kill(int(leader[1:]))
             killed.set()
-        assert server.store.retries > 0  # some publishes were in flight to the dead leader and went again
+        assert jetstream_of(server).retries > 0  # some publishes were in flight to the dead leader and went again
     assert other == []
     await trio.to_thread.run_sync(nats_cluster.wait_for_leader)
     stored = await trio.to_thread.run_sync(stream_packets, nats_cluster.url)

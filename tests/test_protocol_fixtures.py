@@ -143,8 +143,8 @@ def test_every_packet_kind_has_a_spec_sample_and_a_realistic_sample() -> None:
 
 def verify_error(error: ProtocolError, sample: Sample) -> None:
     assert error.offset == sample.error_offset
-    assert error.result == Result.FORMAT_ERROR == 1
-    assert sample.error_message in error.message
+    assert error.result is Result.FORMAT_ERROR and int(error.result) == 1
+    assert sample.error_message is not None and sample.error_message in error.message
     assert str(error) == f"at byte {sample.error_offset}: {error.message}"
 
 

@@ -21,6 +21,7 @@ from dtgserver.protocol import (
     ObdRealtime,
     Packet,
     ProtocolError,
+    Realtime,
     Received,
     Role,
     SensorState,
@@ -260,6 +261,7 @@ def test_temperature_codes_are_states_not_readings(wire: int, state: SensorState
     at = 23 + field_offset(cls.BODY.SCHEMA, field)
     raw[at:at + 2] = be(wire, 2)
     decoded = decode(bytes(raw))
+    assert isinstance(decoded, Realtime)
     assert getattr(decoded.bodies[0], field) is state
     assert decoded.warnings == []
     body = to_json(decoded)["bodies"][0]

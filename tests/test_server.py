@@ -11,6 +11,7 @@ from pathlib import Path
 
 import trio
 import trio.testing
+from conftest import store_of, until
 
 from dtgserver.protocol import Connection, Result, encode
 from dtgserver.server.app import DtgServer
@@ -63,19 +64,20 @@ async def exchange(port: int, *packets: bytes, read: int | None = None) -> bytes
 
 
 @asynccontextmanager
-async def memory_session(tmp_path: Path, **overrides: object) -> AsyncIterator[tuple[DtgServer, trio.abc.Stream]]:
+async def memory_session(tmp_path: Path,
+                         **overrides: object) -> AsyncIterator[tuple[DtgServer, trio.abc.HalfCloseableStream]]:
     # No commit timeout: in virtual time the clock jumps while a commit runs in its thread.
     config = ServerConfig(**{"data_dir": tmp_path, "commit_timeout": math.inf, **overrides})  # type: ignore[arg-type]
     server = DtgServer(config)
     client, server_side = trio.testing.memory_stream_pair()
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.store.run)
+            await nursery.start(store_of(server).run)
             nursery.start_soon(server.handle, server_side)
             yield server, client
             nursery.cancel_scope.cancel()
     finally:
-        server.store.close()
+        store_of(server).close()
         server.control.close()
 
 
@@ -173,7 +175,7 @@ async def test_resent_packet_answered_0_and_stored_once(tmp_path: Path) -> None:
         assert await exchange(server.port, packet) == OK  # the answer was lost; the terminal resends
         assert await exchange(server.port, packet, packet) == OK + OK
     assert len(stored(tmp_path)) == 1
-    assert server.store.stats.duplicates == 3
+    assert store_of(server).stats.duplicates == 3
 
 
 async def test_status_log_written_as_file(tmp_path: Path) -> None:
@@ -198,8 +200,7 @@ async def test_maintenance_toggled_on_running_server(tmp_path: Path) -> None:
             assert await exchange(server.port, dtg_bytes()) == MAINTENANCE
             control.set_maintenance(False)
             with trio.fail_after(5):
-                while server.control_state.maintenance:
-                    await trio.sleep(0.01)
+                await until(lambda: not server.control_state.maintenance)
             assert await exchange(server.port, dtg_bytes()) == OK
         finally:
             control.close()
@@ -258,10 +259,10 @@ async def test_commit_queue_over_high_water_gets_4(tmp_path: Path) -> None:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(5):
                     nursery.start_soon(terminal, "01000000001")  # taken by the writer, which waits
-                    while server.metrics.packets["dtg"] < 1 or server.store.queued:
+                    while server.metrics.packets["dtg"] < 1 or store_of(server).queued:
                         await trio.sleep(0.01)
                     nursery.start_soon(terminal, "01000000002")  # queued: the queue is at its mark
-                    while server.store.queued < 1:
+                    while store_of(server).queued < 1:
                         await trio.sleep(0.01)
                     assert await exchange(port, dtg_bytes("01000000003")) == OVERLOADED
                 blocker.execute("ROLLBACK")
@@ -289,11 +290,11 @@ async def test_a_commit_that_hangs_is_answered_4_after_the_commit_timeout(tmp_pa
             blocker.execute("ROLLBACK")
             blocker.close()
         with trio.fail_after(10):
-            while server.store is not None and server.store.stats.committed_packets < 1:
+            while server.store is not None and store_of(server).stats.committed_packets < 1:
                 await trio.sleep(0.01)  # the commit went on once the lock was gone
         assert await exchange(server.port, raw) == OK
         assert server.healthy()
-        assert server.store is not None and server.store.stats.duplicates == 1
+        assert server.store is not None and store_of(server).stats.duplicates == 1
     assert [r for _, _, r in stored(tmp_path)] == [raw]  # answered 4, stored, and stored once
 
 

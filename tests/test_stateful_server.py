@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 import trio
 import trio.testing
-from conftest import VALID_SAMPLES
+from conftest import VALID_SAMPLES, store_of
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
@@ -93,7 +93,7 @@ class Expected:
     partial: bool
 
 
-def expected(sent: bytes) -> Expected:
+def expected(sent: bytes | bytearray) -> Expected:
     """What the protocol core makes of the bytes: complete frames, then an error or a partial frame."""
     conn = Connection(Role.SERVER, max_body_count=MAX_BODY_COUNT)
     if sent:  # b"" would mean the end of the stream
@@ -135,7 +135,7 @@ class ServerMachine(RuleBasedStateMachine):
     def _trio_main(self, ready: threading.Event) -> None:
         async def main() -> None:
             self.token = trio.lowlevel.current_trio_token()
-            store = self.server.store
+            store = store_of(self.server)
             submit = store.submit
 
             async def counted_submit(received: Received, peer: str) -> Any:
@@ -162,7 +162,7 @@ class ServerMachine(RuleBasedStateMachine):
         except BaseException as e:  # reported to the test thread as the crash
             self.crash = e
         finally:
-            self.server.store.close()
+            store_of(self.server).close()
             self.server.control.close()
             ready.set()
 

@@ -119,7 +119,7 @@ def test_the_same_however_the_trip_is_cut(columns: dict[str, Any], cuts: list[in
     cdit: list[int] = []
     meter = None
     for a, b in itertools.pairwise(bounds):
-        part = {k: None if v is None else v[a:b] for k, v in columns.items()}
+        part: dict[str, Any] = {k: None if v is None else v[a:b] for k, v in columns.items()}
         part_cdit, meter = measure(meter, **part)
         cdit += part_cdit
     assert cdit == whole_cdit and meter == whole

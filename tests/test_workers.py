@@ -356,7 +356,7 @@ async def test_one_connection_may_carry_terminals_of_both_shards(tmp_path: Path)
         assert servers[0].port is not None
         with trio.fail_after(10):
             stream = await trio.open_tcp_stream("127.0.0.1", servers[0].port)
-            answers = []
+            answers: list[bytes] = []
             for modem in (first, other, first, other):
                 await stream.send_all(dtg_bytes(modem, minute=len(answers), bodies=1))
                 answers.append(await stream.receive_some(2))

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import trio
+from conftest import until
 from mosquitto import Mosquitto, Subscriber, broker_fixture  # noqa: F401  (the broker fixture)
 from serverproc import alive, children, free_port, free_ports, listening, send
 
@@ -72,6 +73,7 @@ async def test_the_front_stores_nothing_and_answers_with_the_writers_result(tmp_
     async with fronts_and_writers(tmp_path) as ([front], [writer]):
         assert front.store is None and front.stores == {} and front.relay is None
         assert front.port == writer.port  # the writer's relay socket is named after the front's port
+        assert front.port is not None
         with trio.fail_after(20):
             answers = [await send(front.port, raw) for raw in packets + packets[:1]]  # and one resend
         relayed = front.remotes[0].relayed
@@ -139,8 +141,7 @@ async def test_maintenance_and_the_registry_are_answered_by_the_front(tmp_path: 
                 assert await send(front.port, dtg_bytes("01077770010", bodies=2)) == MAINTENANCE
                 control.set_maintenance(False)
                 control.set_registry_enforced(True)
-                while front.control_state.maintenance or not front.control_state.registry_enforced:
-                    await trio.sleep(0.02)
+                await until(lambda: front.control_state.registry_enforced and not front.control_state.maintenance)
                 assert await send(front.port, dtg_bytes("01077770010", bodies=2)) == b"\x09\x02"
             assert front.remotes[0].relayed == 0
             assert writer.relay is not None and writer.relay.received == 0
