@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -16,7 +18,7 @@ import trio
 
 from ..bridge.profiles import PROFILES
 from . import checks
-from .server_cmds import _parse_time, data_dir_option
+from .server_cmds import _parse_time, data_dir_option, store_options
 
 log = logging.getLogger("dtgserver.bridge")
 
@@ -82,11 +84,12 @@ def _store_shards(data_dir: Path) -> int:
               show_envvar=True, help="Serve Prometheus /metrics and /healthz on this port (off when not given).")
 @click.option("--metrics-host", default="127.0.0.1", callback=checks.listen_host, envvar="DTGSERVER_METRICS_HOST",
               show_envvar=True, help="Address of the metrics endpoint.")
+@store_options
 @click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings only.")
 def bridge(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix: str, client_id: str | None,
            profile: str, battery_warning_v: float, trip_cache: int, metrics_port: int | None, metrics_host: str,
-           verbose: int, quiet: bool) -> None:
+           verbose: int, quiet: bool, store: str | None, store_tls_ca: Path | None, store_replicas: int) -> None:
     """Forward a data dir's packets to MQTT from a process of its own, beside a `serve` writing DIR.
 
     Reads every shard's committed packets, publishes their messages with QoS 1, and keeps its
@@ -94,19 +97,30 @@ def bridge(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
     the broker's acknowledgements had got to. The first start begins after the packets already
     stored. Runs until SIGINT or SIGTERM. One bridge (this command, or `serve --mqtt`) consumes a
     shard at a time; another one waits for it.
+
+    With --store nats://...: the JetStream stream's partitions instead of DIR's shards, the cursor
+    and trip states in the cluster (bucket dtg_bridge); several bridges share the partitions and
+    take over those of one that died (docs/scaling.md).
     """
     from .. import logs
     from ..bridge.consumer import BridgeOptions
-    from ..bridge.cursor import SqliteCursor
     from ..bridge.service import Bridge, MqttOptions
-    from ..store.sqlite_log import SqlitePacketLog
 
     _check_tls(mqtt_url, mqtt_tls_ca)
     logs.configure(-1 if quiet else verbose)
-    shards = _store_shards(data_dir)
-    packet_log = SqlitePacketLog(data_dir, shards)
+    packet_log: Any
+    if store is not None:  # the JetStream stream: cursor and trip states per partition in the cluster
+        packet_log, cursor = _nats_log(store, store_tls_ca, store_replicas)
+        shards = packet_log.shards
+        client_id = client_id or f"dtgserver-bridge-{socket.gethostname()}-{os.getpid()}"  # several per host
+    else:
+        from ..bridge.cursor import SqliteCursor
+        from ..store.sqlite_log import SqlitePacketLog
+
+        shards = _store_shards(data_dir)
+        packet_log, cursor = SqlitePacketLog(data_dir, shards), partial(SqliteCursor, data_dir)
     try:
-        service = Bridge(packet_log, range(shards), partial(SqliteCursor, data_dir),
+        service = Bridge(packet_log, range(shards), cursor,
                          MqttOptions(mqtt_url, mqtt_tls_ca, topic_prefix, client_id),
                          BridgeOptions(profile=profile, battery_warning_v=battery_warning_v, trip_cache=trip_cache))
         trio.run(_run_bridge, service, metrics_host, metrics_port)
@@ -118,6 +132,17 @@ def bridge(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
         sys.exit(1)
     finally:
         packet_log.close()
+
+
+def _nats_log(store: str, tls_ca: Path | None, replicas: int) -> tuple[Any, Any]:
+    """The stream as the bridge's log and its cursors, or exit 1 with one line when the cluster is out of reach."""
+    from ..store.nats.log import open_bridge_log
+
+    try:
+        return open_bridge_log(store, tls_ca=tls_ca, replicas=replicas)
+    except (ConnectionError, TimeoutError) as e:
+        click.echo(f"dtgserver: error: {e}", err=True)
+        sys.exit(1)
 
 
 async def _run_bridge(service: Any, metrics_host: str, metrics_port: int | None) -> None:
@@ -147,9 +172,10 @@ async def _run_bridge(service: Any, metrics_host: str, metrics_port: int | None)
 @click.option("--timeout", type=checks.FiniteFloat(min=0), default=REPLAY_TIMEOUT_S, show_default=True,
               help="Seconds the whole replay may take (connecting included); then it stops and exits 1. "
                    "0: no limit.")
+@store_options
 def replay(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix: str, client_id: str,
            profile: str, battery_warning_v: float, modem: str | None, since: str | None, until: str | None,
-           timeout: float) -> None:
+           timeout: float, store: str | None, store_tls_ca: Path | None, store_replicas: int) -> None:
     """Republish stored packets (all shards), derived afresh, with QoS 1; exits when the broker acked them all.
 
     The live bridge's consumer with its cursor in memory: the same messages, byte for byte, and
@@ -164,7 +190,8 @@ def replay(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
 
     _check_tls(mqtt_url, mqtt_tls_ca)
     since_s, until_s = _parse_time(since, "--since"), _parse_time(until, "--until")
-    packet_log = SqlitePacketLog(data_dir, _store_shards(data_dir))
+    packet_log: Any = _nats_log(store, store_tls_ca, store_replicas)[0] if store is not None \
+        else SqlitePacketLog(data_dir, _store_shards(data_dir))
 
     async def bounded() -> int | None:
         with trio.move_on_after(timeout or math.inf):

@@ -1,0 +1,140 @@
+"""Terminals → two `serve --store nats://…` nodes → a 3-node JetStream cluster → `dtgserver bridge
+--store …` → a real Mosquitto → a real subscriber; with a NATS node and the bridge SIGKILLed on the way."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from mosquitto import Mosquitto, Subscriber, broker_fixture
+from natscluster import NatsCluster, nats_cluster_fixture
+from packets import KEY_ON, dtg, key_off
+from serverproc import free_port, send, start_server, stop
+from test_nats_store import opened
+
+from dtgserver.protocol import encode
+from dtgserver.store import digest
+
+__all__ = ["broker_fixture", "nats_cluster_fixture"]
+
+pytestmark = pytest.mark.slow
+
+OK = b"\x09\x00"
+MINUTES = 8
+
+
+def start_bridge(url: str, broker: Mosquitto, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as stderr:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "dtgserver", "bridge", "--store", url, "--mqtt", broker.url],
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def cursors_open(url: str) -> int:
+    """How many partitions have a saved cursor (a bridge that has opened them all is consuming)."""
+    with opened(url) as backend:
+        from dtgserver.store.nats.log import ensure_bridge_bucket
+
+        async def count() -> int:
+            kv = await ensure_bridge_bucket(backend)
+            try:
+                return sum(1 for key in await kv.keys() if key.startswith("cursor."))
+            except Exception:  # no keys yet
+                return 0
+
+        return backend.link.call_blocking(count())
+
+
+async def test_two_nodes_a_killed_nats_node_and_a_killed_bridge_lose_nothing_and_make_one_trip(
+        tmp_path: Path, nats_cluster: NatsCluster, broker: Mosquitto) -> None:
+    modems = [f"0106666{n:04d}" for n in range(4)]
+    ports = [free_port(), free_port()]
+    nodes = [await start_server(tmp_path / f"node{i}", port, "--store", nats_cluster.url)
+             for i, port in enumerate(ports)]
+    bridge_log = tmp_path / "bridge.log"
+    bridges = [start_bridge(nats_cluster.url, broker, bridge_log)]
+    answered: dict[str, list[str]] = {m: [] for m in modems}  # per terminal, the packets answered 0, in order
+    try:
+        with trio.fail_after(60):  # the first bridge has a cursor on every partition: nothing it will skip
+            while await trio.to_thread.run_sync(cursors_open, nats_cluster.url) < 16:
+                await trio.sleep(0.2)
+        with Subscriber(broker, "v1/sensors/#") as subscriber:
+            progress = trio.Event()
+
+            async def terminal(n: int, modem: str) -> None:
+                packets = [encode(dtg(modem, minute=m, bodies=5, speed_kmh=30 + 5 * m)) for m in range(MINUTES)]
+                packets.append(encode(key_off(modem)))
+                for i, raw in enumerate(packets):
+                    with trio.fail_after(60):
+                        while await send(ports[(n + i) % 2], raw, timeout_s=30) != OK:  # 4: send it again
+                            await trio.sleep(0.1)
+                    answered[modem].append(digest(raw).hex())
+                    if i == MINUTES // 2:
+                        progress.set()
+                    await trio.sleep(0.05)
+
+            async with trio.open_nursery() as nursery:
+                for n, modem in enumerate(modems):
+                    nursery.start_soon(terminal, n, modem)
+                await progress.wait()
+                nats_cluster.kill(2)  # a NATS node SIGKILLed mid-load
+                bridges[0].send_signal(signal.SIGKILL)  # and the bridge
+                bridges[0].wait()
+                bridges.append(start_bridge(nats_cluster.url, broker, bridge_log))  # takes over once the lease lapses
+
+            def first_ids(s: Subscriber) -> set[str]:
+                return {json.loads(m.payload)["id"].split(":")[0] for m in s.messages}
+
+            wanted = {d for ds in answered.values() for d in ds if d}
+            await subscriber.wait_for(lambda s: wanted <= first_ids(s), timeout_s=90)
+            await trio.sleep(0.5)
+            payloads = [(m.topic, json.loads(m.payload)) for m in subscriber.messages]
+    finally:
+        for process in nodes:
+            stop(process)
+        for bridge in bridges:
+            if bridge.poll() is None:
+                bridge.send_signal(signal.SIGTERM)
+                bridge.wait(30)
+    by_id: dict[str, Any] = {}
+    for _, payload in payloads:
+        assert by_id.setdefault(payload["id"], payload) == payload  # a duplicate is the same message
+    for modem in modems:
+        mine = [(topic, p) for topic, p in payloads if f"/{modem}/" in topic]
+        microtrips = list(dict.fromkeys(p["id"] for topic, p in mine  # a driving minute's: bodies in a list
+                                        if topic.endswith("/tre") and p["ty"] == 2 and isinstance(p["pld"], list)))
+        clts = [by_id[i]["pld"][0]["clt"] for i in microtrips]
+        assert clts == sorted(clts)  # first deliveries in the terminal's order
+        assert {i.split(":")[0] for i in microtrips} >= set(answered[modem][:MINUTES])
+        trips = {p["id"]: p for _, p in mine if p.get("ty") == 1}
+        assert len(trips) == 1, trips  # one Trip over the packets of both nodes
+        trip = next(iter(trips.values()))["pld"]
+        assert trip["tid"] == int(KEY_ON.timestamp())
+        assert trip["hsts"] == 30 + 5 * (MINUTES - 1)  # the highest speed, whichever node had that minute
+
+
+async def test_replay_republishes_the_stream(tmp_path: Path, nats_cluster: NatsCluster, broker: Mosquitto) -> None:
+    from click.testing import CliRunner
+    from packets import basic_info
+    from test_nats_store import running, until_ok
+
+    from dtgserver.cli import main
+
+    sequence = [basic_info(), dtg(minute=0), dtg(minute=1), key_off()]
+    async with running(tmp_path, nats_cluster.url) as server:
+        await until_ok(server.port or 0, encode(sequence[0]))
+        for record in sequence[1:]:
+            assert await send(server.port or 0, encode(record)) == OK
+    with Subscriber(broker, "v1/sensors/#", client_id="replay-watcher") as subscriber:
+        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(
+            main, ["replay", "--store", nats_cluster.url, "--mqtt", broker.url]))
+        assert result.exit_code == 0, result.output
+        count = int(result.output.split()[1])
+        await subscriber.wait_count(count)
+    # as from SQLite: the attributes, 2 microtrips, the Trip, the parking microtrip
+    assert [json.loads(m.payload).get("ty") for m in subscriber.messages] == [None, 2, 2, 1, 2]
