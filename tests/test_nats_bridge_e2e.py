@@ -14,12 +14,12 @@ import pytest
 import trio
 from mosquitto import Mosquitto, Subscriber, broker_fixture
 from natscluster import NatsCluster, nats_cluster_fixture
-from packets import KEY_ON, dtg, key_off
 from serverproc import free_port, send, start_server, stop
 from test_nats_store import opened
 
 from dtgserver.protocol import encode
 from dtgserver.store import digest
+from dtgserver.testing import KEY_ON, dtg, key_off
 
 __all__ = ["broker_fixture", "nats_cluster_fixture"]
 
@@ -120,10 +120,10 @@ async def test_two_nodes_a_killed_nats_node_and_a_killed_bridge_lose_nothing_and
 
 async def test_replay_republishes_the_stream(tmp_path: Path, nats_cluster: NatsCluster, broker: Mosquitto) -> None:
     from click.testing import CliRunner
-    from packets import basic_info
     from test_nats_store import running, until_ok
 
     from dtgserver.cli import main
+    from dtgserver.testing import basic_info
 
     sequence = [basic_info(), dtg(minute=0), dtg(minute=1), key_off()]
     async with running(tmp_path, nats_cluster.url) as server:

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import trio
 from natscluster import NatsCluster, nats_cluster_fixture
-from packets import dtg_bytes
 from test_nats_store import opened, running, until_ok
 from test_server import OK, exchange
 
 from dtgserver.store.nats.backend import NatsBackend
 from dtgserver.store.nats.log import CursorBusy, JetStreamLog, KvCursor
 from dtgserver.store.packets import digest, shard_of
+from dtgserver.testing import dtg_bytes
 
 __all__ = ["nats_cluster_fixture"]
 
