@@ -138,3 +138,28 @@ async def test_replay_republishes_the_stream(tmp_path: Path, nats_cluster: NatsC
         await subscriber.wait_count(count)
     # as from SQLite: the attributes, 2 microtrips, the Trip, the parking microtrip
     assert [json.loads(m.payload).get("ty") for m in subscriber.messages] == [None, 2, 2, 1, 2]
+
+
+async def test_broker_down_packets_answered_0_and_forwarded_once_it_is_back(
+        tmp_path: Path, nats_cluster: NatsCluster, broker: Mosquitto) -> None:
+    from test_nats_store import running, until_ok
+
+    bridge = start_bridge(nats_cluster.url, broker, tmp_path / "bridge.log")
+    try:
+        with trio.fail_after(60):
+            while await trio.to_thread.run_sync(cursors_open, nats_cluster.url) < 16:
+                await trio.sleep(0.2)
+        with Subscriber(broker, "v1/sensors/#") as subscriber:
+            broker.stop()
+            packets = [encode(dtg("01055550009", minute=m, bodies=3)) for m in range(4)]
+            async with running(tmp_path, nats_cluster.url) as server:
+                await until_ok(server.port or 0, packets[0])  # the broker plays no part in the answer
+                for raw in packets[1:]:
+                    assert await send(server.port or 0, raw) == OK
+            broker.start()
+            wanted = {digest(raw).hex() for raw in packets}
+            await subscriber.wait_for(lambda s: wanted <= {json.loads(m.payload)["id"].split(":")[0]
+                                                           for m in s.messages}, timeout_s=60)
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        bridge.wait(30)
