@@ -374,10 +374,13 @@ def drives(draw: st.DrawFn) -> dict[str, Any]:
     speeds, headings, times, codes, lat = [], [], [], [], []
     speed, heading, t, position = draw(st.integers(0, 120)), draw(st.integers(0, 359)), T0, 37.5
     for _ in range(draw(st.integers(1, 6))):
-        kind = draw(st.sampled_from(["wild", "steady", "curve"]))
+        kind = draw(st.sampled_from(["wild", "steady", "curve", "manoeuvre"]))
         wild = kind == "wild"
         speed_changes, turns = {"wild": (WILD_SPEED, WILD_TURN), "steady": (STEADY_SPEED, STEADY_TURN),
-                                "curve": (STEADY_SPEED, CURVE if draw(st.booleans()) else [-d for d in CURVE])}[kind]
+                                "curve": (STEADY_SPEED, CURVE if draw(st.booleans()) else [-d for d in CURVE]),
+                                "manoeuvre": (STEADY_SPEED, WILD_TURN)}[kind]
+        if kind == "manoeuvre":  # turning hard about the speeds below which no heading behaviour counts
+            speed = draw(st.sampled_from([0, 3, 14, 15, 19, 20, 24, 25, 29, 30]))
         for _ in range(draw(st.integers(1, 40))):
             speed = max(0, min(255, speed + draw(st.sampled_from(speed_changes))))
             heading = (heading + draw(st.sampled_from(turns))) % 360
@@ -413,6 +416,34 @@ def test_the_same_however_the_drive_is_cut(rules: Criteria, columns: dict[str, A
     assert list(whole_state.counts) == counted
 
 
+@st.composite
+def manoeuvres(draw: st.DrawFn) -> dict[str, Any]:
+    """Hard turns at speeds about the lowest at which any heading behaviour counts (the
+    shortcut's speed bound), steady speed: packets the shortcut may take however far they turn."""
+    speed, heading = draw(st.sampled_from([0, 3, 14, 15, 19, 20, 24, 25, 29, 30, 31])), draw(st.integers(0, 359))
+    speeds, headings = [], []
+    for _ in range(draw(st.integers(2, 40))):
+        speed = max(0, speed + draw(st.sampled_from(STEADY_SPEED)))
+        heading = (heading + draw(st.sampled_from(WILD_TURN))) % 360
+        speeds.append(speed)
+        headings.append(heading)
+    return drive(speeds, headings)
+
+
+@given(rules_st, manoeuvres(), st.lists(st.integers(1, 12), max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_hard_turns_about_the_lowest_speed_the_same_however_cut(rules: Criteria, columns: dict[str, Any],
+                                                                cuts: list[int]) -> None:
+    whole = _detect(DriveState(), rules, columns["time_ms"], columns["speed_kmh"], columns["azimuth_deg"],
+                    columns["lat"], columns["lon"], None)
+    masks: list[int] = []
+    state = None
+    for part in split(columns, cuts):
+        part_masks, state = detect(state, rules, **part)
+        masks += part_masks
+    assert (masks, state) == whole
+
+
 def test_quiet_packets_take_the_shortcut_and_agree() -> None:
     """A packet of steady driving with small wobbles after a turn: the state from the shortcut is
     the one of the body-by-body pass (the hypothesis test above covers the rest)."""
@@ -429,6 +460,22 @@ def test_quiet_packets_take_the_shortcut_and_agree() -> None:
                           second["lat"], second["lon"], None) is not None
     assert detect(state, rules, **second) == _detect(state, rules, second["time_ms"], second["speed_kmh"],
                                                      second["azimuth_deg"], second["lat"], second["lon"], None)
+
+
+def test_a_hard_turn_at_walking_pace_keeps_the_shortcut() -> None:
+    """A vehicle that turns 30° standing, then drives off gently: no heading behaviour counts below
+    the lowest turn or lane-change speed, so the packet is quiet; at that speed it is not."""
+    from dtgserver.bridge import driving
+
+    rules = criteria("2022", "taxi")
+    slowest = min(rules.turn.min_speed_kmh, rules.u_turn.min_speed_kmh, rules.lane_min_speed_kmh)
+    for speed, quiet in ((slowest - 1, True), (slowest, False)):
+        columns = drive([speed] * 10, [66] * 5 + [36] * 5)
+        assert (driving._quiet(DriveState(), rules, columns["time_ms"], columns["speed_kmh"], columns["azimuth_deg"],
+                               columns["lat"], columns["lon"], None) is not None) == quiet
+        assert detect(None, rules, **columns) == _detect(DriveState(), rules, columns["time_ms"],
+                                                         columns["speed_kmh"], columns["azimuth_deg"],
+                                                         columns["lat"], columns["lon"], None)
 
 
 def test_run_behaviour_prefers_the_u_turn() -> None:

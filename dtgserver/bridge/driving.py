@@ -467,16 +467,18 @@ def _least_changes(rules: Criteria) -> tuple[int, int, int, int]:
 
 
 @functools.cache
-def _quiet_bounds(rules: Criteria) -> tuple[int, int, int, int] | None:
-    """(smallest rise, smallest drop, smallest heading change) that could make a behaviour, and the
-    most degrees a carried turning run may hold: a packet whose steps all stay below them finds
+def _quiet_bounds(rules: Criteria) -> tuple[int, int, int, int, int] | None:
+    """(smallest rise, smallest drop, smallest heading change) that could make a behaviour, the
+    most degrees a carried turning run may hold, and the lowest speed at which a heading change
+    counts at all (turns, U-turns, lane windows): a packet whose steps all stay below them finds
     nothing. None when the heading bound cannot guarantee that no window of small steps makes a turn."""
     rise, drop, heading, keep = _least_changes(rules)
     least_turn = min(rules.turn.min_deg, rules.u_turn.min_deg)
     carried = least_turn - 1 - keep * (heading - 1)  # a run of small steps turns at most keep × (heading − 1)
     if carried < 0:
         return None
-    return rise, drop, heading, carried
+    slowest = min(rules.turn.min_speed_kmh, rules.u_turn.min_speed_kmh, rules.lane_min_speed_kmh)
+    return rise, drop, heading, carried, slowest
 
 
 def _quiet(s: DriveState, rules: Criteria, time_ms: Sequence[int | None], speed_kmh: Sequence[int],
@@ -495,7 +497,7 @@ def _quiet(s: DriveState, rules: Criteria, time_ms: Sequence[int | None], speed_
     bounds = _quiet_bounds(rules)
     if bounds is None or s.lane:  # a lane window under way
         return None
-    rise, drop, heading, carried = bounds
+    rise, drop, heading, carried, slowest_heading_kmh = bounds
     if s.run_sign and (s.run_best_turn >= rules.turn.min_deg or s.run_best_u_turn >= rules.u_turn.min_deg
                        or sum(d for d, _ in s.run) > carried):
         return None
@@ -511,9 +513,13 @@ def _quiet(s: DriveState, rules: Criteria, time_ms: Sequence[int | None], speed_
             return None
     headings = [s.last_heading, *azimuth_deg] if s.seen else list(azimuth_deg)
     if max(headings) - min(headings) >= heading:  # or a turn across north: 359° → 1° is +2°
-        turns = [(b - a + 180) % 360 - 180 for a, b in itertools.pairwise(headings)]
-        if max(turns) >= heading or min(turns) <= -heading:
-            return None
+        # a step slower than every heading behaviour's speed is neither a turning step nor a lane
+        # step, however far it turns (a vehicle manoeuvring at walking pace): only the others count
+        slowest = slowest_heading_kmh
+        for k, (a, b) in enumerate(itertools.pairwise(headings)):
+            if a != b and not -heading < (b - a + 180) % 360 - 180 < heading and (
+                    speeds[k] >= slowest and speeds[k + 1] >= slowest):
+                return None
 
     # bodies as in `_detect`, with the state's last body as body -1 when there is one
     first = -1 if s.seen else 0
