@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -327,6 +328,7 @@ def test_state_survives_json() -> None:
     _, state = detect(None, rules, **drive([40] * 5, [90, 90, 100, 110, 120]))
     assert state.run and state.lane
     assert DriveState.from_json(state.to_json()) == state
+    assert len(state.to_list()) == len(attrs.fields(DriveState))  # a value for every field, new ones too
     assert len(state.to_json()) < 300
     assert DriveState.from_json(DriveState().to_json()) == DriveState()
 

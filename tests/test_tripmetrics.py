@@ -139,3 +139,50 @@ def _summed_before_first_move(columns: dict[str, Any]) -> int:
             break
         total += speed
     return (total * 10 + 18) // 36
+
+
+def reference_measure(meter: TripMeter | None, *, time_ms: list[int | None], speed_kmh: list[int],
+                      total_km: list[int], battery_v: list[float], rpm: list[int] | None = None,
+                      ) -> tuple[list[int], TripMeter]:
+    """`measure` written the plain way, one body at a time: what the fast one must equal."""
+    m = meter or TripMeter()
+    if not speed_kmh:
+        return [], m
+    first = m.first_total_km if m.first_total_km is not None else total_km[0]
+    top = m.max_total_km if m.max_total_km is not None else first
+    d, idle, economy, driving_v, first_moving = m.distance_kmh_s, m.idle_s, m.economy_s, m.max_driving_v, \
+        m.first_moving_ms
+    cdit = []
+    for i, speed in enumerate(speed_kmh):
+        top = max(top, total_km[i])
+        if top > first:  # bounded by the odometer: never above its upper bound by adding, never backwards
+            d = max(d, min(d + speed, (top - first + 1) * 3600))
+        else:
+            d += speed
+        d = max(d, (top - first - 1) * 3600)
+        cdit.append((d * 10 + 18) // 36)
+        if speed == 0 and (rpm is None or rpm[i] > 0):
+            idle += 1
+        if 80 <= speed <= 100:
+            economy += 1
+        if speed > 0:
+            driving_v = battery_v[i] if driving_v is None else max(driving_v, battery_v[i])
+            if first_moving is None and time_ms[i] is not None:
+                first_moving = time_ms[i]
+    return cdit, TripMeter(d, first, top, idle, economy, driving_v, first_moving, m.bodies + len(speed_kmh))
+
+
+@given(trips(), st.lists(st.integers(1, 80), max_size=8))
+@settings(max_examples=150, deadline=None)
+def test_measure_is_the_plain_per_body_reference(columns: dict[str, Any], cuts: list[int]) -> None:
+    n, bounds, at = len(columns["speed_kmh"]), [0], 0
+    for size in cuts:
+        at = min(n, at + size)
+        bounds.append(at)
+    bounds.append(n)
+    meter = expected = None
+    for a, b in itertools.pairwise(bounds):
+        part = {k: None if v is None else v[a:b] for k, v in columns.items()}
+        fast_cdit, meter = measure(meter, **part)
+        slow_cdit, expected = reference_measure(expected, **part)
+        assert (fast_cdit, meter) == (slow_cdit, expected)

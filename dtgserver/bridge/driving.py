@@ -276,9 +276,10 @@ class DriveState:
     def to_list(self) -> list[Any]:
         """The values in declaration order, as JSON gives them back (lists, not tuples), so that a
         state read back from JSON equals the one written."""
-        values = [getattr(self, f.name) for f in attrs.fields(DriveState)]
-        return [[list(v) for v in value] if name in ("run", "lane") else list(value) if name == "counts" else value
-                for name, value in zip(_DRIVE_NAMES, values, strict=True)]
+        return [list(self.counts), self.seen, self.last_ms, self.last_speed, self.last_heading, self.last_lat,
+                self.last_lon, self.last_heading_ok, self.last_speed_ok, self.speed_kinds, self.run_sign,
+                [list(step) for step in self.run], self.run_best_turn, self.run_best_u_turn,
+                [list(window) for window in self.lane]]
 
     @classmethod
     def from_list(cls, values: Sequence[Any]) -> DriveState:
@@ -303,7 +304,6 @@ class DriveState:
         return dict(zip(BEHAVIOURS, self.counts, strict=True))
 
 
-_DRIVE_NAMES = tuple(f.name for f in attrs.fields(DriveState))
 
 
 def heading_change(before_deg: int, after_deg: int) -> int:
@@ -516,8 +516,10 @@ def _quiet(s: DriveState, rules: Criteria, time_ms: Sequence[int | None], speed_
         # a step slower than every heading behaviour's speed is neither a turning step nor a lane
         # step, however far it turns (a vehicle manoeuvring at walking pace): only the others count
         slowest = slowest_heading_kmh
-        for k, (a, b) in enumerate(itertools.pairwise(headings)):
-            if a != b and not -heading < (b - a + 180) % 360 - 180 < heading and (
+        differences = list(map(operator.sub, headings[1:], headings))
+        # only the steps whose raw difference is that large can turn that far (across north, less)
+        for k in itertools.compress(range(len(differences)), map(heading.__le__, map(abs, differences))):
+            if not -heading < (differences[k] + 180) % 360 - 180 < heading and (
                     speeds[k] >= slowest and speeds[k + 1] >= slowest):
                 return None
 

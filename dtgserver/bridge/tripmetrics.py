@@ -16,6 +16,7 @@ has no upper bound: a terminal that does not count kilometres must not cap every
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +51,7 @@ class TripMeter:
     bodies: int = 0
 
     def to_list(self) -> list[Any]:
-        return [getattr(self, f.name) for f in attrs.fields(TripMeter)]
+        return list(_METER_VALUES(self))
 
     @classmethod
     def from_list(cls, values: Sequence[Any]) -> TripMeter:
@@ -59,6 +60,9 @@ class TripMeter:
     @property
     def distance_m(self) -> int:
         return _metres(self.distance_kmh_s)
+
+
+_METER_VALUES = operator.attrgetter(*(f.name for f in attrs.fields(TripMeter)))
 
 
 def _metres(kmh_s: int) -> int:
@@ -94,8 +98,7 @@ def measure(meter: TripMeter | None, *, time_ms: Sequence[int | None], speed_kmh
             d = max(d + speed if upper is None else max(d, min(d + speed, upper)), _lower(top, first_km))
             distances.append(d)
 
-    moving = list(map(bool, speed_kmh))
-    driving_v = max(itertools.compress(battery_v, moving), default=None)
+    driving_v = max(itertools.compress(battery_v, speed_kmh), default=None)  # a speed above 0 selects
     if driving_v is not None and m.max_driving_v is not None:
         driving_v = max(driving_v, m.max_driving_v)
     elif driving_v is None:
@@ -104,15 +107,15 @@ def measure(meter: TripMeter | None, *, time_ms: Sequence[int | None], speed_kmh
     if first_moving is None:
         first_moving = next(itertools.compress(time_ms, (v and t is not None for v, t in zip(
             speed_kmh, time_ms, strict=True))), None)
-    standing = n - sum(moving)
+    standing = speed_kmh.count(0)
     if rpm is None or not standing:
         idle = standing
     else:  # RPM is never negative: standing with RPM above 0
-        idle = sum(map(bool, itertools.compress(rpm, [not m for m in moving])))
-    economy = sum(map(_ECONOMY.__contains__, speed_kmh))
+        idle = sum(map(bool, itertools.compress(rpm, map(operator.not_, speed_kmh))))
+    economy = sum(map(_ECONOMY.__contains__, speed_kmh)) if max(speed_kmh) >= _ECONOMY.start else 0
     after = TripMeter(distances[-1], first_km, max_km, m.idle_s + idle, m.economy_s + economy, driving_v,
                       first_moving, m.bodies + n)
-    return [_metres(d) for d in distances], after
+    return [(d * 10 + 18) // 36 for d in distances], after  # `_metres` of each, without a call per body
 
 
 def _lower(max_km: int, first_km: int) -> int:
