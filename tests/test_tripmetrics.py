@@ -182,7 +182,7 @@ def test_measure_is_the_plain_per_body_reference(columns: dict[str, Any], cuts: 
     bounds.append(n)
     meter = expected = None
     for a, b in itertools.pairwise(bounds):
-        part = {k: None if v is None else v[a:b] for k, v in columns.items()}
+        part: dict[str, Any] = {k: None if v is None else v[a:b] for k, v in columns.items()}
         fast_cdit, meter = measure(meter, **part)
         slow_cdit, expected = reference_measure(expected, **part)
         assert (fast_cdit, meter) == (slow_cdit, expected)
