@@ -233,3 +233,6 @@ def test_an_answer_outside_the_result_table_is_still_two_bytes() -> None:
     for result in (256, -1):
         with pytest.raises(ValueError, match=r"^result: value does not fit its wire type$"):
             Connection.send(result)
+    for flag in (True, False):  # equal to 1 and 0 as dict keys: without the check True answered "format error"
+        with pytest.raises(ValueError, match=r"^result: (True|False) is not a result code$"):
+            Connection.send(flag)

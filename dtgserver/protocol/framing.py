@@ -302,7 +302,9 @@ class Connection:
 
     @staticmethod
     def send(result: Result | int) -> bytes:
-        """The 2-byte answer `0x09 <result>`."""
+        """The 2-byte answer `0x09 <result>`; a bool is refused (True would pass for 1, a format error)."""
+        if isinstance(result, bool):
+            raise ValueError(f"result: {result!r} is not a result code")
         answer = _ANSWERS.get(result)
         return answer if answer is not None else encode(Response(int(result)))
 
