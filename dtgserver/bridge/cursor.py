@@ -65,15 +65,17 @@ def cursor_path(data_dir: Path, shard: int) -> Path:
 
 def read_position(data_dir: Path, shard: int) -> int | None:
     """The saved cursor of `shard`, read by another process (the server, for its backlog); None
-    when there is none yet."""
+    when there is none yet. A file that cannot be read (locked past 1 s, damaged) raises sqlite3.Error."""
     path = cursor_path(data_dir, shard)
     if not path.exists():
         return None
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
     try:
         row = db.execute("SELECT position FROM cursor WHERE shard = ?", (shard,)).fetchone()
-    except sqlite3.OperationalError:
-        return None  # not made yet
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):
+            return None  # not made yet
+        raise
     finally:
         db.close()
     return None if row is None else int(row[0])

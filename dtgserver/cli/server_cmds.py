@@ -175,8 +175,12 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
               help="KEY OFF battery below this raises a Battery Warning event (0 disables).")
 @click.option("--backlog-high-water", "--outbox-high-water", "backlog_high_water", type=click.IntRange(1),
               default=100_000, **_env("BACKLOG_HIGH_WATER"),
-              help="With --mqtt: committed packets the bridge has not yet had acknowledged by the broker, at "
-                   "which new packets are answered 4.")
+              help="With --mqtt or --external-bridge: committed packets the bridge has not yet had "
+                   "acknowledged by the broker, at which new packets are answered 4.")
+@click.option("--external-bridge", is_flag=True, **_env("EXTERNAL_BRIDGE"),
+              help="A separate `dtgserver bridge` forwards this data dir: read its saved cursors "
+                   "(DIR/bridge-<shard>.db, about once a second) and apply --backlog-high-water to its "
+                   "backlog. Not with --mqtt or --store.")
 @click.option("--trip-cache", type=click.IntRange(1), default=100_000, **_env("TRIP_CACHE"),
               help="With --mqtt: terminals whose trip state the bridge keeps in memory (least recently used "
                    "first out; the rest are read back from DIR/bridge-<shard>.db).")
@@ -220,6 +224,9 @@ def _serve(verbose: int, quiet: bool, log_format: Literal["text", "json"], worke
     from ..store.nats import PartitionMismatch
     from ..store.packets import ShardCountMismatch
 
+    if options["external_bridge"] and (options["mqtt_url"] or options["store"] is not None):
+        raise click.UsageError("--external-bridge is for a `dtgserver bridge` beside a SQLite data dir: "
+                               "not with --mqtt (the bridge is then in process) or --store")
     if options["store"] is not None and (writer_process or options["mqtt_url"]):
         raise click.UsageError("--store nats://... has no local writer and forwards nothing: no --writer-process "
                                "or --mqtt (`dtgserver bridge` forwards from the stream)")

@@ -29,6 +29,7 @@ from ..protocol import NEED_DATA, Connection, ProtocolError, Received, Result, R
 from ..store import Control, ControlState, PacketStore, shard_paths
 from ..store.packets import ShardCountMismatch, shard_of
 from ..store.sqlite_log import SqlitePacketLog
+from .backlog import ExternalBacklog
 from .config import MIB, ServerConfig
 from .memory import BufferBudget, trim
 from .metrics import Metrics, serve_metrics
@@ -188,6 +189,11 @@ class DtgServer:
         })
         self.packet_log: SqlitePacketLog | None = None  # what the bridge reads, with --mqtt
         self.bridge: Bridge | None = self._bridge() if self.config.mqtt_url is not None and self.stores else None
+        # the backlog of a `dtgserver bridge` beside this server, read from its cursor files
+        self.external_backlog = ExternalBacklog(self.config.data_dir, self.stores, self.config.backlog_high_water) \
+            if self.config.external_bridge and self.bridge is None and self.stores else None
+        if self.external_backlog is not None:
+            self.external_backlog.register_metrics(self.metrics.gauges)
 
     def _bridge(self) -> Bridge:
         """The MQTT bridge of the shards this process writes: it reads their commits in process."""
@@ -238,6 +244,8 @@ class DtgServer:
                         serve_metrics, self.metrics, cfg.metrics_host, cfg.metrics_port, self.healthy)
                 if self.bridge is not None:  # a front process writes nothing, so has nothing to forward
                     await services.start(self.bridge.run)
+                if self.external_backlog is not None:
+                    await services.start(self.external_backlog.run)
                 listeners: list[trio.SocketListener]
                 if self.role == "writer":
                     listeners = []  # its packets come over the relay links only

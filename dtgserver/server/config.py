@@ -39,6 +39,7 @@ class ServerConfig:
     profile: str = "seed"
     battery_warning_v: float = 11.5
     backlog_high_water: int = 100_000  # packets after the bridge's cursor before new packets get 4
+    external_bridge: bool = False  # a `dtgserver bridge` process consumes the data dir: its backlog counts
     trip_cache: int = 100_000  # terminals whose trip state the bridge keeps in memory
     # the store on a NATS JetStream cluster (dtgserver.store.nats) instead of SQLite in data_dir; None = SQLite
     store: str | None = None  # nats://… URL
