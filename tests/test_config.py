@@ -80,6 +80,7 @@ NON_DEFAULTS: dict[str, tuple[str, object]] = {
     "battery_warning_v": ("23.0", 23.0),
     "backlog_high_water": ("5", 5),
     "trip_cache": ("500", 500),
+    "external_bridge": ("true", True),
     "store": ('"nats://n1.example:4222,n2.example:4222"', "nats://n1.example:4222,n2.example:4222"),
     "store_tls_ca": ('"nats-ca.pem"', Path("nats-ca.pem")),
     "store_replicas": ("1", 1),
