@@ -195,13 +195,12 @@ def advance(kind: str, key_on_ms: int | None, summary: BodySummary, state: TripS
 
 
 def body_times_ms(raw: bytes, layout: RealtimeLayout) -> list[int | None]:
-    """UTC ms of every body's time, None where it is no calendar time."""
-    return _times(layout, list(zip(*layout.tuples(raw), strict=True)))
+    """UTC ms of each body of a realtime packet (None: not a calendar time)."""
+    return _times(layout.columns(raw, ("time",))["time"])
 
 
-def _times(layout: RealtimeLayout, columns: Sequence[Sequence[int]]) -> list[int | None]:
-    at = layout.body_slots["time"].index
-    yy, month, day, hour, minute, second, cc = columns[at:at + 7]
+def _times(time_columns: Sequence[Sequence[int]]) -> list[int | None]:
+    yy, month, day, hour, minute, second, cc = time_columns
     midnight = day_ms(yy[0], month[0], day[0])
     if (midnight is not None and min(yy) == max(yy) and min(month) == max(month) and min(day) == max(day)
             and max(hour) <= 23 and max(minute) <= 59 and max(second) <= 59 and max(cc) <= 99):
@@ -211,33 +210,32 @@ def _times(layout: RealtimeLayout, columns: Sequence[Sequence[int]]) -> list[int
     return [wire_time_ms(*t) for t in zip(yy, month, day, hour, minute, second, cc, strict=True)]
 
 
+_MEASURED = ("time", "speed_kmh", "azimuth_deg", "lat", "lon", "status_code", "total_distance_km", "battery_v", "rpm")
+"""The body fields the detector and the measures read (a kind's body may lack the last ones)."""
+
+
 def drive_and_measure(trip: TripState, raw: bytes, layout: RealtimeLayout, modem: str,
                       driving: DrivingConfig) -> tuple[list[int], list[int], TripState]:
     """The packet's bodies through the trip's dangerous-driving detector and measures: the
     behaviours marked on each body, the metres since the trip's first body at each, and the trip after."""
-    slots = layout.body_slots
-    columns = list(zip(*layout.tuples(raw), strict=True))  # one pass over the bodies, then a column per field
-
-    def column(name: str) -> Sequence[int]:
-        return columns[slots[name].index]
-
-    times = _times(layout, columns)
-    speeds = column("speed_kmh")
+    columns = layout.columns(raw, _MEASURED)  # one pass over the bodies, reading only these fields
+    times = _times(columns["time"])
+    speeds = columns["speed_kmh"]
     rules = driving.criteria_for(modem, trip.vehicle_type)
     masks = [0] * len(speeds)
     drive_list = trip.drive
     if rules is not None:
         masks, drive_state = drive.detect(
             None if trip.drive is None else DriveState.from_list(trip.drive), rules, time_ms=times, speed_kmh=speeds,
-            azimuth_deg=column("azimuth_deg"), lat=column("lat"), lon=column("lon"),
-            status_code=column("status_code") if "status_code" in slots else None)
+            azimuth_deg=columns["azimuth_deg"], lat=columns["lat"], lon=columns["lon"],
+            status_code=columns.get("status_code"))
         drive_list = drive_state.to_list()
-    battery = slots["battery_v"].adapter
+    battery = layout.body_slots["battery_v"].adapter
     scale = getattr(battery, "scale", 1)
     cdit, meter = tripmetrics.measure(
         None if trip.meter is None else TripMeter.from_list(trip.meter), time_ms=times, speed_kmh=speeds,
-        total_km=column("total_distance_km"), battery_v=[v / scale for v in column("battery_v")],
-        rpm=column("rpm") if "rpm" in slots else None)
+        total_km=columns["total_distance_km"], battery_v=[v / scale for v in columns["battery_v"]],
+        rpm=columns.get("rpm"))
     system_v = tripmetrics.system_voltage(meter.max_driving_v)
     return masks, cdit, attrs.evolve(trip, drive=drive_list, meter=meter.to_list(),
                                      system_v=system_v if system_v is not None else trip.system_v)

@@ -123,6 +123,7 @@ class RealtimeLayout:
         self._time_at = header_size + body_slots["time"].offset
         self._key_on_at = header["key_on_time"].offset
         self._pickers: dict[tuple[str, ...], tuple[struct.Struct, list[tuple[str, Any]]]] = {}
+        self._column_pickers: dict[tuple[str, ...], tuple[struct.Struct, list[tuple[str, int, int]]]] = {}
         self._byte_columns = {name: header_size + slot.offset for name, slot in body_slots.items()
                               if slot.arity == 1 and slot.adapter.fmt == "B"}  # one unsigned byte: a slice
         self._columns = {  # one field of every body, the rest of the body skipped
@@ -173,6 +174,34 @@ class RealtimeLayout:
             fmt += slot.adapter.fmt if slot.arity == 1 else f"{slot.size}s"
             position = slot.end
         return struct.Struct(fmt), [(slot.name, slot.adapter.decode) for slot in chosen]
+
+    def columns(self, raw: bytes, names: tuple[str, ...]) -> dict[str, Any]:
+        """The wire values of the fields `names` in every body, in order, read with one struct that
+        skips the other fields: a column (a tuple) per one-value field, a tuple of columns per
+        field of several values (a time: its seven); a name this kind's body does not have is left out."""
+        picker = self._column_pickers.get(names)
+        if picker is None:
+            picker = self._column_pickers[names] = self._column_picker(names)
+        reader, spans = picker
+        columns = list(zip(*reader.iter_unpack(memoryview(raw)[self.header_size:]), strict=True))
+        if not columns:  # no bodies
+            columns = [()] * sum(arity for _, _, arity in spans)
+        return {name: columns[at] if arity == 1 else tuple(columns[at:at + arity]) for name, at, arity in spans}
+
+    def _column_picker(self, names: tuple[str, ...]) -> tuple[struct.Struct, list[tuple[str, int, int]]]:
+        """A struct of a whole body reading only the fields `names` (each value of a several-value
+        field on its own), and where each field's values are in what it unpacks to."""
+        chosen = sorted((self.body_slots[name] for name in set(names) if name in self.body_slots),
+                        key=lambda slot: slot.offset)
+        fmt, position, spans, at = ">", 0, [], 0
+        for slot in chosen:
+            fmt += f"{slot.offset - position}x" if slot.offset > position else ""
+            fmt += slot.adapter.fmt  # a time's is "7B": seven values
+            position = slot.end
+            spans.append((slot.name, at, slot.arity))
+            at += slot.arity
+        fmt += f"{self._size - position}x" if self._size > position else ""
+        return struct.Struct(fmt), spans
 
     def column_max(self, raw: bytes, name: str) -> int:
         """The largest wire value of field `name` over the bodies (one-value fields only)."""
