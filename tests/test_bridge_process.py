@@ -54,7 +54,7 @@ class Fleet:
             while True:
                 try:
                     answer = await send(self.port, raw)
-                except (OSError, trio.TooSlowError):  # the server is down, or no answer in time: again
+                except (OSError, trio.BrokenResourceError, trio.TooSlowError):  # server down (a reset is BrokenResourceError), or slow: again
                     answer = b""
                 self.answers.append(answer)
                 if answer == OK:
