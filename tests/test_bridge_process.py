@@ -54,7 +54,7 @@ class Fleet:
             while True:
                 try:
                     answer = await send(self.port, raw)
-                except (OSError, trio.BrokenResourceError, trio.TooSlowError):  # server down (a reset is BrokenResourceError), or slow: again
+                except (OSError, trio.BrokenResourceError, trio.TooSlowError):  # down (a reset), or slow: again
                     answer = b""
                 self.answers.append(answer)
                 if answer == OK:
