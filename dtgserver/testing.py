@@ -274,9 +274,10 @@ def dtg_bytes(modem: str = "01012345678", *, key_on: datetime = KEY_ON, minute: 
 
 
 def key_off(modem: str = "01012345678", *, at: datetime = KEY_ON + timedelta(hours=1),
-            battery_v: float = 24.1) -> KeyOff:
-    """A KEY OFF report sent at the moment the key went off (an hour after `KEY_ON` by default)."""
-    return KeyOff(modem, at, 127.01, 37.51, at, battery_v)
+            battery_v: float = 24.1, key_off_time: datetime | None = None) -> KeyOff:
+    """A KEY OFF report sent at `at` (an hour after `KEY_ON` by default), the key having gone off
+    then or at `key_off_time`."""
+    return KeyOff(modem, at, 127.01, 37.51, key_off_time or at, battery_v)
 
 
 def basic_info(modem: str = "01012345678") -> BasicInfo:

@@ -77,7 +77,9 @@ def expected_messages(packets: list[Any], received_ms: dict[bytes, int]) -> list
 async def test_every_kind_reaches_the_subscriber_in_order(tmp_path: Path, broker: Mosquitto) -> None:
     bus, truck, van = "01011112222", "01033334444", "01055556666"
     sequence = [
-        basic_info(bus), dtg(bus, minute=0), dtg(bus, minute=1), key_off(bus, battery_v=11.2),
+        # the bus's KEY OFF at its last body: its Trip is complete then (docs/mqtt.md, "When the Trip goes out")
+        basic_info(bus), dtg(bus, minute=0), dtg(bus, minute=1),
+        key_off(bus, battery_v=11.2, key_off_time=KEY_ON + timedelta(seconds=119)),
         obd(truck), key_off(truck, at=KEY_ON + timedelta(minutes=5)),
         mdt(van),
     ]
@@ -180,7 +182,7 @@ async def test_backlog_high_water_answers_4_while_the_broker_is_down(tmp_path: P
 
 
 async def test_replay_republishes_the_store(tmp_path: Path, broker: Mosquitto) -> None:
-    sequence = [basic_info(), dtg(minute=0), dtg(minute=1), key_off()]
+    sequence = [basic_info(), dtg(minute=0), dtg(minute=1), key_off(key_off_time=KEY_ON + timedelta(seconds=119))]
     async with server_with_broker(tmp_path, broker, mqtt_url=None) as server:  # store only
         assert server.port
         for record in sequence:
@@ -254,7 +256,7 @@ async def test_mqtt_enabled_on_a_data_dir_with_history(tmp_path: Path, broker: M
     """Served without MQTT, then with it: the history is not published, and the trip under way
     when MQTT came on ends with the Trip of the whole trip (its states rebuilt from the history)."""
     history = [basic_info(), dtg(minute=0), dtg(minute=1)]  # a trip under way
-    later = [dtg(minute=2), key_off()]
+    later = [dtg(minute=2), key_off(key_off_time=KEY_ON + timedelta(seconds=179))]  # at the last body: complete
     async with server_with_broker(tmp_path, broker, mqtt_url=None) as server:
         assert server.port
         for record in history:
@@ -278,8 +280,9 @@ async def test_mqtt_enabled_on_a_data_dir_with_history(tmp_path: Path, broker: M
 
 
 async def test_live_and_replay_publish_identical_payloads(tmp_path: Path, broker: Mosquitto) -> None:
-    sequence = [basic_info(), dtg(minute=0), dtg(minute=1), key_off(battery_v=11.0), obd("01033334444"),
-                key_off("01033334444")]
+    sequence = [basic_info(), dtg(minute=0), dtg(minute=1),
+                key_off(battery_v=11.0, key_off_time=KEY_ON + timedelta(seconds=119)), obd("01033334444"),
+                key_off("01033334444", key_off_time=KEY_ON + timedelta(seconds=29))]  # both trips complete
     with Subscriber(broker, "v1/sensors/#") as live:
         async with server_with_broker(tmp_path, broker) as server:
             assert server.port

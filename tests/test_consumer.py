@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import attrs
@@ -23,7 +24,7 @@ from dtgserver.protocol import Connection, Received, Result, Role, encode
 from dtgserver.store import PacketStore
 from dtgserver.store.log import LoggedPacket
 from dtgserver.store.sqlite_log import SqlitePacketLog
-from dtgserver.testing import basic_info, dtg_bytes, key_off
+from dtgserver.testing import KEY_ON, basic_info, dtg_bytes, key_off
 
 MODEMS = ("01044440001", "01044440002", "01044440003")
 FAST = BridgeOptions(flush_interval_s=0.01, backoff_initial_s=0.05, backoff_max_s=0.2)
@@ -313,7 +314,9 @@ async def test_first_start_on_a_store_with_history(tmp_path: Path) -> None:
     """No cursor yet: it starts after the store's last packet (history is not published), with
     the trip states of the recent packets rebuilt, so a trip under way ends with a whole Trip."""
     history = trip(MODEMS[0])[:3]  # attributes and two minutes: the trip is under way
-    rest = trip(MODEMS[0])[3:]  # the third minute and the KEY OFF
+    # the third minute and the KEY OFF at its last body: the trip is complete there
+    rest = [trip(MODEMS[0])[3], encode(key_off(MODEMS[0], battery_v=11.0,
+                                               key_off_time=KEY_ON + timedelta(minutes=2, seconds=4)))]
     await store_all(tmp_path, history, bridge_from_the_start=False)
     packet_log = SqlitePacketLog(tmp_path, 1)
     try:

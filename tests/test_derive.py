@@ -19,9 +19,12 @@ MODEM = "01012345678"
 OPTIONS: dict[str, Any] = {"received_ms": 1_795_215_540_000, "profile": "seed", "battery_warning_v": 11.5}
 
 
+END = KEY_ON + timedelta(minutes=1, seconds=2)  # the last body's time: the trip is complete at its KEY OFF
+
+
 def drive() -> list[bytes]:
     return [encode(p) for p in (basic_info(), dtg(minute=0, bodies=3), dtg(minute=1, bodies=3),
-                                key_off(at=KEY_ON + timedelta(minutes=2), battery_v=11.0))]
+                                key_off(at=KEY_ON + timedelta(minutes=2), battery_v=11.0, key_off_time=END))]
 
 
 def derive_all(frames: list[bytes], **options: Any) -> tuple[list[Outgoing], TripState | None]:
@@ -38,7 +41,7 @@ def test_derive_is_map_record_of_the_decoded_packet_encoded() -> None:
     expected: list[tuple[str, Any, bool]] = []
     mapped: TripState | None = None
     for n, packet in enumerate((basic_info(), dtg(minute=0, bodies=3), dtg(minute=1, bodies=3),
-                                key_off(at=KEY_ON + timedelta(minutes=2), battery_v=11.0))):
+                                key_off(at=KEY_ON + timedelta(minutes=2), battery_v=11.0, key_off_time=END))):
         messages, mapped = map_record(packet, mapped, packet_id=f"p{n}", **OPTIONS)
         expected += [(m.topic, m.payload, m.retain) for m in messages]
     assert [(o.topic, json.loads(o.payload), o.retain) for o in out] == expected
@@ -54,7 +57,7 @@ def test_payloads_are_compact_utf8_json() -> None:
     assert attributes.startswith(b'{"ts":1795215540000,"modem":"01012345678","vid":')
     parking = out[-2].payload
     assert parking == (b'{"ts":1795215720000,"ty":2,"pld":{"tid":1795215600,"clt":1795215720000,"lat":37.51,'
-                       b'"lon":127.01,"try":2,"vlt":11.0,"tim":0},"id":"p3:1"}')
+                       b'"lon":127.01,"try":2,"vlt":11.0,"tim":58},"id":"p3:1"}')
 
 
 def test_the_same_bytes_and_state_give_the_same_bytes() -> None:

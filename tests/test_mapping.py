@@ -203,24 +203,24 @@ def test_first_key_off_after_a_trip_sends_the_trip_then_parking_every_time() -> 
     messages, state = run([
         basic_info(),
         dtg(*(dtg_body(s, speed_kmh=s * 10, total_km=120_000 + s) for s in range(4))),  # speeds 0 10 20 30
-        key_off(battery_v=24.1),
-        key_off(minutes=70, battery_v=24.0),
+        key_off(battery_v=24.1, key_off_time=KEY_ON + timedelta(seconds=3)),  # the bodies reach it: complete
+        key_off(minutes=70, battery_v=24.0, key_off_time=KEY_ON + timedelta(seconds=3)),
     ])
     trips = by_ty(messages, 1)
     assert len(trips) == 1
-    assert trips[0].payload["id"] == "p2:0" and trips[0].payload["ts"] == KEY_ON_MS + 3_600_000
+    assert trips[0].payload["id"] == "p2:0" and trips[0].payload["ts"] == KEY_ON_MS + 3000
     # the speeds give 17 m, the odometer 3 km (a km a second): the distance is at least 2 km
     assert trips[0].payload["pld"] == {
-        "tid": TID, "stt": KEY_ON_MS, "edt": KEY_ON_MS + 3_600_000, "dis": 2000, "tdis": 120_003_000, "fc": 3,
-        "stlat": 37.497942, "stlon": 127.027583, "edlat": 37.497942, "edlon": 127.027583, "hsts": 30, "mesp": 15,
+        "tid": TID, "stt": KEY_ON_MS, "edt": KEY_ON_MS + 3000, "dis": 2000, "tdis": 120_003_000, "fc": 3,
+        "stlat": 37.497942, "stlon": 127.027583, "edlat": 37.5, "edlon": 127.03, "hsts": 30, "mesp": 15,
         "idt": 1, "btv": 24.1, "gnv": 24.6, "wut": 1, "est": 0, "fwv": "1.0.2", "dtvt": 3,
         "xdd": {"start": 1, "left_turn": 0, "right_turn": 0, "u_turn": 0, "deceleration": 0, "acceleration": 1,
                 "stop": 0, "lane_change": 0, "overtaking": 0},
     }
     parkings = [m for m in by_ty(messages, 2) if m.payload["pld"].__class__ is dict]
     assert [p.payload["pld"] for p in parkings] == [
-        {"tid": TID, "clt": KEY_ON_MS + 3_600_000, "lat": 37.5, "lon": 127.03, "try": 2, "vlt": 24.1, "tim": 0},
-        {"tid": TID, "clt": KEY_ON_MS + 4_200_000, "lat": 37.5, "lon": 127.03, "try": 2, "vlt": 24.0, "tim": 0},
+        {"tid": TID, "clt": KEY_ON_MS + 3_600_000, "lat": 37.5, "lon": 127.03, "try": 2, "vlt": 24.1, "tim": 3597},
+        {"tid": TID, "clt": KEY_ON_MS + 4_200_000, "lat": 37.5, "lon": 127.03, "try": 2, "vlt": 24.0, "tim": 4197},
     ]
     assert [p.payload["id"] for p in parkings] == ["p2:1", "p3:0"]
     assert state is not None and state.trip_sent
@@ -230,7 +230,8 @@ def test_key_off_without_any_trip_is_parking_only_without_tid() -> None:
     messages, state = map_record(key_off(), None, packet_id="k")
     assert [m.payload["ty"] for m in messages] == [2]
     assert "tid" not in messages[0].payload["pld"] and messages[0].payload["pld"]["try"] == 2
-    assert state is None
+    # kept for the trip whose data the terminal has not sent yet (an outage: it comes at the next KEY ON)
+    assert state is not None and state.tid is None and state.key_off_ms == KEY_ON_MS + 3_600_000
 
 
 def test_a_key_off_older_than_the_trip_is_backlog_not_the_trip_end() -> None:
@@ -245,7 +246,8 @@ def test_a_new_key_on_starts_a_new_trip_and_a_new_trip_message() -> None:
     later = KEY_ON + timedelta(hours=3)
     messages, _ = run([
         dtg(dtg_body(0)), key_off(),
-        dtg(dtg_body(0, time=later, speed_kmh=80, total_km=120_050), key_on=later), key_off(minutes=240),
+        dtg(dtg_body(0, time=later, speed_kmh=80, total_km=120_050), key_on=later),
+        key_off(minutes=240, key_off_time=later),
     ])
     trips = [m.payload["pld"] for m in by_ty(messages, 1)]
     assert [t["tid"] for t in trips] == [TID, TID + 3 * 3600]
@@ -268,10 +270,12 @@ def test_a_terminal_clock_that_went_back_starts_new_trips_once_the_odometer_move
     messages, state = run([
         dtg(dtg_body(0, time=earlier, total_km=120_010), key_on=earlier),  # cannot tell yet: like backlog
         dtg(dtg_body(60, time=earlier + timedelta(minutes=1), total_km=120_011), key_on=earlier),
-        key_off(minutes=-24 * 60 + 5),
+        key_off(minutes=-24 * 60 + 5, key_off_time=earlier + timedelta(minutes=1)),
     ], state)
     assert state is not None and state.tid == TID - 86_400
-    (trip,) = [m.payload["pld"] for m in by_ty(messages, 1)]
+    # the trip before (its KEY OFF an hour after its one body) closes as the new one begins
+    before, trip = [m.payload["pld"] for m in by_ty(messages, 1)]
+    assert before["tid"] == TID and before["edt"] == KEY_ON_MS + 3_600_000
     assert trip["tid"] == TID - 86_400 and trip["stt"] == KEY_ON_MS - 86_400_000 and trip["dtvt"] == 1
 
 
@@ -323,7 +327,7 @@ def test_a_status_code_change_to_non_zero_is_a_diagnostic_event_even_across_pack
 def test_low_battery_at_key_off_is_a_battery_warning() -> None:
     _, state = run([dtg(dtg_body(0))])  # driving at 24.6 V: a 24 V system, warned below 2 × 11.5 V
     assert state is not None and state.system_v == 24
-    messages, _ = map_record(key_off(battery_v=22.9), state, packet_id="k")
+    messages, _ = map_record(key_off(battery_v=22.9, key_off_time=KEY_ON), state, packet_id="k")
     assert [m.payload["ty"] for m in messages] == [1, 2, 23]
     assert messages[2].payload["pld"] == {"tid": TID, "wbv": 22.9}
     assert by_ty(map_record(key_off(battery_v=23.0), state, packet_id="k")[0], 23) == []  # at the threshold
@@ -344,14 +348,14 @@ def test_status_logs_are_not_published() -> None:
 
 def test_sf2019_numbers_types_globally_and_uses_its_dtg_keys() -> None:
     options: dict[str, Any] = {"profile": "sf2019"}
-    messages, _ = run([dtg(dtg_body(0, status_code=11)), key_off(battery_v=11.0)], **options)
+    messages, _ = run([dtg(dtg_body(0, status_code=11)), key_off(battery_v=11.0, key_off_time=KEY_ON)], **options)
     assert [m.payload["ty"] for m in messages] == [10, 101, 9, 10, 104]
     element = messages[0].payload["pld"][0]
     assert list(element) == list(SF2019.microtrip_keys["dtg"])
     assert element["acx"] == "1.5" and element["acy"] == "-0.3"  # text in this profile
     assert [m.payload["ty"] for m in map_record(obd(0), None, packet_id="o", **options)[0]] == [4]
     assert [m.payload["ty"] for m in map_record(mdt(0), None, packet_id="m", **options)[0]] == [2]
-    assert [m.payload["ty"] for m in run([mdt(0), key_off()], **options)[0]] == [2, 1, 2]
+    assert [m.payload["ty"] for m in run([mdt(0), key_off(key_off_time=KEY_ON)], **options)[0]] == [2, 1, 2]
 
 
 def test_unknown_profile_is_refused() -> None:
@@ -375,8 +379,8 @@ def test_a_profile_is_data_its_topics_and_key_lists_included() -> None:
                           attributes_topic="fleet/{modem}/a")
     PROFILES[custom.name] = custom  # type: ignore[index]
     try:
-        messages, _ = run([basic_info(), dtg(dtg_body(0), dtg_body(1, total_km=120_001)), key_off()],
-                          profile="custom")
+        end = key_off(key_off_time=KEY_ON + timedelta(seconds=1))
+        messages, _ = run([basic_info(), dtg(dtg_body(0), dtg_body(1, total_km=120_001)), end], profile="custom")
     finally:
         del PROFILES[custom.name]  # type: ignore[attr-defined]
     assert [(m.topic, list(m.payload["pld"]) if isinstance(m.payload.get("pld"), dict) else None)
@@ -474,7 +478,7 @@ def trip_packets() -> list[Packet]:
         basic_info("2.1.0"),
         *(dtg(*(dtg_body(p * 60 + s, speed_kmh=v, total_km=120_000 + p * 2 + (s // 2)) for s, v in enumerate(packet)))
           for p, packet in enumerate(speeds)),
-        key_off(minutes=5),
+        key_off(minutes=5, key_off_time=KEY_ON + timedelta(seconds=123)),  # at the last body: complete
     ]
 
 
@@ -484,8 +488,8 @@ def test_a_trip_is_synthesised_from_several_packets_and_survives_restarts_in_bet
     assert restarted == straight and restarted_state == state
     (trip,) = [m.payload["pld"] for m in by_ty(straight, 1)]
     assert trip == {
-        "tid": TID, "stt": KEY_ON_MS, "edt": KEY_ON_MS + 300_000, "dis": 4000, "tdis": 120_005_000, "fc": 123,
-        "stlat": 37.497942, "stlon": 127.027583, "edlat": 37.497942, "edlon": 127.027583, "hsts": 80,
+        "tid": TID, "stt": KEY_ON_MS, "edt": KEY_ON_MS + 123_000, "dis": 4000, "tdis": 120_005_000, "fc": 123,
+        "stlat": 37.497942, "stlon": 127.027583, "edlat": 37.5, "edlon": 127.03, "hsts": 80,
         "mesp": round(418 / 12), "idt": 3, "btv": 24.1, "gnv": 24.6, "wut": 2, "est": 1, "fwv": "2.1.0", "dtvt": 9,
         "xdd": {"start": 1, "left_turn": 0, "right_turn": 0, "u_turn": 0, "deceleration": 1, "acceleration": 2,
                 "stop": 1, "lane_change": 0, "overtaking": 0},
@@ -518,9 +522,10 @@ def test_trip_state_stored_form_is_an_array_and_older_forms_still_load() -> None
     assert TripState.from_json(json.dumps(state.to_dict())) == state  # the object form stored before
     assert TripState.from_json("null") is None
     assert TripState.from_json(json.dumps([*values, 1, "later"])) == state  # a newer version's array
-    fewer = TripState.from_json(json.dumps(values[:-6]))  # an older version's array: defaults after it
+    fewer = TripState.from_json(json.dumps(values[:-11]))  # an older version's array: defaults after it
     assert fewer == attrs.evolve(state, status_code=0, fwv=None, drive=None, meter=None, vehicle_type=None,
-                                 system_v=None)
+                                 system_v=None, key_off_ms=None, key_off_lat=None, key_off_lon=None, key_off_v=None,
+                                 key_off_received_ms=None)
 
 
 # -- docs/mqtt.md's examples are this mapping's output ---------------------------------------------------------
@@ -531,7 +536,7 @@ def example_messages() -> dict[str, dict[str, Any]]:
     messages, _ = run([
         basic_info(),
         dtg(dtg_body(0, speed_kmh=48), dtg_body(1, speed_kmh=50, status_code=11)),
-        key_off(minutes=47, battery_v=11.2),
+        key_off(minutes=47, battery_v=11.2, key_off_time=KEY_ON + timedelta(seconds=1)),
     ], received_ms=KEY_ON_MS - 60_000, real_ids=True)
     named = dict(zip(["attributes", "dtg_microtrip", "diagnostic", "trip", "parking", "battery_warning"],
                      messages, strict=True))
@@ -676,12 +681,14 @@ def test_the_trip_starts_where_its_first_packet_does_however_many_follow() -> No
                                lat=round(37.4 + p * 0.01 + s * 0.001, 6), lon=round(127.0 + p * 0.01 + s * 0.001, 6))
                   for s in range(3)]
         packets.append(dtg(*bodies))
-    messages, state = run([*packets, key_off(minutes=10)], restart=True)
+    end = key_off(minutes=10, key_off_time=KEY_ON + timedelta(seconds=182))  # at the last body
+    messages, state = run([*packets, end], restart=True)
     (trip,) = [m.payload["pld"] for m in by_ty(messages, 1)]
     assert (trip["stlat"], trip["stlon"]) == (37.4, 127.0)
-    assert (trip["edlat"], trip["edlon"]) == (37.432, 127.032)
-    assert trip["fc"] == 3 * 60 + 2  # total fuel grows 1 mL a second: body 0 to body 182
+    assert (trip["edlat"], trip["edlon"]) == (37.5, 127.03)  # where the KEY OFF packet says it stood
     assert state is not None
+    assert (state.last_lat, state.last_lon) == (37.432, 127.032)  # the last body of the last packet
+    assert trip["fc"] == 3 * 60 + 2  # total fuel grows 1 mL a second: body 0 to body 182
     assert (state.first_lat, state.first_total_km, state.last_total_km) == (37.4, 120_000, 120_011)
 
 
@@ -689,7 +696,8 @@ def test_tid_is_whole_seconds_in_every_payload() -> None:
     # tid is an integer in JSON ("tid":1795215600), never a float ("tid":1795215600.0 or .99 for
     # a KEY ON 0.99 s into the second: the same trip id, the seconds cut, not rounded).
     later_in_the_second = KEY_ON + timedelta(milliseconds=990)
-    messages, _ = run([dtg(dtg_body(0), dtg_body(1)), key_off(), dtg(dtg_body(7), key_on=later_in_the_second)])
+    messages, _ = run([dtg(dtg_body(0), dtg_body(1)), key_off(key_off_time=KEY_ON + timedelta(seconds=1)),
+                       dtg(dtg_body(7), key_on=later_in_the_second)])
     payloads = [encode_payload(m.payload) for m in messages]
     assert all(b'"tid":%d' % TID in p for p in payloads if b'"tid"' in p)
     assert sum(p.count(b'"tid":%d,' % TID) for p in payloads) == 5  # 2 + 1 elements, the Trip, the parking

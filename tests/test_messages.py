@@ -111,10 +111,11 @@ def test_the_trip_keeps_its_first_position_and_odometer_across_packets() -> None
     packets = [dtg(at(0, 37.1, 127.1, 100), at(1, 37.2, 127.2, 100)),
                dtg(at(60, 37.3, 127.3, 101), at(61, 37.4, 127.4, 102)),
                dtg(at(120, 37.5, 127.5, 103), at(121, 37.6, 127.6, 104)),
-               key_off(minutes=5)]
+               key_off(minutes=5, key_off_time=KEY_ON + timedelta(seconds=121))]
     messages, state = run(packets, restart=True)
     (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]
-    assert (trip["stlat"], trip["stlon"], trip["edlat"], trip["edlon"]) == (37.1, 127.1, 37.6, 127.6)
+    # the end is where the KEY OFF packet says the vehicle stood
+    assert (trip["stlat"], trip["stlon"], trip["edlat"], trip["edlon"]) == (37.1, 127.1, 37.5, 127.03)
     assert trip["dis"] == 3000 and trip["stt"] == KEY_ON_MS
     cdits = [e["cdit"] for m in messages if isinstance(m.payload["pld"], list) for e in m.payload["pld"]]
     # metres from the speeds, within a km of the odometer since the trip's first body (not the packet's)

@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,8 @@ async def test_two_nodes_a_killed_nats_node_and_a_killed_bridge_lose_nothing_and
 
             async def terminal(n: int, modem: str) -> None:
                 packets = [encode(dtg(modem, minute=m, bodies=5, speed_kmh=30 + 5 * m)) for m in range(MINUTES)]
-                packets.append(encode(key_off(modem)))
+                last_body = KEY_ON + timedelta(minutes=MINUTES - 1, seconds=4)  # the KEY OFF there: complete
+                packets.append(encode(key_off(modem, key_off_time=last_body)))
                 for i, raw in enumerate(packets):
                     with trio.fail_after(60):
                         while await send(ports[(n + i) % 2], raw, timeout_s=30) != OK:  # 4: send it again
@@ -125,7 +127,9 @@ async def test_replay_republishes_the_stream(tmp_path: Path, nats_cluster: NatsC
     from dtgserver.cli import main
     from dtgserver.testing import basic_info
 
-    sequence = [basic_info(), dtg(minute=0), dtg(minute=1), key_off()]
+    # the KEY OFF at the last body (minute 1, second 59): the trip is complete, its Trip goes out
+    end = KEY_ON + timedelta(minutes=1, seconds=59)
+    sequence = [basic_info(), dtg(minute=0), dtg(minute=1), key_off(key_off_time=end)]
     async with running(tmp_path, nats_cluster.url) as server:
         await until_ok(server.port or 0, encode(sequence[0]))
         for record in sequence[1:]:

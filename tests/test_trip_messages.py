@@ -46,7 +46,7 @@ def test_em_marks_the_body_of_an_acceleration_that_straddles_two_packets() -> No
 
 def test_cdit_and_dis_are_metres_from_the_speed() -> None:
     first = dtg(*(moving(s, 36) for s in range(60)))  # 10 m a second
-    messages, _ = run([truck_info(), first, key_off(minutes=1)])
+    messages, _ = run([truck_info(), first, key_off(minutes=1, key_off_time=KEY_ON + timedelta(seconds=59))])
     cdit = [e["cdit"] for e in elements(messages)]
     assert cdit[:3] == [10, 20, 30] and cdit[-1] == 600
     (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]
@@ -56,7 +56,8 @@ def test_cdit_and_dis_are_metres_from_the_speed() -> None:
 def test_the_trips_mandatory_keys_and_behaviour_counts() -> None:
     speeds = [0] * 30 + [20, 40, 60, 80, 90, 95, 100] + [100] * 20 + [60, 40, 0]
     bodies = [moving(s, v, km=120_000 + s // 40, battery=28.4 if v else 24.9) for s, v in enumerate(speeds)]
-    messages, _ = run([truck_info(), dtg(*bodies), key_off(minutes=1, battery_v=24.3)])
+    end = key_off(minutes=1, battery_v=24.3, key_off_time=KEY_ON + timedelta(seconds=59))
+    messages, _ = run([truck_info(), dtg(*bodies), end])
     (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]
     assert list(trip) == ["tid", "stt", "edt", "dis", "tdis", "fc", "stlat", "stlon", "edlat", "edlon", "hsts",
                           "mesp", "idt", "btv", "gnv", "wut", "est", "fwv", "dtvt", "xdd"]
@@ -75,13 +76,13 @@ def test_no_class_no_behaviours() -> None:
     driving = DrivingConfig(default_class=None)
     bodies = [moving(s, v) for s, v in enumerate([0, 20, 40])]
     info = attrs.evolve(basic_info(), vehicle_type="41")
-    messages, _ = run([info, dtg(*bodies), key_off(minutes=1)], driving=driving)
+    end = key_off(minutes=1, key_off_time=KEY_ON + timedelta(seconds=2))
+    messages, _ = run([info, dtg(*bodies), end], driving=driving)
     assert [e["em"] for e in elements(messages)] == ["00"] * 3
     (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]
     assert "xdd" not in trip
     # the same bodies on a bus: a harsh start and acceleration
-    messages, _ = run([info, dtg(*bodies), key_off(minutes=1)],
-                      driving=DrivingConfig(default_class=None, classes={MODEM: "bus"}))
+    messages, _ = run([info, dtg(*bodies), end], driving=DrivingConfig(default_class=None, classes={MODEM: "bus"}))
     assert [e["em"] for e in elements(messages)] == ["00", "01", "20"]
 
 

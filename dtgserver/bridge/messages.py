@@ -30,7 +30,7 @@ from ..protocol.layout import realtime as realtime_layout
 from . import tripmetrics, trips
 from .driving import DrivingConfig, em_hex
 from .profiles import Profile, get_profile
-from .trips import DEFAULT_DRIVING, TripState
+from .trips import DEFAULT_DRIVING, DEFAULT_TRIP_DEADLINE_MS, TripState
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 """Every encoded payload stays strictly below this (the platform's limit)."""
@@ -106,15 +106,17 @@ Built = list[tuple[str, dict[str, Any], bool]]
 def build(raw: bytes, state: TripState | None, *, packet_id: str, profile: str = "seed",
           battery_warning_v: float = 11.5, received_ms: int | None = None,
           max_payload_bytes: int = MAX_PAYLOAD_BYTES, driving: DrivingConfig = DEFAULT_DRIVING,
-          ) -> tuple[list[Message], TripState | None]:
+          trip_deadline_ms: int = DEFAULT_TRIP_DEADLINE_MS) -> tuple[list[Message], TripState | None]:
     """The messages of one framed packet in publish order, and the terminal's next trip state.
 
     `packet_id` is the store's stable id of the packet; `received_ms` (the store's receive time)
     is only used where the packet carries no time of its own: the `ts` of basic info.
     `battery_warning_v` (the threshold of a 12 V system; twice it on a 24 V one) 0 disables
     Battery Warning events. `driving` says which dangerous-driving criteria apply to which
-    terminal. A status log publishes nothing (it is stored as a file); a packet kind without
-    messages defined here is a ValueError.
+    terminal. A trip's Trip goes out once its bodies reach its KEY OFF, or when the terminal's
+    next trip begins, or with the first packet of the terminal received `trip_deadline_ms` after
+    that KEY OFF (marked partial). A status log publishes nothing else (it is stored as a file); a
+    packet kind without messages defined here is a ValueError.
     """
     table = get_profile(profile)
     frame = received(raw, max_body_count=_ANY_BODY_COUNT)  # one whole packet, its header valid
@@ -122,16 +124,22 @@ def build(raw: bytes, state: TripState | None, *, packet_id: str, profile: str =
     payloads: Built
     if layout is not None:
         payloads, state = _realtime(raw, layout, state, table, packet_id, max_payload_bytes, driving)
-    else:
+    else:  # the deadline is judged on the packets of a terminal waiting for its trip's last bodies
         record = frame.record
+        overdue: Built = []
+        if trips.overdue(state, received_ms, trip_deadline_ms):
+            assert state is not None
+            overdue.append(_trip_message(state, table, record.modem, driving, partial=True))
+            state = trips.sent(state)
         if isinstance(record, KeyOff):
-            payloads, state = _key_off(record, state, table, battery_warning_v, driving)
+            payloads, state = _key_off(record, state, table, battery_warning_v, driving, received_ms)
         elif isinstance(record, BasicInfo):
             payloads, state = _basic_info(record, state, table, received_ms)
         elif record.KIND in SILENT_KINDS:
-            return [], state
+            payloads = []
         else:
             raise ValueError(f"no messages are defined for a packet of kind {record.KIND!r}")
+        payloads = overdue + payloads
     out = []
     for n, (topic, payload, retain) in enumerate(payloads):
         payload["id"] = f"{packet_id}:{n}"
@@ -148,11 +156,11 @@ SILENT_KINDS = frozenset({"status_log"})
 def map_record(record: Packet, state: TripState | None, *, packet_id: str, profile: str = "seed",
                battery_warning_v: float = 11.5, received_ms: int | None = None,
                max_payload_bytes: int = MAX_PAYLOAD_BYTES, driving: DrivingConfig = DEFAULT_DRIVING,
-               ) -> tuple[list[Message], TripState | None]:
+               trip_deadline_ms: int = DEFAULT_TRIP_DEADLINE_MS) -> tuple[list[Message], TripState | None]:
     """`build` for a record: the messages of the packet it encodes to."""
     return build(encode_packet(record), state, packet_id=packet_id, profile=profile,
                  battery_warning_v=battery_warning_v, received_ms=received_ms, max_payload_bytes=max_payload_bytes,
-                 driving=driving)
+                 driving=driving, trip_deadline_ms=trip_deadline_ms)
 
 
 # -- realtime → microtrips (+ diagnostic events) ---------------------------------------------------
@@ -328,10 +336,25 @@ def _realtime(raw: bytes, layout: RealtimeLayout, state: TripState | None, table
                 element["em"] = em_hex(mask)
     ty = table.microtrip_ty[kind]
     payloads: Built = []
+    if moved.closed is not None:  # the trip before, complete: its Trip first
+        payloads.append(_trip_message(moved.closed, table, layout.modem(raw), driving))
     for chunk in split(elements, ty, packet_id, max_payload_bytes, element_bound(keys)):
         last = next((e["clt"] for e in reversed(chunk) if "clt" in e), moved.key_on_ms)  # the last body time
         payloads.append((topic, _envelope(last, ty, chunk), False))
-    return payloads + events, moved.state
+    payloads += events
+    if moved.completes:  # the bodies reach the KEY OFF: the Trip after them
+        payloads.append(_trip_message(moved.trip, table, layout.modem(raw), driving))
+    return payloads, moved.state
+
+
+def _trip_message(trip: TripState, table: Profile, modem: str, driving: DrivingConfig,
+                  partial: bool = False) -> tuple[str, dict[str, Any], bool]:
+    values = trips.trip_values(trip, modem=modem, driving=driving, partial=partial)
+    for key in ("stlat", "stlon", "edlat", "edlon"):
+        if values[key] is not None:
+            values[key] = exact(values[key])
+    topic = table.telemetry_topic.format(modem=modem)
+    return topic, _envelope(values["edt"], table.trip_ty[trip.kind], _pick(values, table.trip_keys)), False
 
 
 # -- payload size ---------------------------------------------------------------------------------
@@ -394,23 +417,19 @@ def split(elements: list[dict[str, Any]], ty: int, packet_id: str, limit: int,
 # -- KEY OFF → Trip (once), parking microtrip (always), battery warning ---------------------------
 
 
-def _key_off(record: KeyOff, state: TripState | None, table: Profile,
-             battery_warning_v: float, driving: DrivingConfig = DEFAULT_DRIVING) -> tuple[Built, TripState | None]:
+def _key_off(record: KeyOff, state: TripState | None, table: Profile, battery_warning_v: float,
+             driving: DrivingConfig = DEFAULT_DRIVING, received_ms: int | None = None,
+             ) -> tuple[Built, TripState | None]:
     topic = table.telemetry_topic.format(modem=record.modem)
     key_off_ms = time_ms(record.key_off_time)
     sent_ms = time_ms(record.sent_time)
-    outcome = trips.key_off(state, key_off_ms)
+    outcome = trips.key_off(state, key_off_ms, lat=record.lat, lon=record.lon, battery_v=record.battery_v,
+                            received_ms=received_ms)
     trip = outcome.trip
     messages: Built = []
     if outcome.closes:
         assert trip is not None
-        end_ms = key_off_ms if key_off_ms is not None else trip.last_ms
-        values = trips.trip_values(trip, end_ms, battery_off_v=record.battery_v, modem=record.modem,
-                                   driving=driving)
-        for key in ("stlat", "stlon", "edlat", "edlon"):
-            if values[key] is not None:
-                values[key] = exact(values[key])
-        messages.append((topic, _envelope(end_ms, table.trip_ty[trip.kind], _pick(values, table.trip_keys)), False))
+        messages.append(_trip_message(trip, table, record.modem, driving))
 
     tid = trip.tid if trip is not None else None
     parking = {"tid": tid, "clt": sent_ms, "lat": exact(record.lat), "lon": exact(record.lon), "try": PARKING,

@@ -24,7 +24,7 @@ _GPS_KEYS = ("tid", "clt", "lat", "lon", "sp", "cdit", "vv", "dtr", "dctr", "gan
 # The key lists both profiles share (values left out when unknown).
 # The Trip in the OBD Trip table's order (spec §8.2.2.2.1), then our extension `xdd`.
 TRIP_KEYS = ("tid", "stt", "edt", "dis", "tdis", "fc", "stlat", "stlon", "edlat", "edlon", "hsts", "mesp", "idt", "btv",
-             "gnv", "wut", "est", "fwv", "dtvt", "xdd")
+             "gnv", "wut", "est", "fwv", "dtvt", "xdd", "xpartial")
 PARKING_KEYS = ("tid", "clt", "lat", "lon", "try", "vlt", "tim")
 DIAGNOSTIC_KEYS = ("tid", "dtcc", "dtck", "dtcs")
 BATTERY_WARNING_KEYS = ("tid", "wbv")
@@ -52,7 +52,7 @@ KEY_SOURCES: Mapping[str, tuple[str, str]] = {
     "acy": ("body acceleration Y (wire ×10)", "m/s²"),
     "tmp": ('body temperatures "A,B" (an absent/off sensor is an empty field; no key when both are)', "°C"),
     "stt": ("trip state: KEY ON time", "ms UTC"),
-    "edt": ("KEY OFF packet: KEY OFF time", "ms UTC"),
+    "edt": ("the KEY OFF time the trip's first KEY OFF packet named (else its last body's)", "ms UTC"),
     "dis": ("the trip's distance: the last body's `cdit`", "m"),
     "tdis": ("the odometer at the trip's last body × 1000", "m"),
     "idt": ("bodies standing with the engine running (RPM above 0; MDT: every standing body)", "s"),
@@ -62,10 +62,11 @@ KEY_SOURCES: Mapping[str, tuple[str, str]] = {
     "est": ("bodies at 80–100 km/h", "s"),
     "xdd": ("**extension**: each dangerous-driving behaviour's count in the trip (docs/driving.md)", ""),
     "tim": ("the KEY OFF packet's send time − its KEY OFF time", "s"),
+    "xpartial": ("**extension**: true when the Trip went out at the deadline, without its last bodies", ""),
     "stlat": ("trip state: first body's latitude", "°"),
     "stlon": ("trip state: first body's longitude", "°"),
-    "edlat": ("trip state: last body's latitude", "°"),
-    "edlon": ("trip state: last body's longitude", "°"),
+    "edlat": ("that KEY OFF packet's latitude (else the last body's)", "°"),
+    "edlon": ("that KEY OFF packet's longitude (else the last body's)", "°"),
     "hsts": ("trip state: highest body speed", "km/h"),
     "mesp": ("trip state: mean of the body speeds (one body per second), rounded", "km/h"),
     "dtvt": ("trip state: bodies with speed > 0 (bodies are collected every second)", "s"),

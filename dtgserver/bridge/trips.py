@@ -69,6 +69,12 @@ class TripState:
     meter: list[Any] | None = attrs.field(default=None, hash=False)
     vehicle_type: str | None = None  # terminal-wide: the last basic info's vehicle type code
     system_v: int | None = None  # terminal-wide: 12 or 24 (V), from the battery while driving
+    # the trip's end, once a KEY OFF packet named it (its Trip waits for the bodies up to it)
+    key_off_ms: int | None = None
+    key_off_lat: float | None = None
+    key_off_lon: float | None = None
+    key_off_v: float | None = None  # the battery after the engine stopped: the Trip's btv
+    key_off_received_ms: int | None = None  # when that KEY OFF was received: the deadline runs from here
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _STATE_NAMES}
@@ -96,8 +102,17 @@ class TripState:
         return cls.from_dict(data)
 
     def new_trip(self, tid: int, key_on_ms: int | None, kind: str) -> TripState:
-        return TripState(tid=tid, kind=kind, key_on_ms=key_on_ms, status_code=self.status_code, fwv=self.fwv,
+        """A trip starting at `key_on_ms`; it takes up a KEY OFF received before any of its data (an
+        outage: the terminal sends its data at the next KEY ON) when that KEY OFF is not before it."""
+        waiting = (self.tid is None or self.trip_sent) and self.key_off_ms is not None and (
+            key_on_ms is not None and key_on_ms <= self.key_off_ms)
+        trip = TripState(tid=tid, kind=kind, key_on_ms=key_on_ms, status_code=self.status_code, fwv=self.fwv,
                          vehicle_type=self.vehicle_type, system_v=self.system_v)
+        if not waiting:
+            return trip
+        return attrs.evolve(trip, key_off_ms=self.key_off_ms, key_off_lat=self.key_off_lat,
+                            key_off_lon=self.key_off_lon, key_off_v=self.key_off_v,
+                            key_off_received_ms=self.key_off_received_ms)
 
 
 _STATE_NAMES = tuple(f.name for f in attrs.fields(TripState))
@@ -164,6 +179,8 @@ class Advance(NamedTuple):
     state: TripState | None  # the terminal's next state
     masks: list[int] | None = None  # per body, the dangerous-driving behaviours marked on it (not stale)
     cdit: list[int] | None = None  # per body, metres since the trip's first body (not stale)
+    closed: TripState | None = None  # the terminal's previous trip, complete now: its Trip goes first
+    completes: bool = False  # the packet's bodies reach the trip's KEY OFF: its Trip goes after them
 
 
 def advance(kind: str, key_on_ms: int | None, summary: BodySummary, state: TripState | None) -> Advance | None:
@@ -188,10 +205,39 @@ def advance(kind: str, key_on_ms: int | None, summary: BodySummary, state: TripS
         and (summary.max_total_km if summary.bodies else -1) > current.last_total_km)
     if stale:
         return Advance(tid, key_on_ms, True, current, state)
+    closed = None
     if tid != current.tid:
+        # A newer trip: the terminal sends its data oldest first (§4.5), so the trip before is complete.
+        if current.tid is not None and not current.trip_sent:
+            closed = current
         current = current.new_trip(tid, key_on_ms, kind)
     current = account(current, summary)
-    return Advance(tid, key_on_ms, False, current, current)
+    completes = not current.trip_sent and complete(current)
+    if completes:
+        current = attrs.evolve(current, trip_sent=True)
+    return Advance(tid, key_on_ms, False, current, current, closed=closed, completes=completes)
+
+
+BODY_PERIOD_MS = 1000
+"""The terminal records a body a second: a trip's bodies reach its KEY OFF when the next one would
+come after it."""
+
+DEFAULT_TRIP_DEADLINE_MS = 24 * 3600 * 1000
+"""How long after its KEY OFF was received a trip whose last bodies have not come is published as it is."""
+
+
+def complete(trip: TripState) -> bool:
+    """Whether the trip's bodies reach the KEY OFF time a KEY OFF packet named."""
+    return (trip.key_off_ms is not None and trip.last_ms is not None
+            and trip.last_ms + BODY_PERIOD_MS > trip.key_off_ms)
+
+
+def overdue(state: TripState | None, received_ms: int | None, deadline_ms: int) -> bool:
+    """Whether the terminal's trip waits for its last bodies longer than the deadline: judged by
+    the receive time of the terminal's later packets, never by a clock, so a replay decides alike."""
+    return (state is not None and state.tid is not None and not state.trip_sent
+            and state.key_off_received_ms is not None and received_ms is not None
+            and received_ms - state.key_off_received_ms >= deadline_ms)
 
 
 def body_times_ms(raw: bytes, layout: RealtimeLayout) -> list[int | None]:
@@ -264,6 +310,8 @@ def account(state: TripState, summary: BodySummary) -> TripState:
         first_total_fuel_ml=first_fuel, last_total_fuel_ml=last_fuel, trip_sent=state.trip_sent,
         status_code=state.status_code if summary.last_status_code is None else summary.last_status_code,
         fwv=state.fwv, drive=state.drive, meter=state.meter, vehicle_type=state.vehicle_type, system_v=state.system_v,
+        key_off_ms=state.key_off_ms, key_off_lat=state.key_off_lat, key_off_lon=state.key_off_lon,
+        key_off_v=state.key_off_v, key_off_received_ms=state.key_off_received_ms,
     )
 
 
@@ -300,23 +348,38 @@ class KeyOffOutcome(NamedTuple):
     state: TripState | None  # the terminal's next state
 
 
-def key_off(state: TripState | None, key_off_ms: int | None) -> KeyOffOutcome:
-    """What a KEY OFF at `key_off_ms` does to the terminal's trip: the first one after a trip
-    closes it (once); one from before the trip began is the terminal's backlog, not its end."""
-    if state is None or state.tid is None or (
+def key_off(state: TripState | None, key_off_ms: int | None, *, lat: float | None = None, lon: float | None = None,
+            battery_v: float | None = None, received_ms: int | None = None) -> KeyOffOutcome:
+    """What a KEY OFF at `key_off_ms` does to the terminal's trip. The first one after a trip names
+    its end; the Trip is due once the trip's bodies reach that time (now, or when the last of them
+    arrive: §4.5, a terminal sends its unsent data at the next KEY ON). A KEY OFF whose time is no
+    calendar time cannot tell: it closes the trip at once, at its last body. One from before the
+    trip began is the terminal's backlog, not its end."""
+    ends: dict[str, Any] = {"key_off_ms": key_off_ms, "key_off_lat": lat, "key_off_lon": lon,
+                            "key_off_v": battery_v, "key_off_received_ms": received_ms}
+    if state is not None and state.tid is not None and (
             key_off_ms is not None and state.key_on_ms is not None and key_off_ms < state.key_on_ms):
         return KeyOffOutcome(None, False, state)
-    if state.trip_sent:
-        return KeyOffOutcome(state, False, state)
-    trip = attrs.evolve(state, trip_sent=True)
-    return KeyOffOutcome(trip, True, trip)
+    if state is None or state.tid is None or state.trip_sent:
+        # No trip waits for it: the end of a trip whose data the terminal has not sent yet (an
+        # outage; §4.5: realtime data only while the key is on). Kept for that trip to take up.
+        later = key_off_ms is not None and (state is None or state.key_off_ms is None or key_off_ms > state.key_off_ms)
+        pending = attrs.evolve(state or TripState(), **ends) if later else state
+        return KeyOffOutcome(state if state is not None and state.tid is not None else None, False, pending)
+    trip = state
+    if trip.key_off_ms is None and key_off_ms is not None:
+        trip = attrs.evolve(trip, **ends)
+    closes = complete(trip) or (key_off_ms is None and trip.key_off_ms is None)
+    if closes:
+        trip = attrs.evolve(trip, trip_sent=True, key_off_v=battery_v if trip.key_off_v is None else trip.key_off_v)
+    return KeyOffOutcome(trip, closes, trip)
 
 
-def trip_values(trip: TripState, end_ms: int | None, *, battery_off_v: float | None = None,
-                modem: str = "", driving: DrivingConfig = DEFAULT_DRIVING) -> dict[str, Any]:
+def trip_values(trip: TripState, *, modem: str = "", driving: DrivingConfig = DEFAULT_DRIVING,
+                partial: bool = False) -> dict[str, Any]:
     """Every value the Trip message can carry, None where unknown (the profile picks the keys).
-
-    `battery_off_v`: the battery after the engine stopped (the KEY OFF packet's)."""
+    `partial`: published at the deadline, without the bodies up to the KEY OFF."""
+    end_ms = trip.key_off_ms if trip.key_off_ms is not None else trip.last_ms
     def difference(last: int | None, first: int | None, scale: int) -> int | None:
         if last is None or first is None or last < first:
             return None
@@ -329,15 +392,16 @@ def trip_values(trip: TripState, end_ms: int | None, *, battery_off_v: float | N
         "dis": difference(trip.last_total_km, trip.first_total_km, 1000),
         "stlat": trip.first_lat,
         "stlon": trip.first_lon,
-        "edlat": trip.last_lat,
-        "edlon": trip.last_lon,
+        "edlat": trip.key_off_lat if trip.key_off_lat is not None else trip.last_lat,
+        "edlon": trip.key_off_lon if trip.key_off_lon is not None else trip.last_lon,
         "hsts": trip.max_speed_kmh if trip.speed_count else None,
         "mesp": round(trip.speed_sum_kmh / trip.speed_count) if trip.speed_count else None,
         "dtvt": trip.driving_s if trip.speed_count else None,
         "fc": difference(trip.last_total_fuel_ml, trip.first_total_fuel_ml, 1),
         "fwv": trip.fwv or None,
         "tdis": trip.last_total_km * 1000 if trip.last_total_km is not None else None,
-        "btv": battery_off_v,
+        "btv": trip.key_off_v,
+        "xpartial": True if partial else None,
     } | _measures(trip, modem, driving)
 
 
@@ -356,6 +420,11 @@ def _measures(trip: TripState, modem: str, driving: DrivingConfig) -> dict[str, 
     return out
 
 
+def sent(state: TripState | None) -> TripState | None:
+    """The state once the trip's Trip is published."""
+    return None if state is None else attrs.evolve(state, trip_sent=True)
+
+
 def with_firmware(state: TripState | None, fwv: str, vehicle_type: str | None = None) -> TripState:
     """The terminal's state after a basic info naming its firmware version (and vehicle type)."""
     current = state or TripState()
@@ -365,7 +434,8 @@ def with_firmware(state: TripState | None, fwv: str, vehicle_type: str | None = 
 # -- without messages ---------------------------------------------------------------------------------
 
 
-def next_state(raw: bytes, state: TripState | None, driving: DrivingConfig = DEFAULT_DRIVING) -> TripState | None:
+def next_state(raw: bytes, state: TripState | None, driving: DrivingConfig = DEFAULT_DRIVING,
+               received_ms: int | None = None, trip_deadline_ms: int = DEFAULT_TRIP_DEADLINE_MS) -> TripState | None:
     """The terminal's state after one framed packet, without building its messages: what a
     consumer that only keeps trip state computes per packet. The state `messages.build` returns
     with the messages (tests/test_trips.py)."""
@@ -373,9 +443,12 @@ def next_state(raw: bytes, state: TripState | None, driving: DrivingConfig = DEF
     if layout is not None:
         moved = realtime_advance(raw, layout, state, driving)
         return state if moved is None else moved.state
+    if overdue(state, received_ms, trip_deadline_ms):
+        state = sent(state)
     record = decode(raw)
     if isinstance(record, KeyOff):
-        return key_off(state, time_ms(record.key_off_time)).state
+        return key_off(state, time_ms(record.key_off_time), lat=record.lat, lon=record.lon,
+                       battery_v=record.battery_v, received_ms=received_ms).state
     if isinstance(record, BasicInfo):
         return with_firmware(state, str(record.firmware_version), str(record.vehicle_type))
     if isinstance(record, StatusLog):
