@@ -344,7 +344,7 @@ def status_changes(status_code: int, codes: Sequence[int]) -> list[tuple[int, in
 
 class KeyOffOutcome(NamedTuple):
     trip: TripState | None  # the trip the KEY OFF belongs to, after it (None: no trip is known)
-    closes: bool  # the trip's first KEY OFF: its Trip message is due now
+    closes: bool  # the trip is complete at this KEY OFF: its Trip message is due now
     state: TripState | None  # the terminal's next state
 
 
