@@ -322,3 +322,17 @@ async def test_the_control_watch_survives_the_loss_of_the_node_it_was_on_and_of_
             with trio.fail_after(30):
                 while await exchange(port, packet) != OK:
                     await trio.sleep(0.1)
+
+
+def test_a_command_reads_back_what_another_node_just_wrote(nats_cluster: NatsCluster) -> None:
+    """`devices add` through one node, then `devices list` through another, at once: the list has it.
+    The read waits for the bucket's last revision, not only for a replica's view of what is pending."""
+    urls = ["nats://127.0.0.1:" + str(node.port) for node in nats_cluster.nodes]
+    with opened(urls[1]) as writer, opened(urls[2]) as reader:
+        writing, reading = NatsControl(writer), NatsControl(reader)
+        for n in range(40):
+            modem = f"0105555{n:04d}"
+            writing.add_device(modem, f"note {n}")
+            assert modem in [d.modem for d in reading.devices()], n
+            writing.set_maintenance(n % 2 == 0)
+            assert reading.load().maintenance is (n % 2 == 0), n

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from ..control import ControlState, Device, DeviceStatus
-from .backend import PARTITIONS_KEY, UNAVAILABLE, NatsBackend
+from .backend import CONTROL_BUCKET, PARTITIONS_KEY, UNAVAILABLE, NatsBackend
 
 log = logging.getLogger("dtgserver.store.nats")
 
@@ -49,12 +49,23 @@ def _devices(values: dict[str, bytes]) -> list[Device]:
     return found
 
 
-async def _read_all(kv: Any) -> dict[str, bytes]:
-    """Every key's current value, read through one watcher (stopped once the initial values are in)."""
-    watcher = await kv.watchall()
+async def _read_all(js: Any, kv: Any) -> dict[str, bytes]:
+    """Every key's current value, read through one watcher, stopped once it has delivered the bucket's
+    last revision (asked of the stream's leader first). The watcher's own end-of-initial-values marker
+    is not enough: it comes from the consumer's pending count, which a replica that has not yet applied
+    a write just acknowledged by the quorum reports as 0, and the read would then miss that write."""
+    last = (await js.stream_info("KV_" + CONTROL_BUCKET)).state.last_seq
     values: dict[str, bytes] = {}
+    if not last:
+        return values
+    watcher = await kv.watchall()
+    seen = 0
     try:
-        while (entry := await watcher.updates(timeout=5)) is not None:
+        while seen < last:
+            entry = await watcher.updates(timeout=5)
+            if entry is None:  # the marker: more may still come from a lagging replica
+                continue
+            seen = max(seen, entry.revision or 0)
             if entry.operation is None:
                 values[entry.key] = entry.value
             else:
@@ -88,7 +99,7 @@ class NatsControl:
     def load(self) -> ControlState:
         if self.watching:  # a server: the watch keeps the state
             return self._state
-        return _state(self.link.call_blocking(_read_all(self.backend.kv)))
+        return _state(self.link.call_blocking(_read_all(self.backend.js, self.backend.kv)))
 
     def changed(self) -> bool:
         changed = self._changed.is_set()
@@ -107,7 +118,7 @@ class NatsControl:
         return self.changed()
 
     def devices(self) -> list[Device]:
-        return _devices(self.link.call_blocking(_read_all(self.backend.kv)))
+        return _devices(self.link.call_blocking(_read_all(self.backend.js, self.backend.kv)))
 
     def set_maintenance(self, on: bool) -> None:
         self._put("maintenance", b"on" if on else b"off")
