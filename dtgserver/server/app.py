@@ -34,7 +34,7 @@ from .config import MIB, ServerConfig
 from .memory import BufferBudget, trim
 from .metrics import Metrics, serve_metrics
 from .relay import RelayDir, RelayListener, RemoteShard
-from .tcp import RECEIVE_SIZE, TcpStream, accept, listen_error
+from .tcp import RECEIVE_SIZE, TcpStream, accept, listen_error, reuse_port_listener
 from .timeouts import Timeouts
 
 log = logging.getLogger("dtgserver.server")
@@ -250,8 +250,6 @@ class DtgServer:
                 if self.role == "writer":
                     listeners = []  # its packets come over the relay links only
                 elif self.reuse_port:
-                    from .workers import reuse_port_listener
-
                     listeners = [await reuse_port_listener(cfg.host, cfg.port)]
                 else:
                     try:

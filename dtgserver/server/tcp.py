@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 from typing import Any
 
 import trio
@@ -130,3 +131,53 @@ async def accept(listener: trio.SocketListener) -> TcpStream:
                 continue
             raise
         return TcpStream(conn, peer_text(address))
+
+LISTEN_BACKLOG = 65535  # the kernel clips it to net.core.somaxconn
+
+
+def bound_address(host: str, port: int) -> tuple[int, Any]:
+    """The family and address to bind for host and port (the first that getaddrinfo gives)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    return int(family), address
+
+
+async def reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+    """A listening socket that other processes may bind to the same address too (SO_REUSEPORT).
+
+    trio.open_tcp_listeners does not set SO_REUSEPORT, hence the socket made by hand.
+    """
+    family, address = bound_address(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as e:
+        sock.close()
+        raise listen_error(e, host, port, "--host, --port") from None
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bound, not listening: fixes the port number (port 0 → a free one) for the workers to share.
+
+    A socket that does not listen gets no connections, so holding it costs the workers nothing.
+    """
+    family, address = bound_address(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise listen_error(e, host, port, "--host, --port") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -39,12 +39,11 @@ from ..store.control import connect
 from .app import STOP_SIGNALS, ProcessRole, check_shard_count, serve, stop_signals
 from .config import ServerConfig
 from .relay import RelayDir
-from .tcp import listen_error
+from .tcp import bound_address, listen_error, reserve_port
 
 log = logging.getLogger("dtgserver.workers")
 
 SECONDS = 1.0
-LISTEN_BACKLOG = 65535  # the kernel clips it to net.core.somaxconn
 WRITER_READY_S = 30 * SECONDS  # the front processes start when the writers take links, or after this
 
 
@@ -56,53 +55,6 @@ def worker_count(value: str | int) -> int:
     if count < 1:
         raise ValueError(f"workers must be at least 1, got {count}")
     return count
-
-
-def _address(host: str, port: int) -> tuple[int, Any]:
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, address = infos[0]
-    return int(family), address
-
-
-async def reuse_port_listener(host: str, port: int) -> trio.SocketListener:
-    """A listening socket that other processes may bind to the same address too (SO_REUSEPORT).
-
-    trio.open_tcp_listeners does not set SO_REUSEPORT, hence the socket made by hand.
-    """
-    family, address = _address(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        await sock.bind(address)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as e:
-        sock.close()
-        raise listen_error(e, host, port, "--host, --port") from None
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketListener(sock)
-
-
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bound, not listening: fixes the port number (port 0 → a free one) for the workers to share.
-
-    A socket that does not listen gets no connections, so holding it costs the workers nothing.
-    """
-    family, address = _address(host, port)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise listen_error(e, host, port, "--host, --port") from None
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 # -- the worker process ------------------------------------------------------------------------------
@@ -220,7 +172,7 @@ class Supervisor:
                 connect(path).close()
             relay_dir = RelayDir(cfg.data_dir)  # and a relay directory other users could reach
         try:
-            reserved = _reserve_port(cfg.host, cfg.port)
+            reserved = reserve_port(cfg.host, cfg.port)
         except BaseException:
             if relay_dir is not None:
                 relay_dir.close()
@@ -257,13 +209,13 @@ class Supervisor:
         cfg = self.config
         if cfg.metrics_port is None:
             return
-        family, _ = _address(cfg.metrics_host, 0)
+        family, _ = bound_address(cfg.metrics_host, 0)
         for place, worker in enumerate(self.workers):
             port = cfg.metrics_port + place
             with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the endpoint's own socket
                 try:
-                    probe.bind(_address(cfg.metrics_host, port)[1])
+                    probe.bind(bound_address(cfg.metrics_host, port)[1])
                 except OSError as e:
                     option = f"--metrics-port + {place}" if place else "--metrics-port"
                     raise listen_error(e, cfg.metrics_host, port, f"{option}, {worker.name}") from None
