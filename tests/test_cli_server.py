@@ -148,6 +148,18 @@ def test_data_dir_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
     assert message.startswith(f"dtgserver: error: {data_dir / 'control.db'}: [Errno 20] Not a directory")
 
 
+@pytest.mark.parametrize("command", [["devices", "list"], ["devices", "list", "--json"],
+                                     ["devices", "remove", "01011112222"], ["maintenance", "status"]])
+def test_reading_a_data_dir_that_holds_nothing_is_an_error_and_makes_nothing(tmp_path: Path,
+                                                                              command: list[str]) -> None:
+    """A mistyped --data-dir is said, not shown as an empty registry (and no control.db appears there)."""
+    typo = tmp_path / "dtg-dta"
+    message = refused(run(*command, "--data-dir", typo))
+    assert message == (f"dtgserver: error: --data-dir {typo}: no dtgserver data here (no control.db); "
+                       "`dtgserver serve` or `dtgserver devices add` makes it\n")
+    assert not typo.exists()
+
+
 # -- maintenance --------------------------------------------------------------------------------
 
 
@@ -161,6 +173,7 @@ def test_maintenance_on_off_writes_the_control_db(tmp_path: Path) -> None:
 
 
 def test_maintenance_status_shows_both_switches(tmp_path: Path) -> None:
+    ok(run("maintenance", "off", "--data-dir", tmp_path))
     assert ok(run("maintenance", "status", "--data-dir", tmp_path)) == \
         "maintenance off\nregistry not enforced; 0 device(s)\n"
     ok(run("maintenance", "on", "--data-dir", tmp_path))

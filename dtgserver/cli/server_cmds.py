@@ -258,8 +258,12 @@ def _first_error(error: BaseException) -> BaseException:
 
 @contextlib.contextmanager
 def _control(data_dir: Path, store: str | None = None, store_tls_ca: Path | None = None,
-             store_replicas: int = 3) -> Iterator[Control]:
-    """DIR/control.db (or the cluster's control bucket with --store) for one command; a clear error if it fails."""
+             store_replicas: int = 3, *, existing: bool = False) -> Iterator[Control]:
+    """DIR/control.db (or the cluster's control bucket with --store) for one command; a clear error if it fails.
+
+    existing=True for commands that only read or remove: a data dir without control.db is then an
+    error (most likely a mistyped path), not a new empty registry made where nobody will look.
+    """
     from ..store import Control
 
     if store is not None:
@@ -272,6 +276,10 @@ def _control(data_dir: Path, store: str | None = None, store_tls_ca: Path | None
                 click.echo(f"dtgserver: error: {e}", err=True)
                 sys.exit(1)
         return
+    if existing and not (data_dir / "control.db").is_file():
+        click.echo(f"dtgserver: error: --data-dir {data_dir}: no dtgserver data here (no control.db); "
+                   "`dtgserver serve` or `dtgserver devices add` makes it", err=True)
+        sys.exit(1)
     try:
         control = Control(data_dir)
         try:
@@ -314,7 +322,7 @@ def devices_add(modems: tuple[str, ...], note: str, cancelled: bool, data_dir: P
 @store_options
 def devices_remove(modems: tuple[str, ...], data_dir: Path, **store_opts: Any) -> None:
     """Remove terminals from the registry."""
-    with _control(data_dir, **store_opts) as control:
+    with _control(data_dir, **store_opts, existing=True) as control:
         removed = {m: control.remove_device(m) for m in dict.fromkeys(modems)}
     if any(removed.values()):
         click.echo(f"removed {sum(removed.values())} device(s): {', '.join(m for m, done in removed.items() if done)}")
@@ -330,7 +338,7 @@ def devices_remove(modems: tuple[str, ...], data_dir: Path, **store_opts: Any) -
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per device.")
 def devices_list(data_dir: Path, as_json: bool, **store_opts: Any) -> None:
     """List the registry and whether it is enforced."""
-    with _control(data_dir, **store_opts) as control:
+    with _control(data_dir, **store_opts, existing=True) as control:
         state, entries = control.load(), control.devices()
     if as_json:
         for d in entries:
@@ -367,7 +375,7 @@ def maintenance(switch: str, data_dir: Path, **store_opts: Any) -> None:
     Written to DIR/control.db (with --store: the cluster's control bucket); every running server on the same
     data dir (or cluster) follows within a second.
     """
-    with _control(data_dir, **store_opts) as control:
+    with _control(data_dir, **store_opts, existing=switch == "status") as control:
         if switch == "status":
             state, count = control.load(), len(control.devices())
             click.echo(f"maintenance {'on' if state.maintenance else 'off'}")
