@@ -16,6 +16,7 @@ Rulings (docs/mqtt.md has them all):
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 from collections.abc import Mapping, Sequence
@@ -117,6 +118,7 @@ class TripState:
 
 _STATE_NAMES = tuple(f.name for f in attrs.fields(TripState))
 _STATE_VALUES = operator.attrgetter(*_STATE_NAMES)
+_DRIVE, _METER, _SYSTEM_V = (_STATE_NAMES.index(name) for name in ("drive", "meter", "system_v"))
 
 
 def _ml(litres: float) -> int:
@@ -169,6 +171,28 @@ def summarize(raw: bytes, layout: RealtimeLayout) -> BodySummary:
     )
 
 
+def _summary(raw: bytes, layout: RealtimeLayout, columns: Sequence[Sequence[Any]],
+             times: list[int | None]) -> BodySummary:
+    """`summarize`, from the packet's columns and body times (what it reads from the bytes again
+    otherwise): tests/test_mapping.py checks both against the decoded bodies."""
+    count = len(times)
+    if count <= 0:
+        return BodySummary()
+    places = _places(layout)
+    first_ms = next((t for t in times if t is not None), None)
+    last_ms = None if first_ms is None else next(t for t in reversed(times) if t is not None)
+    head, tail = layout.decoded(raw, 0, _ENDS), layout.decoded(raw, count - 1, _ENDS)
+    speeds = columns[places["speed_kmh"]]
+    fuel = "total_fuel_l" in head
+    return BodySummary(
+        count, first_ms, last_ms, head["total_distance_km"], tail["total_distance_km"],
+        max(columns[places["total_distance_km"]]),
+        head["lat"], head["lon"], tail["lat"], tail["lon"], max(speeds), sum(speeds), count - speeds.count(0),
+        _ml(head["total_fuel_l"]) if fuel else None, _ml(tail["total_fuel_l"]) if fuel else None,
+        tail.get("status_code"),
+    )
+
+
 class Advance(NamedTuple):
     """Where a realtime packet belongs: its trip, and the state after it."""
 
@@ -181,6 +205,8 @@ class Advance(NamedTuple):
     cdit: list[int] | None = None  # per body, metres since the trip's first body (not stale)
     closed: TripState | None = None  # the terminal's previous trip, complete now: its Trip goes first
     completes: bool = False  # the packet's bodies reach the trip's KEY OFF: its Trip goes after them
+    columns: Sequence[Sequence[Any]] | None = None  # the bodies' wire values (`RealtimeLayout.transposed`)
+    times: list[int | None] | None = None  # UTC ms of each body, None where no calendar time
 
 
 def advance(kind: str, key_on_ms: int | None, summary: BodySummary, state: TripState | None) -> Advance | None:
@@ -247,8 +273,11 @@ def body_times_ms(raw: bytes, layout: RealtimeLayout) -> list[int | None]:
 
 def _times(time_columns: Sequence[Sequence[int]]) -> list[int | None]:
     yy, month, day, hour, minute, second, cc = time_columns
+    n = len(yy)
+    if not n:
+        return []
     midnight = day_ms(yy[0], month[0], day[0])
-    if (midnight is not None and min(yy) == max(yy) and min(month) == max(month) and min(day) == max(day)
+    if (midnight is not None and yy.count(yy[0]) == n and month.count(month[0]) == n and day.count(day[0]) == n
             and max(hour) <= 23 and max(minute) <= 59 and max(second) <= 59 and max(cc) <= 99):
         # one calendar day, every field in range (the usual packet): arithmetic, no check per body
         return [midnight + ((h * 60 + m) * 60 + s) * 1000 + c * 10
@@ -256,35 +285,55 @@ def _times(time_columns: Sequence[Sequence[int]]) -> list[int | None]:
     return [wire_time_ms(*t) for t in zip(yy, month, day, hour, minute, second, cc, strict=True)]
 
 
-_MEASURED = ("time", "speed_kmh", "azimuth_deg", "lat", "lon", "status_code", "total_distance_km", "battery_v", "rpm")
-"""The body fields the detector and the measures read (a kind's body may lack the last ones)."""
+
+@functools.cache
+def _places(layout: RealtimeLayout) -> dict[str, int]:
+    """Where each field's (first) wire value sits in `layout.transposed`."""
+    return {name: slot.index for name, slot in layout.body_slots.items()}
+
+
+def _battery_scale(layout: RealtimeLayout) -> int:
+    return getattr(layout.body_slots["battery_v"].adapter, "scale", 1)
 
 
 def drive_and_measure(trip: TripState, raw: bytes, layout: RealtimeLayout, modem: str,
                       driving: DrivingConfig) -> tuple[list[int], list[int], TripState]:
     """The packet's bodies through the trip's dangerous-driving detector and measures: the
     behaviours marked on each body, the metres since the trip's first body at each, and the trip after."""
-    columns = layout.columns(raw, _MEASURED)  # one pass over the bodies, reading only these fields
-    times = _times(columns["time"])
-    speeds = columns["speed_kmh"]
+    columns = layout.transposed(raw)
+    at = _places(layout)["time"]
+    return _drive_and_measure(trip, layout, columns, _times(columns[at:at + 7]), modem, driving)
+
+
+def _drive_and_measure(trip: TripState, layout: RealtimeLayout, columns: Sequence[Sequence[Any]],
+                       times: list[int | None], modem: str,
+                       driving: DrivingConfig) -> tuple[list[int], list[int], TripState]:
+    """`drive_and_measure` on the packet's columns (`RealtimeLayout.transposed`) and body times."""
+    places = _places(layout)
+    speeds = columns[places["speed_kmh"]]
     rules = driving.criteria_for(modem, trip.vehicle_type)
     masks = [0] * len(speeds)
     drive_list = trip.drive
+    status = places.get("status_code")
+    status_codes = None if status is None else columns[status]
     if rules is not None:
         masks, drive_state = drive.detect(
             None if trip.drive is None else DriveState.from_list(trip.drive), rules, time_ms=times, speed_kmh=speeds,
-            azimuth_deg=columns["azimuth_deg"], lat=columns["lat"], lon=columns["lon"],
-            status_code=columns.get("status_code"))
+            azimuth_deg=columns[places["azimuth_deg"]], lat=columns[places["lat"]], lon=columns[places["lon"]],
+            status_code=status_codes)
         drive_list = drive_state.to_list()
-    battery = layout.body_slots["battery_v"].adapter
-    scale = getattr(battery, "scale", 1)
+    scale = _battery_scale(layout)
+    rpm = places.get("rpm")
     cdit, meter = tripmetrics.measure(
         None if trip.meter is None else TripMeter.from_list(trip.meter), time_ms=times, speed_kmh=speeds,
-        total_km=columns["total_distance_km"], battery_v=[v / scale for v in columns["battery_v"]],
-        rpm=columns.get("rpm"))
+        total_km=columns[places["total_distance_km"]], battery_v=[v / scale for v in columns[places["battery_v"]]],
+        rpm=None if rpm is None else columns[rpm])
     system_v = tripmetrics.system_voltage(meter.max_driving_v)
-    return masks, cdit, attrs.evolve(trip, drive=drive_list, meter=meter.to_list(),
-                                     system_v=system_v if system_v is not None else trip.system_v)
+    values = list(_STATE_VALUES(trip))
+    values[_DRIVE], values[_METER] = drive_list, meter.to_list()
+    if system_v is not None:
+        values[_SYSTEM_V] = system_v
+    return masks, cdit, TripState(*values)
 
 
 def account(state: TripState, summary: BodySummary) -> TripState:
@@ -318,12 +367,19 @@ def account(state: TripState, summary: BodySummary) -> TripState:
 def realtime_advance(raw: bytes, layout: RealtimeLayout, state: TripState | None,
                      driving: DrivingConfig = DEFAULT_DRIVING) -> Advance | None:
     """`advance` for one framed realtime packet of `layout`'s kind, with its bodies through the
-    trip's detector and measures."""
-    moved = advance(layout.kind, layout.key_on_ms(raw), summarize(raw, layout), state)
-    if moved is None or moved.stale:
-        return moved
-    masks, cdit, trip = drive_and_measure(moved.trip, raw, layout, layout.modem(raw), driving)
-    return moved._replace(trip=trip, state=trip, masks=masks, cdit=cdit)
+    trip's detector and measures. The packet's bytes are read once, as columns (`columns` and
+    `times` of the result, for the messages)."""
+    columns = layout.transposed(raw)
+    places = _places(layout)
+    at = places["time"]
+    times = _times(columns[at:at + 7])
+    moved = advance(layout.kind, layout.key_on_ms(raw), _summary(raw, layout, columns, times), state)
+    if moved is None:
+        return None
+    if moved.stale:
+        return moved._replace(columns=columns, times=times)
+    masks, cdit, trip = _drive_and_measure(moved.trip, layout, columns, times, layout.modem(raw), driving)
+    return moved._replace(trip=trip, state=trip, masks=masks, cdit=cdit, columns=columns, times=times)
 
 
 def status_changes(status_code: int, codes: Sequence[int]) -> list[tuple[int, int]]:
