@@ -10,16 +10,16 @@ from typing import Any
 
 import attrs
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from test_mapping import KEY_ON, KEY_ON_MS, TID, dtg, dtg_body, key_off, run, wire
 
 from dtgserver.bridge.messages import MAX_PAYLOAD_BYTES, encode, exact, map_record
 from dtgserver.bridge.profiles import PROFILES
-from dtgserver.protocol import BadTime, DtgRealtime, KeyOff, MdtRealtime, ObdRealtime
+from dtgserver.protocol import BadTime, DtgRealtime, KeyOff, MdtRealtime, ObdRealtime, Realtime, SensorState
 from dtgserver.protocol import encode as encode_packet
 from dtgserver.protocol.layout import time_ms
-from dtgserver.testing import records
+from dtgserver.testing import drives, records
 
 
 def compact(payload: Any) -> bytes:
@@ -205,3 +205,127 @@ def test_elements_from_the_bytes_are_the_elements_of_the_decoded_bodies(record: 
         assert list(element) == list(oracle)  # the same keys in the same (JSON) order
         assert [type(v) for v in element.values()] == [type(v) for v in oracle.values()] or \
             all(isinstance(v, type(o)) for v, o in zip(element.values(), oracle.values(), strict=True))
+
+
+def _first_km(moved: Any) -> int:
+    """The trip's first odometer, known once a packet of it had bodies."""
+    first: int | None = moved.trip.first_total_km
+    assert first is not None
+    return first
+
+
+def _element_by_element(raw: bytes, moved: Any, table: Any) -> list[dict[str, Any]]:
+    """The microtrip elements as the builder makes them body by body, with the trip's `cdit` and
+    `em` written in afterwards: what `columns_builder` must equal where it answers."""
+    from dtgserver.bridge.driving import em_hex
+    from dtgserver.bridge.messages import elements_builder
+    from dtgserver.protocol.layout import realtime
+
+    layout = realtime(raw)
+    assert layout is not None
+    keys = table.microtrip_keys[layout.kind]
+    elements = elements_builder(layout.kind, keys, table.string_keys)(layout.bodies(raw), moved.tid,
+                                                                      moved.trip.first_total_km)
+    if "cdit" in keys:
+        for element, metres in zip(elements, moved.cdit, strict=True):
+            element["cdit"] = metres
+    if "em" in keys:
+        for element, mask in zip(elements, moved.masks, strict=True):
+            element["em"] = em_hex(mask)
+    return elements
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(drives(max_packets=3, max_bodies=8).map(lambda ps: [p for p in ps if isinstance(p, Realtime)]),
+                 st.lists(st.one_of(records(DtgRealtime, max_bodies=5), records(ObdRealtime, max_bodies=5),
+                                    records(MdtRealtime, max_bodies=5)), min_size=1, max_size=3)),
+       st.sampled_from(sorted(PROFILES)), st.data())
+def test_elements_from_the_columns_are_the_elements_built_body_by_body(packets: list[Any], profile: str,
+                                                                        data: st.DataObject) -> None:
+    """The usual packet's elements are built column-wise (`columns_builder`); every packet it
+    takes must give the same elements, keys in the same order, the same JSON bytes, as the builder
+    that goes body by body; a packet it declines (None) goes that way."""
+    from dtgserver.bridge import trips
+    from dtgserver.bridge.driving import em_hex
+    from dtgserver.bridge.messages import columns_builder
+    from dtgserver.protocol.layout import realtime
+
+    table = PROFILES[profile]
+    state = None
+    for packet in packets:
+        raw = encode_packet(packet)
+        if data.draw(st.integers(0, 3)) == 0:  # any bytes in the bodies: bad times, odd flags, every wire value
+            raw = raw[:23] + data.draw(st.binary(min_size=len(raw) - 23, max_size=len(raw) - 23))
+        layout = realtime(raw)
+        assert layout is not None
+        moved = trips.realtime_advance(raw, layout, state)
+        if moved is None or moved.stale or not moved.times:
+            continue
+        assert moved.columns is not None and moved.cdit is not None and moved.masks is not None
+        state = moved.state
+        keys = table.microtrip_keys[layout.kind]
+        built = columns_builder(layout.kind, keys, table.string_keys)(
+            moved.columns, moved.tid, _first_km(moved), moved.times, moved.cdit,
+            [em_hex(mask) for mask in moved.masks])
+        if built is None:
+            continue
+        event("built from the columns")
+        expected = _element_by_element(raw, moved, table)
+        assert built == expected
+        assert [list(element) for element in built] == [list(element) for element in expected]
+        assert encode(built) == encode(expected)
+
+
+def test_the_usual_drive_is_built_from_the_columns() -> None:
+    """The shortcut is taken where it matters: a minute of a simulated drive (bench/bridge.py's
+    packet) goes through `columns_builder`, and gives the body-by-body elements."""
+    import random
+    from datetime import UTC, datetime
+
+    from dtgserver.bridge import trips
+    from dtgserver.bridge.messages import _EM_HEX, columns_builder
+    from dtgserver.protocol.layout import realtime
+    from dtgserver.sim.load import drive_templates
+
+    rng = random.Random(7)
+    start = int(datetime(2026, 11, 21, 8, 0, tzinfo=UTC).timestamp()) // 60 * 60
+    state = None
+    for minute, template in enumerate(drive_templates("dtg", rng, start, 3)):
+        raw = template.render(b"01099998888", bytes((26, 11, 21, 17, 0, 0, 0)), bytes((26, 11, 21, 17, minute)))
+        layout = realtime(raw)
+        assert layout is not None
+        moved = trips.realtime_advance(raw, layout, state)
+        assert moved is not None and moved.columns is not None and moved.times is not None
+        assert moved.cdit is not None and moved.masks is not None
+        table = PROFILES["seed"]
+        built = columns_builder("dtg", table.microtrip_keys["dtg"], table.string_keys)(
+            moved.columns, moved.tid, _first_km(moved), moved.times, moved.cdit,
+            [_EM_HEX[mask & 0x7F] for mask in moved.masks])
+        assert built is not None and encode(built) == encode(_element_by_element(raw, moved, table))
+        state = moved.state
+
+
+@pytest.mark.parametrize("lat", [0.0, 0.00005, -0.00005, 0.0001, -0.0001, 37.5])
+@pytest.mark.parametrize("temps", [(4.5, SensorState.ABSENT), (SensorState.ABSENT, SensorState.OFF)])
+def test_the_columns_give_the_body_by_body_bytes_near_zero_and_with_mixed_sensors(lat: float, temps: Any) -> None:
+    """Coordinates within 0.0001 of 0 (written as `json.dumps` writes them), a temperature reading
+    on some bodies only, a body behind the trip's first odometer: declined or the same bytes."""
+    from dtgserver.bridge import trips
+    from dtgserver.bridge.messages import _EM_HEX, columns_builder
+    from dtgserver.protocol.layout import realtime
+
+    bodies = [attrs.evolve(dtg_body(s, temps=temps if s else (SensorState.ABSENT, SensorState.ABSENT),
+                                    total_km=120_000 - (s == 2)), lat=lat if s == 1 else 37.5) for s in range(4)]
+    for chosen in (bodies, bodies[:2], [bodies[1]], bodies[:1] + bodies[3:]):
+        raw = encode_packet(dtg(*chosen))
+        layout = realtime(raw)
+        assert layout is not None
+        moved = trips.realtime_advance(raw, layout, None)
+        assert moved is not None and moved.columns is not None and moved.times is not None
+        assert moved.cdit is not None and moved.masks is not None
+        table = PROFILES["seed"]
+        built = columns_builder("dtg", table.microtrip_keys["dtg"], table.string_keys)(
+            moved.columns, moved.tid, _first_km(moved), moved.times, moved.cdit,
+            [_EM_HEX[mask & 0x7F] for mask in moved.masks])
+        if built is not None:
+            assert encode(built) == encode(_element_by_element(raw, moved, table))

@@ -28,7 +28,7 @@ from ..protocol.fields import Scaled, Temperature
 from ..protocol.layout import REALTIME_BY_KIND, RealtimeLayout, day_ms, time_ms
 from ..protocol.layout import realtime as realtime_layout
 from . import tripmetrics, trips
-from .driving import DrivingConfig, em_hex
+from .driving import EM_BITS, DrivingConfig, em_hex
 from .profiles import Profile, get_profile
 from .trips import DEFAULT_DRIVING, DEFAULT_TRIP_DEADLINE_MS, TripState
 
@@ -305,6 +305,113 @@ def _compiled(kind: str, keys: tuple[str, ...], string_keys: frozenset[str]) -> 
     return builder
 
 
+_EM_HEX = tuple(em_hex(mask) for mask in range(EM_BITS + 1))
+"""`em_hex` of every `em` mask: a body's `em` is a look-up."""
+
+ColumnsBuilder = Callable[[Sequence[Sequence[Any]], int, int, list[Any], list[int], list[str]],
+                          list[dict[str, Any]] | None]
+
+
+def _columns_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: frozenset[str]) -> str:
+    """Python source of `elements(c, tid, times, cdit, em)`: the microtrip elements of a packet
+    from its columns (`RealtimeLayout.transposed`), its body times and the trip's `cdit` and `em`
+    per body, or None when the packet is not the usual one this handles.
+
+    The elements are those `_element_source`'s builder makes with `_realtime`'s `cdit` and `em`
+    written into them (tests/test_messages.py compares the two), built column-wise: each scaled
+    value is one list comprehension over its column, and each element one dict display over the
+    zipped columns. The usual packet is one whose every body has a calendar time, none is behind
+    the trip's first odometer, no coordinate is within 0.0001 of 0, and whose temperature
+    sensors report no reading on any body or a reading on every body; any other goes through the
+    builder body by body (None here), so an unusual value never takes a shortcut.
+    """
+    slots = layout.body_slots
+
+    def scale(name: str) -> int:
+        adapter = slots[name].adapter
+        if not isinstance(adapter, Scaled):
+            raise TypeError(f"{name} is not a scaled field")
+        return adapter.scale
+
+    lines = ["def elements(c, tid, first_total_km, times, cdit, em):"]
+    items: list[tuple[str, str, str]] = []  # (key, the column zipped, its name in the loop), tid apart
+    for key in keys:
+        if key in TRIP_ELEMENT_KEYS or key == "tid":
+            continue
+        if key == "clt":
+            lines.append("    if None in times:\n        return None")
+            items.append((key, "times", "clt"))
+        elif key == "cdit":
+            lines.append(f"    if min(c[{slots['total_distance_km'].index}]) < first_total_km:\n        return None")
+            items.append((key, "cdit", "cd"))
+        elif key == "tmp":
+            a, b = slots["temp_a_c"].index, slots["temp_b_c"].index
+            adapter = slots["temp_a_c"].adapter
+            assert isinstance(adapter, Temperature) and adapter.scale == slots["temp_b_c"].adapter.scale
+            missing = "_NO_READING"
+            lines += [f"    ta, tb = c[{a}], c[{b}]",
+                      f"    if {missing}.issuperset(ta) and {missing}.issuperset(tb):",
+                      "        tmp = None",
+                      "    else:",
+                      f"        tmp = [None if a in {missing} and b in {missing} else "
+                      f"f\"{{'' if a in {missing} else format(a / {adapter.scale}, 'g')}},"
+                      f"{{'' if b in {missing} else format(b / {adapter.scale}, 'g')}}\" for a, b in zip(ta, tb)]",
+                      "        if None in tmp:",
+                      "            return None"]
+            items.append((key, "tmp", "tp"))
+        else:
+            name, what = BODY_FIELDS[key]
+            column = f"c[{slots[name].index}]"
+            if what == "value":
+                plain = expr = "v"
+            elif what == "scaled":
+                plain = expr = f"v / {scale(name)}"
+                small = scale(name) // 10**4  # Python writes |x| < 1e-4 with an exponent (`exact`)
+                if small > 1 and key not in string_keys:
+                    lines.append(f"    if not (min({column}) >= {small} or max({column}) <= -{small}) and "
+                                 f"any(v and -{small} < v < {small} for v in {column}):\n        return None")
+            elif what == "milli":
+                plain = expr = "v" if scale(name) == 1000 else f"round(v / {scale(name)} * 1000)"
+            else:
+                raise ValueError(f"{key}: no way to read {what!r}")
+            if key in string_keys:
+                expr = f"format({plain}, 'g')"
+            variable = f"x{len(items)}"
+            if expr != "v":
+                lines.append(f"    {variable}s = [{expr} for v in {column}]")
+                column = f"{variable}s"
+            items.append((key, column, variable))
+    if "em" in keys:
+        items.append(("em", "em", "e"))
+
+    def display(with_tmp: bool) -> str:
+        chosen = [item for item in items if with_tmp or item[0] != "tmp"]
+        pairs = ([("tid", "tid")] if "tid" in keys else []) + [(key, variable) for key, _, variable in chosen]
+        # the keys in the profile's order (`em` last, as `_realtime` adds it), tid where it is listed
+        order = [key for key in keys if key not in TRIP_ELEMENT_KEYS] + [k for k in keys if k in TRIP_ELEMENT_KEYS]
+        by_key = dict(pairs)
+        shown = ", ".join(f"{key!r}: {by_key[key]}" for key in order if key in by_key)
+        return (f"[{{{shown}}} for {', '.join(variable for _, _, variable in chosen)}, "
+                f"in zip({', '.join(column for _, column, _ in chosen)})]")
+
+    if not any(key == "tmp" for key, _, _ in items):
+        lines.append(f"    return {display(False)}")
+    else:
+        lines += [f"    if tmp is None:\n        return {display(False)}", f"    return {display(True)}"]
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=64)
+def columns_builder(kind: str, keys: tuple[str, ...], string_keys: frozenset[str]) -> ColumnsBuilder:
+    """`elements(columns, tid, first_total_km, times, cdit, em)` for one realtime kind and key list:
+    the usual packet's microtrip elements, or None for another (`_columns_source`)."""
+    namespace: dict[str, Any] = {"_NO_READING": frozenset(Temperature.SPECIAL)}
+    source = _columns_source(REALTIME_BY_KIND[kind], keys, string_keys)
+    exec(compile(source, f"<microtrip columns {kind}>", "exec"), namespace)  # made from our own tables
+    builder: ColumnsBuilder = namespace["elements"]
+    return builder
+
+
 def _realtime(raw: bytes, layout: RealtimeLayout, state: TripState | None, table: Profile, packet_id: str,
               max_payload_bytes: int, driving: DrivingConfig = DEFAULT_DRIVING) -> tuple[Built, TripState | None]:
     moved = trips.realtime_advance(raw, layout, state, driving)
@@ -325,15 +432,23 @@ def _realtime(raw: bytes, layout: RealtimeLayout, state: TripState | None, table
     keys = table.microtrip_keys[kind]
     # the trip's first odometer is known from the first body on: the same for every element
     first_total_km = None if moved.stale else moved.trip.first_total_km
-    elements = elements_builder(kind, keys, table.string_keys)(layout.bodies(raw), tid, first_total_km)
-    if moved.cdit is not None and moved.masks is not None:  # not for an older trip's backlog: its state is gone
-        with_em = "em" in keys
-        if "cdit" in keys:  # metres from the speed (tripmetrics), in the place the builder gave the key
-            for element, metres in zip(elements, moved.cdit, strict=True):
-                element["cdit"] = metres
-        if with_em:
-            for element, mask in zip(elements, moved.masks, strict=True):
-                element["em"] = em_hex(mask)
+    elements = None
+    if (moved.cdit is not None and moved.masks is not None and first_total_km is not None
+            and moved.columns is not None and moved.times is not None and moved.times):
+        masks = moved.masks
+        em = [_EM_HEX[mask & EM_BITS] for mask in masks] if any(masks) else [_EM_HEX[0]] * len(masks)
+        elements = columns_builder(kind, keys, table.string_keys)(moved.columns, tid, first_total_km, moved.times,
+                                                                  moved.cdit, em)
+    if elements is None:  # an unusual packet (`_columns_source`), or an older trip's backlog
+        elements = elements_builder(kind, keys, table.string_keys)(layout.bodies(raw), tid, first_total_km)
+        if moved.cdit is not None and moved.masks is not None:  # not for an older trip's backlog: its state is gone
+            with_em = "em" in keys
+            if "cdit" in keys:  # metres from the speed (tripmetrics), in the place the builder gave the key
+                for element, metres in zip(elements, moved.cdit, strict=True):
+                    element["cdit"] = metres
+            if with_em:
+                for element, mask in zip(elements, moved.masks, strict=True):
+                    element["em"] = em_hex(mask)
     ty = table.microtrip_ty[kind]
     payloads: Built = []
     if moved.closed is not None:  # the trip before, complete: its Trip first
