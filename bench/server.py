@@ -9,6 +9,8 @@ A session is what a terminal does once a minute: connect, send one 60-body DTG r
   synchronous=FULL, answer only after the commit); MQTT off.
 - full+mqtt: the same with `--mqtt` to a Mosquitto started here on a free port (the bridge reads
   the committed packets, derives their messages, publishes QoS 1 and saves its cursor on PUBACK).
+- full+bridge: `serve --external-bridge` and, in a process of its own, `dtgserver bridge` on the same
+  data dir, to the Mosquitto (both processes' CPU counted as the server's; the broker's apart).
 - workers=1 / workers=2: `serve --workers N`, MQTT off.
 - full+nats, workers=N+nats: `serve --store nats://…` against a 3-node JetStream cluster started here
   (R3, file storage, on this machine's disk and cores): answered 0 after the stream's PubAck. The
@@ -547,12 +549,16 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
     broker: Mosquitto | None = None
     cluster: Any = None  # tests/natscluster.py NatsCluster, for +nats
     endpoints: list[int] = []
+    bridge_command: list[str] = []
+    bridge_metrics = 0
     if name in ("bare", "bare-close", "bare-close-x2"):
         command = [PYTHON, __file__, "--bare-server", str(port)] + (["--direct-close"] if name != "bare" else []) \
             + (["--processes", "2"] if name == "bare-close-x2" else [])
     else:
         base, *modifiers = name.split("+")
-        if (base != "full" and not base.startswith("workers=")) or set(modifiers) - {"mqtt", "writer", "nats"}:
+        known = {"mqtt", "writer", "nats", "bridge"}
+        if (base != "full" and not base.startswith("workers=")) or set(modifiers) - known \
+                or ("bridge" in modifiers and set(modifiers) & {"mqtt", "nats"}):
             raise SystemExit(f"unknown contender {name!r}")
         data_dir = workdir / f"data-{name}-{port}"
         command = [PYTHON, "-m", "dtgserver", "serve", "-q", "--host", "127.0.0.1", "--port", str(port),
@@ -573,18 +579,32 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
         if "mqtt" in modifiers:
             broker = Mosquitto(workdir)
             command += ["--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--client-id", f"bench-{port}"]
+        if "bridge" in modifiers:  # `dtgserver bridge` in a process of its own, started once the store exists
+            broker = Mosquitto(workdir)
+            command += ["--external-bridge"]
+            bridge_metrics = free_ports(1)
+            bridge_command = [PYTHON, "-m", "dtgserver", "bridge", "-q", "--data-dir", str(data_dir),
+                              "--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--client-id", f"bench-bridge-{port}",
+                              "--metrics-port", str(bridge_metrics)]
         if base.startswith("workers="):
             command += ["--workers", base.split("=")[1]]
         if "writer" in modifiers:
             command += ["--writer-process"]
     server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    bridge: subprocess.Popen[bytes] | None = None
     try:
         wait_listening(port, server)
+        if bridge_command:
+            bridge = subprocess.Popen(bridge_command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            wait_listening(bridge_metrics, bridge)
+            endpoints.append(bridge_metrics)
         time.sleep(0.5)  # every worker up, not only the first
 
         def pids() -> dict[str, int]:
             named = {"server": server.pid}
             named.update((f"worker{i}", pid) for i, pid in enumerate(children(server.pid)))
+            if bridge is not None:  # the server's CPU is both processes'
+                named["bridge"] = bridge.pid
             if broker is not None:
                 named["mosquitto"] = broker.process.pid
             if cluster is not None:
@@ -614,13 +634,20 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
                 figures["batch_mean"] = m.get("dtg_commit_batch_size_sum", 0.0) / commits
             if broker is not None:
                 time.sleep(1.0)
-                m = metrics(endpoints)
+                m = metrics([bridge_metrics] if bridge is not None else endpoints)
                 figures["mqtt_acknowledged"] = m.get("dtg_mqtt_acknowledged_total")
                 figures["mqtt_backlog_1s_after"] = m.get("dtg_mqtt_backlog")
                 # commit → PUBACK of a packet's last message, over the bridge's last 10,000 packets
                 figures["bridge_lag_p50_ms"] = 1000 * (m.get("dtg_bridge_lag_p50_seconds") or 0.0)
                 figures["bridge_lag_p99_ms"] = 1000 * (m.get("dtg_bridge_lag_p99_seconds") or 0.0)
     finally:
+        if bridge is not None:
+            stop(bridge)
+            bridge_errors = bridge.stderr.read().decode(errors="replace") if bridge.stderr else ""
+            if bridge.stderr:
+                bridge.stderr.close()
+            if bridge_errors.strip():
+                print(f"[{name} bridge stderr] {bridge_errors.strip()[-2000:]}", file=sys.stderr)
         stop(server)
         if broker is not None:
             broker.stop()
@@ -639,7 +666,8 @@ def main() -> int:
     parser.add_argument("--only", default="bare,full,full+mqtt,workers=1,workers=2",
                         help="contenders, comma-separated: bare, bare-close, bare-close-x2, full, full+mqtt, "
                              "workers=N, and +writer or +nats after full or workers=N (e.g. full+writer, "
-                             "workers=2+writer, full+writer+mqtt, full+nats, workers=2+nats)")
+                             "workers=2+writer, full+writer+mqtt, full+nats, workers=2+nats), and full+bridge "
+                             "(`serve --external-bridge` beside `dtgserver bridge`)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per contender and round")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
     parser.add_argument("--rounds", type=int, default=1, help="rounds; every contender runs once per round")
