@@ -16,10 +16,12 @@ from pathlib import Path
 import attrs
 import trio
 
-from ..store.log import PacketLog
+from ..store.log import LeftoverMessage, LeftoverMessages, PacketLog
 from .consumer import BridgeOptions, Consumer
 from .cursor import CursorStore
 from .forwarder import Forwarder
+from .leftovers import publish_leftovers
+from .outbox import Outbox
 
 log = logging.getLogger("dtgserver.bridge")
 
@@ -45,8 +47,11 @@ class Bridge:
                  start_at: Mapping[int, int] | None = None):
         self.log = packet_log
         self.options = options or BridgeOptions()
+        self.cursor = cursor
         self.consumers: dict[int, Consumer] = {}
         self.forwarders: dict[int, Forwarder] = {}
+        self._forwarder_of: dict[int, Callable[[Outbox], Forwarder]] = {}
+        self.leftovers_published = 0  # messages an earlier version had queued, published on a first start
         for shard in shards:
             client_id = mqtt.client_id
             if packet_log.shards > 1:  # one MQTT session per shard: a broker drops the older of two equal ids
@@ -54,16 +59,71 @@ class Bridge:
             consumer = Consumer(packet_log, shard, _opener(cursor, shard), self.options,
                                 start_at=(start_at or {}).get(shard))
             self.consumers[shard] = consumer
-            self.forwarders[shard] = Forwarder(consumer, mqtt.url, tls_ca=mqtt.tls_ca, topic_prefix=mqtt.topic_prefix,
-                                               client_id=client_id)
+            self._forwarder_of[shard] = partial(Forwarder, url=mqtt.url, tls_ca=mqtt.tls_ca,
+                                                topic_prefix=mqtt.topic_prefix, client_id=client_id)
+            self.forwarders[shard] = self._forwarder_of[shard](consumer)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Until cancelled; then each consumer saves how far its broker acknowledged."""
         async with trio.open_nursery() as nursery:
-            for shard, consumer in self.consumers.items():
-                await nursery.start(consumer.run)
-                await nursery.start(self.forwarders[shard].run)
+            for shard in self.consumers:
+                await nursery.start(self._run_shard, shard)
             task_status.started()
+
+    async def _run_shard(self, shard: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """A shard's consumer and forwarder; on its first start, after the leftovers (bridge/leftovers.py)."""
+        leftovers: list[LeftoverMessage] | None = []
+        if isinstance(self.log, LeftoverMessages):
+            try:  # one quick look (a local file) before the server takes connections; retried below if it fails
+                leftovers = await self._leftovers(shard)
+            except Exception:
+                leftovers = None
+        task_status.started()
+        if leftovers is None:
+            leftovers = await self._leftovers_retried(shard)
+        if leftovers:
+            log.info("shard %d: publishing %d messages an earlier version had queued", shard, len(leftovers))
+            await publish_leftovers(leftovers, self._forwarder_of[shard])
+            self.leftovers_published += len(leftovers)
+            log.info("shard %d: the earlier version's messages are acknowledged", shard)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.consumers[shard].run)
+            await nursery.start(self.forwarders[shard].run)
+
+    async def _leftovers(self, shard: int) -> list[LeftoverMessage]:
+        """On a first start (no saved cursor), the leftovers to publish. The consumer's first position
+        is then fixed before they go out (not after the time they take)."""
+        assert isinstance(self.log, LeftoverMessages)
+        consumer = self.consumers[shard]
+        try:
+            if await trio.to_thread.run_sync(self._cursor_saved, shard):
+                return []
+        except Exception as e:
+            if type(e).__name__ == "CursorBusy":  # another bridge has the shard: the leftovers are its
+                return []
+            raise
+        leftovers = await self.log.leftover_messages(shard)
+        if leftovers and consumer.start_at is None:
+            consumer.start_at = await self.log.last(shard)
+        return leftovers
+
+    async def _leftovers_retried(self, shard: int) -> list[LeftoverMessage]:
+        delay = self.options.backoff_initial_s
+        while True:
+            try:
+                return await self._leftovers(shard)
+            except Exception as e:
+                log.error("shard %d: reading an earlier version's queued messages failed: %s; retrying in %.1f s",
+                          shard, e, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, self.options.backoff_max_s)
+
+    def _cursor_saved(self, shard: int) -> bool:
+        store = self.cursor(shard)
+        try:
+            return store.load() is not None
+        finally:
+            store.close()
 
     # -- figures for the metrics endpoint ---------------------------------------------------------
     def total(self, name: str) -> float:
@@ -95,6 +155,7 @@ class Bridge:
         gauges["bridge_lag_p50_seconds"] = partial(self.lag_quantile, 0.5)
         gauges["bridge_lag_p99_seconds"] = partial(self.lag_quantile, 0.99)
         gauges["bridge_trip_states"] = self.trip_states
+        gauges["bridge_leftovers_published_total"] = lambda: float(self.leftovers_published)
 
 
 def _opener(cursor: Callable[[int], CursorStore], shard: int) -> Callable[[], CursorStore]:

@@ -62,6 +62,8 @@ READ_AT_SCRAPE: dict[str, tuple[str, str]] = {
     "bridge_lag_p50_seconds": ("gauge", "Median seconds from a packet's arrival to the PUBACK of its last message."),
     "bridge_lag_p99_seconds": ("gauge", "99th percentile of the same, over the last 10,000 packets."),
     "bridge_trip_states": ("gauge", "Trip states in the bridge's memory (bounded by --trip-cache)."),
+    "bridge_leftovers_published_total": ("counter", "Messages an earlier version had queued in a shard's outbox, "
+                                         "published on the shard's first start."),
     "bridge_cursor_read_errors_total": ("counter", "With --external-bridge: failed reads of the bridge's cursor "
                                         "file (the last value kept)."),
 }

@@ -12,7 +12,7 @@ shards, `dtgserver.store.sqlite_log`; a replicated log later).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -47,4 +47,25 @@ class PacketLog(Protocol):
 
     async def last(self, shard: int) -> int:
         """The position of the shard's newest packet; 0 when it has none."""
+        ...
+
+
+@attrs.frozen(slots=True)
+class LeftoverMessage:
+    """A message that a version before 2026-12 had queued in a shard's `outbox` table (it built the
+    messages inside the commit then) and the broker had not yet acknowledged when it stopped."""
+
+    id: int  # grows in the order the old version would have published them
+    modem: str
+    topic: str  # without the configured prefix
+    payload: bytes
+    retain: bool
+
+
+@runtime_checkable
+class LeftoverMessages(Protocol):
+    """Implemented by a store that may hold such messages (the SQLite shards)."""
+
+    async def leftover_messages(self, shard: int) -> list[LeftoverMessage]:
+        """The shard's leftover messages in id order; empty when it has none (or no such table)."""
         ...

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from .log import LoggedPacket
+from .log import LeftoverMessage, LoggedPacket
 from .packets import PacketStore
 
 POLL_S = 0.05  # how often a shard written by another process is asked for new packets
@@ -98,6 +98,25 @@ class SqlitePacketLog:
             if "no such table" in str(e):
                 return 0
             raise
+
+    async def leftover_messages(self, shard: int) -> list[LeftoverMessage]:
+        """What a version before 2026-12 left in the shard's `outbox` table (read only; see
+        `LeftoverMessages`). The table is left as it is: the bridge remembers, by its cursor, that it
+        published them."""
+        async with self._locks[shard]:
+            return await trio.to_thread.run_sync(self._leftover_messages, shard)
+
+    def _leftover_messages(self, shard: int) -> list[LeftoverMessage]:
+        db = self._connection(shard)
+        if db is None:
+            return []
+        try:
+            rows = db.execute("SELECT id, modem, topic, payload, retain FROM outbox ORDER BY id").fetchall()
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):  # a data dir made by this version
+                return []
+            raise
+        return [LeftoverMessage(i, m, t, bytes(p), bool(r)) for i, m, t, p, r in rows]
 
     async def read(self, shard: int, after: int, limit: int, *, modem: str | None = None) -> list[LoggedPacket]:
         writer = self.writers.get(shard)
