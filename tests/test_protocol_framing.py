@@ -10,6 +10,7 @@ from conftest import load_sample
 from dtgserver.protocol import (
     CLOSED,
     DEFAULT_MAX_BODY_COUNT,
+    FRAME_LENGTHS,
     NEED_DATA,
     Connection,
     ProtocolError,
@@ -22,8 +23,10 @@ from dtgserver.protocol import (
     encode,
     frame_length,
     iter_packets,
+    max_frame_length,
     received,
 )
+from dtgserver.testing import FIXED_SIZES, REALTIME_BODY_SIZES, STATUS_LOG_IDS, status_log
 
 DTG = load_sample("dtg_spec_sample").data
 BUS = load_sample("dtg_seoul_bus_60").data
@@ -236,3 +239,44 @@ def test_an_answer_outside_the_result_table_is_still_two_bytes() -> None:
     for flag in (True, False):  # equal to 1 and 0 as dict keys: without the check True answered "format error"
         with pytest.raises(ValueError, match=r"^result: (True|False) is not a result code$"):
             Connection.send(flag)
+
+
+@pytest.mark.parametrize("max_body_count", [1, 2, 60, DEFAULT_MAX_BODY_COUNT, 32_767])
+def test_max_frame_length_is_the_longest_frame_a_header_may_announce(max_body_count: int) -> None:
+    # What one connection may have to buffer (the buffer budget keeps that much free for a new
+    # one): for each role, the longest length the framer accepts from any header it reads.
+    longest: dict[int, int | None] = {}
+    for pid in FRAME_LENGTHS:
+        head = bytes([pid]) + b"01012345678"
+        if pid in REALTIME_BODY_SIZES:  # ID, modem, 2 bytes, the body count, 7 bytes
+            longest[pid] = frame_length(head + bytes(2) + max_body_count.to_bytes(2, "big") + bytes(7),
+                                        max_body_count=max_body_count)
+            over = (f"{max_body_count + 1} is above the maximum of {max_body_count}" if max_body_count < 0x7FFF
+                    else "-32768 is not positive")  # the count is a signed 2-byte field too
+            with pytest.raises(ProtocolError, match=f"body count {over}"):
+                frame_length(head + bytes(2) + (max_body_count + 1).to_bytes(2, "big") + bytes(7),
+                             max_body_count=max_body_count)
+        elif pid in STATUS_LOG_IDS:  # ID, modem, the time, the log size (a signed 2-byte field)
+            longest[pid] = frame_length(head + bytes(7) + (0x7FFF).to_bytes(2, "big"), max_body_count=max_body_count)
+            with pytest.raises(ProtocolError, match="log size -32768 is negative"):
+                frame_length(head + bytes(7) + (0x8000).to_bytes(2, "big"), max_body_count=max_body_count)
+        else:
+            longest[pid] = frame_length(bytes([pid]), max_body_count=max_body_count)
+    assert longest[0x03] == 23 + 51 * max_body_count and longest[0x63] == longest[0x99] == 21 + 32_767
+    assert longest[0x01] == FIXED_SIZES[0x01] and longest[0x09] == 2
+    for role in Role:
+        assert max_frame_length(role=role, max_body_count=max_body_count) == max(
+            length for pid, length in longest.items() if pid in role.value and length is not None)
+    assert max_frame_length(role=Role.CLIENT, max_body_count=max_body_count) == 2
+
+
+def test_a_frame_of_the_longest_length_is_received_whole() -> None:
+    # With one body per packet the status log is the longest frame: 32,767 bytes of log.
+    frame = encode(status_log(text="x" * 32_767))
+    assert len(frame) == max_frame_length(max_body_count=1)
+    conn = Connection(Role.SERVER, max_body_count=1)
+    conn.receive_data(frame[:-1])
+    assert conn.next_event() is NEED_DATA and conn.wanted == 1
+    conn.receive_data(frame[-1:])
+    event = conn.next_event()
+    assert isinstance(event, Received) and event.raw == frame and event.record == status_log(text="x" * 32_767)
