@@ -265,8 +265,9 @@ def test_max_frame_length_is_the_longest_frame_a_header_may_announce(max_body_co
     assert longest[0x03] == 23 + 51 * max_body_count and longest[0x63] == longest[0x99] == 21 + 32_767
     assert longest[0x01] == FIXED_SIZES[0x01] and longest[0x09] == 2
     for role in Role:
-        assert max_frame_length(role=role, max_body_count=max_body_count) == max(
-            length for pid, length in longest.items() if pid in role.value and length is not None)
+        most = max_frame_length(role=role, max_body_count=max_body_count)
+        assert type(most) is int  # a byte count, for buffers and reads
+        assert most == max(length for pid, length in longest.items() if pid in role.value and length is not None)
     assert max_frame_length(role=Role.CLIENT, max_body_count=max_body_count) == 2
 
 
@@ -280,3 +281,16 @@ def test_a_frame_of_the_longest_length_is_received_whole() -> None:
     conn.receive_data(frame[-1:])
     event = conn.next_event()
     assert isinstance(event, Received) and event.raw == frame and event.record == status_log(text="x" * 32_767)
+
+
+def test_wanted_is_known_only_while_a_begun_packet_has_told_its_length() -> None:
+    # A session reads no more than `wanted` bytes when it is a number, one read's worth when it is None.
+    conn = Connection(Role.SERVER)
+    assert conn.wanted is None  # nothing received yet
+    conn.receive_data(BUS[:10])
+    assert conn.next_event() is NEED_DATA and conn.wanted is None  # the body count not in yet
+    conn.receive_data(BUS[10:100])
+    assert conn.next_event() is NEED_DATA and conn.wanted == len(BUS) - 100
+    conn.receive_data(BUS[100:])
+    assert isinstance(conn.next_event(), Received) and conn.wanted is None
+    assert conn.next_event() is NEED_DATA and conn.wanted is None  # between packets
