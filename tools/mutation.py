@@ -69,7 +69,7 @@ class Mutant:
     name: str
     change: str  # the mutated line(s), as the equivalents file quotes them
     source: str | None = None  # the whole mutated module, for a fresh run
-    status: str = "survived"  # killed, survived, equivalent
+    status: str = "survived"  # killed, survived, equivalent, not run (out of time)
 
 
 @dataclass
@@ -83,8 +83,15 @@ class Report:
 
     @property
     def score(self) -> float:
+        """Killed / non-equivalent; a mutant not run counts as a survivor (the lower bound)."""
         counted = len(self.mutants) - self.count("equivalent")
         return 100.0 * self.count("killed") / counted if counted else 100.0
+
+    @property
+    def best(self) -> float:
+        """The score if every mutant not run were killed (the upper bound)."""
+        counted = len(self.mutants) - self.count("equivalent")
+        return 100.0 * (self.count("killed") + self.count("not run")) / counted if counted else 100.0
 
 
 # -- stage 1 and the mutated sources of mutmut's mutants ---------------------------------------------------
@@ -286,7 +293,8 @@ def load_equivalents() -> dict[str, tuple[str, str]]:
     return found
 
 
-def test_module(module: str, runner: FreshRunner, equivalents: dict[str, tuple[str, str]], *, reuse: bool) -> Report:
+def test_module(module: str, runner: FreshRunner, equivalents: dict[str, tuple[str, str]], *, reuse: bool,
+                resume: bool = False, deadline: float = float("inf")) -> Report:
     tests = TARGETS[module]
     report = Report(module)
     tree = mutmut_tree([m for m in TARGETS if TARGETS[m] == tests], tests)
@@ -308,12 +316,28 @@ def test_module(module: str, runner: FreshRunner, equivalents: dict[str, tuple[s
             report.stale.append(mutant.name)
         if mutant.status != "killed":
             pending.append(mutant)
+    # Each verdict from scratch is kept as it comes, so a later run can --resume (and an interrupted
+    # one loses nothing): a mutant killed before, whose change still reads the same, stays killed.
+    fresh_file = WORK / f"{dotted(module)}.fresh.json"
+    fresh: dict[str, dict[str, str]] = json.loads(fresh_file.read_text()) if fresh_file.exists() else {}
+    earlier = 0
+    if resume:
+        for mutant in pending:
+            if fresh.get(mutant.name, {}).get("change") == mutant.change and fresh[mutant.name]["status"] == "killed":
+                mutant.status, earlier = "killed", earlier + 1
+        pending = [m for m in pending if m.status != "killed"]
     print(f"{module}: {len(verdicts)} mutmut mutants, {len(mutants) - len(verdicts)} at import;"
-          f" {len(pending)} to run from scratch", flush=True)
+          f" {len(pending)} to run from scratch" + (f" ({earlier} killed from scratch before)" if resume else ""),
+          flush=True)
     for i, mutant in enumerate(pending, 1):
         assert mutant.source is not None
+        if time.monotonic() > deadline:
+            mutant.status = "not run"
+            continue
         mutant.status = "killed" if runner.killed(module, mutant.source, tests) else "survived"
         print(f"  [{i}/{len(pending)}] {mutant.status:8} {mutant.name} | {mutant.change}", flush=True)
+        fresh[mutant.name] = {"change": mutant.change, "status": mutant.status}
+        fresh_file.write_text(json.dumps(fresh, indent=0, ensure_ascii=False))
     module_prefix = dotted(module)
     listed = {n for n in equivalents if n.startswith((module_prefix + ".", module_prefix + "@"))}
     report.stale += sorted(n for n in listed - {m.name for m in mutants if m.status == "equivalent"}
@@ -329,7 +353,14 @@ def main() -> int:
                         help="exit 1 when a module's score is below this percentage (default 92)")
     parser.add_argument("--reuse", action="store_true",
                         help="take mutmut's verdicts from its last run instead of running it again")
+    parser.add_argument("--resume", action="store_true",
+                        help="--reuse, and take the kills from scratch of earlier runs too: run from scratch only"
+                             " the mutants that survived or were not run (sound while tests are only added)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="run no more mutants from scratch after this many minutes; those left are"
+                             " reported as not run, and the score as a range")
     args = parser.parse_args()
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes is not None else float("inf")
     unknown = [m for m in args.modules if m not in TARGETS]
     if unknown:
         parser.error(f"not a mutation target: {', '.join(unknown)} (targets: {', '.join(TARGETS)})")
@@ -341,14 +372,16 @@ def main() -> int:
         for tests in dict.fromkeys(tuple(TARGETS[m]) for m in args.modules):
             runner.calibrate(list(tests))
             for module in (m for m in args.modules if tuple(TARGETS[m]) == tests):
-                reports.append(test_module(module, runner, equivalents, reuse=args.reuse))
+                reports.append(test_module(module, runner, equivalents, reuse=args.reuse or args.resume,
+                                           resume=args.resume, deadline=deadline))
     finally:
         runner.close()
     print()
-    print(f"{'module':34} {'mutants':>8} {'equiv.':>7} {'killed':>7} {'survived':>9} {'score':>7}")
+    print(f"{'module':34} {'mutants':>8} {'equiv.':>7} {'killed':>7} {'survived':>9} {'not run':>8} {'score':>7}")
     for r in reports:
+        score = f"{r.score:6.1f}%" + (f" to {r.best:.1f}%" if r.count("not run") else "")
         print(f"{r.module:34} {len(r.mutants):8} {r.count('equivalent'):7} {r.count('killed'):7}"
-              f" {r.count('survived'):9} {r.score:6.1f}%")
+              f" {r.count('survived'):9} {r.count('not run'):8} {score}")
     for r in reports:
         for m in r.mutants:
             if m.status == "survived":
