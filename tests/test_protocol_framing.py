@@ -294,3 +294,12 @@ def test_wanted_is_known_only_while_a_begun_packet_has_told_its_length() -> None
     conn.receive_data(BUS[100:])
     assert isinstance(conn.next_event(), Received) and conn.wanted is None
     assert conn.next_event() is NEED_DATA and conn.wanted is None  # between packets
+
+
+def test_an_error_moved_into_a_stream_keeps_its_result_and_an_unknown_offset() -> None:
+    # `shifted` is how an error found inside one packet is told at its place in the stream.
+    error = ProtocolError("bad thing", 3, Result.MAINTENANCE)
+    moved = error.shifted(100)
+    assert (moved.offset, moved.result, str(moved)) == (103, Result.MAINTENANCE, "at byte 103: bad thing")
+    unplaced = ProtocolError("no place").shifted(100)
+    assert (unplaced.offset, unplaced.result, str(unplaced)) == (None, Result.FORMAT_ERROR, "no place")
