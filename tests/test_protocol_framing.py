@@ -286,14 +286,12 @@ def test_a_frame_of_the_longest_length_is_received_whole() -> None:
 def test_wanted_is_known_only_while_a_begun_packet_has_told_its_length() -> None:
     # A session reads no more than `wanted` bytes when it is a number, one read's worth when it is None.
     conn = Connection(Role.SERVER)
-    assert conn.wanted is None  # nothing received yet
-    conn.receive_data(BUS[:10])
-    assert conn.next_event() is NEED_DATA and conn.wanted is None  # the body count not in yet
-    conn.receive_data(BUS[10:100])
-    assert conn.next_event() is NEED_DATA and conn.wanted == len(BUS) - 100
-    conn.receive_data(BUS[100:])
-    assert isinstance(conn.next_event(), Received) and conn.wanted is None
-    assert conn.next_event() is NEED_DATA and conn.wanted is None  # between packets
+    seen: list[tuple[bool, int | None]] = [(False, conn.wanted)]  # nothing received yet
+    for piece in (BUS[:10], BUS[10:100], BUS[100:], b""):  # the body count not in yet, then in; then none begun
+        if piece:
+            conn.receive_data(piece)
+        seen.append((isinstance(conn.next_event(), Received), conn.wanted))
+    assert seen == [(False, None), (False, None), (False, len(BUS) - 100), (True, None), (False, None)]
 
 
 def test_an_error_moved_into_a_stream_keeps_its_result_and_an_unknown_offset() -> None:
