@@ -90,13 +90,24 @@ def measure(meter: TripMeter | None, *, time_ms: Sequence[int | None], speed_kmh
     if _lower(max_km, first_km) <= sums[0] and (lowest_upper is None or sums[-1] <= lowest_upper):
         distances = sums
     else:
+        # body by body: d = max(d + speed if upper is None else max(d, min(d + speed, upper)), lower),
+        # `_upper` and `_lower` of the highest odometer so far written out (no call per body)
         distances = []
+        append = distances.append
         d, top = start, before_km
         for speed, km in zip(speed_kmh, total_km, strict=True):
-            top = max(top, km)
-            upper = _upper(top, first_km)
-            d = max(d + speed if upper is None else max(d, min(d + speed, upper)), _lower(top, first_km))
-            distances.append(d)
+            if km > top:
+                top = km
+            moved = d + speed
+            if top > first_km:  # the odometer has moved: an upper bound
+                upper = (top - first_km + 1) * KMH_S_PER_KM
+                if moved > upper:
+                    moved = upper if upper > d else d
+                elif moved < d:
+                    moved = d
+            lower = (top - first_km - 1) * KMH_S_PER_KM
+            d = moved if moved > lower else lower
+            append(d)
 
     driving_v = max(itertools.compress(battery_v, speed_kmh), default=None)  # a speed above 0 selects
     if driving_v is not None and m.max_driving_v is not None:
