@@ -18,16 +18,24 @@ timeit advises, and the median is printed too):
   msgspec, and json.dumps with compact separators: the choice of `messages.encode`.
 
 Target (issue: the bridge reads the packet log): derive ≤ 1.5 × floor.
+
+Then the memory of the bridge's trip-state cache (`--trip-cache`): `--terminals` distinct terminals'
+states as the consumer holds them (an LRU of modem → `TripState`, each the state after two minutes
+of driving: detector and measures included), measured with tracemalloc, per terminal and for the
+default cache of 100,000.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import gc
 import json
 import random
 import statistics
 import struct
 import time
+import tracemalloc
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -44,7 +52,7 @@ from dtgserver.bridge.derive import derive
 from dtgserver.bridge.driving import DriveState, detect
 from dtgserver.bridge.messages import build, encode
 from dtgserver.bridge.tripmetrics import TripMeter, measure
-from dtgserver.bridge.trips import DEFAULT_DRIVING, body_times_ms, next_state
+from dtgserver.bridge.trips import DEFAULT_DRIVING, TripState, body_times_ms, next_state
 from dtgserver.protocol import decode
 from dtgserver.protocol.layout import realtime as realtime_layout
 from dtgserver.sim.load import drive_templates
@@ -118,6 +126,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--number", type=int, default=200, help="calls per round")
+    parser.add_argument("--terminals", type=int, default=10_000, help="terminals in the trip-state cache measured")
     args = parser.parse_args()
 
     previous, raw = packets()
@@ -170,7 +179,27 @@ def main() -> int:
         print(f"{name:<18} {best:9.1f} {median:10.1f} {best / base:8.2f}")
     ratio = figures["derive"][0] / base
     print(f"derive / floor = {ratio:.2f} (target ≤ 1.5): {'met' if ratio <= 1.5 else 'NOT met'}")
+    per_state = cache_bytes(next_state(raw, state), args.terminals)
+    print(f"trip-state cache: {per_state:.0f} bytes per terminal ({args.terminals} terminals); "
+          f"the default --trip-cache of 100,000: {per_state * 100_000 / 2**20:.0f} MiB")
     return 0
+
+
+def cache_bytes(state: TripState | None, terminals: int) -> float:
+    """Bytes per terminal of an LRU of `terminals` trip states like `state` (each its own objects,
+    read back from the stored form as the consumer does after an eviction), keyed by modem."""
+    assert state is not None
+    text = state.to_json()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        cache: collections.OrderedDict[str, TripState | None] = collections.OrderedDict()
+        for n in range(terminals):
+            cache[f"{1_000_000_000 + n:011d}"] = TripState.from_json(text)
+        return (tracemalloc.get_traced_memory()[0] - before) / terminals
+    finally:
+        tracemalloc.stop()
 
 
 if __name__ == "__main__":
