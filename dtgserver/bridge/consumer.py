@@ -25,6 +25,7 @@ store when its next packet comes.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -167,7 +168,7 @@ class Consumer:
                           self.derived, e, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.options.backoff_max_s)
-        return [row for row in self._buffer if row.id > after_id][:limit]
+        return list(itertools.islice(self._buffer, limit))  # in id order, every one after `after_id`
 
     async def mark_delivered(self, ids: Iterable[int]) -> None:
         for row_id in ids:

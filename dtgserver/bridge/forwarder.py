@@ -18,6 +18,7 @@ No loss, no reordering:
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import ssl
@@ -206,7 +207,7 @@ class Forwarder:
         session.client = self._new_client(session)
         session.client.on_connect = self._callback(self._on_connect, session)
         session.client.on_disconnect = self._callback(self._on_disconnect, session)
-        session.client.on_publish = self._callback(self._on_publish, session)
+        session.client.on_publish = self._publish_callback(session)
         started = False
         try:
             try:
@@ -300,6 +301,30 @@ class Forwarder:
 
         return from_paho_thread
 
+    def _publish_callback(self, session: _Session) -> Callable[..., None]:
+        """`on_publish` for paho's thread: PUBACKs queue up, and Trio is woken once per burst of
+        them, not once per message (each `run_sync_soon` is a write to Trio's wake-up socket)."""
+        token = self._token
+        assert token is not None
+        acks: collections.deque[int] = collections.deque()
+        scheduled = [False]
+
+        def drain() -> None:
+            scheduled[0] = False  # before taking any: a PUBACK queued from here on schedules another drain
+            while acks:
+                self._on_publish(session, acks.popleft())
+
+        def from_paho_thread(client: mqtt.Client, userdata: Any, mid: int, *args: Any) -> None:
+            acks.append(mid)
+            if not scheduled[0]:
+                scheduled[0] = True
+                try:
+                    token.run_sync_soon(drain)
+                except trio.RunFinishedError:
+                    pass
+
+        return from_paho_thread
+
     def _on_connect(self, session: _Session, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             session.refused = f"broker refused the connection: {reason_code}"
@@ -309,7 +334,7 @@ class Forwarder:
         session.lost.set()
         session.connack.set()
 
-    def _on_publish(self, session: _Session, mid: int, reason_code: Any, properties: Any) -> None:
+    def _on_publish(self, session: _Session, mid: int) -> None:
         row = session.by_mid.pop(mid, None)
         # a PUBACK is the broker's promise even when it arrives after its connection was given up
         if row is None or self._pending.pop(row.id, None) is None:
