@@ -152,6 +152,16 @@ def test_decode_bad_hex(arg: str, message: str) -> None:
     assert message in result.stderr
 
 
+def test_decode_of_a_file_name_as_argument_points_at_file(tmp_path: Path) -> None:
+    path = tmp_path / "capture.bin"
+    path.write_bytes(KEY_OFF.data)
+    result = run("decode", str(path))
+    assert result.exit_code == 1
+    assert result.stderr == (f"dtgserver: error: argument 1: not hex: '/' (column 1) (a file? read it with "
+                             f"--file {path})\n")
+    assert json_lines(run("decode", "--file", str(path)).stdout) == [KEY_OFF.expected]
+
+
 @pytest.mark.parametrize(("args", "stdin", "source"), [
     (["-f", "{empty}"], None, "empty.bin"),
     (["-f", "{comments}"], None, "comments.hex"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -99,7 +100,8 @@ def decode(hex_packets: tuple[str, ...], files: tuple[IO[bytes], ...], input_for
         try:
             sources.append((f"argument {i}", parse_hex_text(text.encode("utf-8", "replace"))))
         except ValueError as e:
-            _fail(f"argument {i}: {e}")
+            hint = f" (a file? read it with --file {text})" if os.path.isfile(text) else ""
+            _fail(f"argument {i}: {e}{hint}")
     for file in files:
         name = getattr(file, "name", "-")
         name = "stdin" if name in ("-", "<stdin>") else name
