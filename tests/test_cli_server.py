@@ -73,8 +73,27 @@ def test_devices_add_list_remove(tmp_path: Path) -> None:
 
     assert ok(run("devices", "remove", "01011112222", "--data-dir", tmp_path)) == "removed 1 device(s): 01011112222\n"
     assert list(registry(tmp_path)) == ["01033334444"]
-    as_json = [json.loads(line) for line in ok(run("devices", "list", "--json", "--data-dir", tmp_path)).splitlines()]
-    assert as_json == [{"modem": "01033334444", "status": "active", "note": "1호차 냉동탑"}]
+    as_json = json.loads(ok(run("devices", "list", "--json", "--data-dir", tmp_path)))
+    assert as_json == {"registry_enforced": False, "maintenance": False,
+                       "devices": [{"modem": "01033334444", "status": "active", "note": "1호차 냉동탑"}]}
+
+
+def test_devices_list_json_says_whether_the_registry_is_enforced(tmp_path: Path) -> None:
+    """The JSON carries the switches with the entries: a program needs no second command (or parse of the text)."""
+    def listed() -> dict[str, object]:
+        output = ok(run("devices", "list", "--json", "--data-dir", tmp_path))
+        assert output.count("\n") == 1  # one object, one line
+        parsed: dict[str, object] = json.loads(output)
+        return parsed
+
+    assert listed() == {"registry_enforced": False, "maintenance": False, "devices": []}
+    ok(run("devices", "enforce", "on", "--data-dir", tmp_path))
+    ok(run("maintenance", "on", "--data-dir", tmp_path))
+    assert listed() == {"registry_enforced": True, "maintenance": True, "devices": []}
+    ok(run("devices", "add", "01011112222", "--cancelled", "--data-dir", tmp_path))
+    ok(run("devices", "enforce", "off", "--data-dir", tmp_path))
+    assert listed() == {"registry_enforced": False, "maintenance": True,
+                        "devices": [{"modem": "01011112222", "status": "cancelled", "note": ""}]}
 
 
 def test_devices_add_cancelled_and_back(tmp_path: Path) -> None:

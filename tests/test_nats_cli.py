@@ -101,8 +101,8 @@ async def test_devices_and_maintenance_commands_reach_a_server_on_another_node(
             while await exchange(port, packet) != UNKNOWN:
                 await trio.sleep(0.02)
         listed = await command("devices", "list", "--json")
-        assert [json.loads(line) for line in listed.output.splitlines()] == [
-            {"modem": "01055550002", "status": "active", "note": "bus 7"}]
+        assert json.loads(listed.output) == {"registry_enforced": True, "maintenance": False, "devices": [
+            {"modem": "01055550002", "status": "active", "note": "bus 7"}]}
         await command("devices", "remove", "01055550002")
         assert (await command("devices", "list")).output == "registry enforced; 0 device(s)\n"
 
@@ -178,7 +178,7 @@ def test_tls_and_a_password_from_the_environment(secured_node: tuple[int, Path])
     added = run("devices", "add", "01012340000", *common, env=env)
     assert added.exit_code == 0, added.output
     listed = run("devices", "list", "--json", *common, env=env)
-    assert listed.exit_code == 0 and json.loads(listed.output)["modem"] == "01012340000", listed.output
+    assert listed.exit_code == 0 and json.loads(listed.output)["devices"][0]["modem"] == "01012340000", listed.output
     wrong = run("devices", "list", *common, env={**env, "DTGSERVER_STORE_PASSWORD": "wrong"})
     assert wrong.exit_code == 1 and wrong.output.startswith("dtgserver: error: cannot connect to the NATS cluster "
                                                             f"tls://dtg@127.0.0.1:{port}"), wrong.output

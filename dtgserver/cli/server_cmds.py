@@ -335,14 +335,18 @@ def devices_remove(modems: tuple[str, ...], data_dir: Path, **store_opts: Any) -
 @devices.command("list")
 @data_dir_option
 @store_options
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per device.")
+@click.option("--json", "as_json", is_flag=True,
+              help='One JSON object: {"registry_enforced": true|false, "maintenance": true|false, '
+                   '"devices": [{"modem", "status", "note"}, ...]}.')
 def devices_list(data_dir: Path, as_json: bool, **store_opts: Any) -> None:
     """List the registry and whether it is enforced."""
     with _control(data_dir, **store_opts, existing=True) as control:
         state, entries = control.load(), control.devices()
-    if as_json:
-        for d in entries:
-            click.echo(json.dumps({"modem": d.modem, "status": d.status.value, "note": d.note}, ensure_ascii=False))
+    if as_json:  # one object, so that a program reads the enforcement with the entries, in one snapshot
+        click.echo(json.dumps({
+            "registry_enforced": state.registry_enforced, "maintenance": state.maintenance,
+            "devices": [{"modem": d.modem, "status": d.status.value, "note": d.note} for d in entries],
+        }, ensure_ascii=False))
         return
     click.echo(f"registry {'enforced' if state.registry_enforced else 'not enforced'}; {len(entries)} device(s)")
     for d in entries:
