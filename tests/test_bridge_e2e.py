@@ -300,3 +300,48 @@ async def test_live_and_replay_publish_identical_payloads(tmp_path: Path, broker
     assert len(live.messages) == 9 == count
     replay = [m for m in replayed.messages if not m.retain]
     assert [(m.topic, m.payload) for m in replay] == [(m.topic, m.payload) for m in live.messages]
+
+
+async def test_a_late_subscriber_gets_each_terminals_device_health_retained(tmp_path: Path, broker: Mosquitto) -> None:
+    """The DTG's status code on a real broker: Device Status events as they happen, the health
+    retained (paho's retain flag), so a consumer that subscribes afterwards gets each terminal's
+    current health; and a replay publishes the very same messages."""
+    from dtgserver.protocol import DtgRealtime
+    from dtgserver.testing import dtg_body
+
+    bus, truck = "01011112222", "01033334444"
+
+    def drive(modem: str, minute: int, codes: list[int]) -> DtgRealtime:
+        start = KEY_ON + timedelta(minutes=minute)
+        return DtgRealtime(modem, 1, KEY_ON, [dtg_body(start + timedelta(seconds=s), minute * 60 + s, status_code=c)
+                                              for s, c in enumerate(codes)])
+
+    sequence = [drive(bus, 0, [0, 11, 11]), drive(truck, 0, [0, 0]), drive(bus, 1, [11, 0, 99])]
+    with Subscriber(broker, "v1/sensors/#") as live:
+        async with server_with_broker(tmp_path, broker) as server:
+            assert server.port
+            for record in sequence:
+                assert await send(server.port, encode(record)) == OK
+            expected = expected_messages(sequence, {})
+            await live.wait_count(len(expected))
+            await trio.sleep(0.3)
+    # delivered live, a retained message comes without the flag (MQTT 3.1.1 §3.3.1.3): the late subscriber sees it
+    assert [(m.topic, json.loads(m.payload)) for m in live.messages] == [e[:2] for e in expected]
+    assert [e[0] for e in expected if e[2]] == [f"v1/sensors/{bus}/attributes/health"] * 2
+    events = [json.loads(m.payload)["pld"] for m in live.messages if json.loads(m.payload).get("ty") == 900]
+    assert [(e["pdsc"], e["dsc"]) for e in events] == [("00", "11"), ("11", "00"), ("00", "99")]
+
+    with Subscriber(broker, "v1/sensors/+/attributes/#", client_id="late-consumer") as late:
+        await late.wait_count(1)
+        await trio.sleep(0.3)  # the truck, always ok, has none: nothing more may arrive
+    assert [(m.topic, m.retain) for m in late.messages] == [(f"v1/sensors/{bus}/attributes/health", True)]
+    health = json.loads(late.messages[0].payload)
+    assert (health["modem"], health["dsc"], health["dsn"]) == (bus, "99", "power supply fault")
+
+    with Subscriber(broker, "v1/sensors/#", client_id="replay-watcher") as replayed:
+        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(
+            main, ["replay", "--data-dir", str(tmp_path / "data"), "--mqtt", broker.url]))
+        assert result.exit_code == 0, result.output
+        await replayed.wait_for(lambda s: sum(1 for m in s.messages if not m.retain) >= len(expected))
+    replay = [m for m in replayed.messages if not m.retain]  # after the retained copy the live bridge left
+    assert [(m.topic, m.payload) for m in replay] == [(m.topic, m.payload) for m in live.messages]

@@ -308,20 +308,55 @@ def test_basic_info_is_retained_attributes_and_remembers_the_firmware() -> None:
 # -- events ----------------------------------------------------------------------------------------------
 
 
-def test_a_status_code_change_to_non_zero_is_a_diagnostic_event_even_across_packets_and_restarts() -> None:
-    codes = [[0, 11, 11, 0], [0, 12], [12, 12, 99]]
+HEALTH = f"v1/sensors/{MODEM}/attributes/health"
+
+
+def test_device_status_changes_are_extension_events_and_retained_health_not_diagnostics() -> None:
+    """The DTG's own faults (GPS receiver, speed sensor, power supply) are no vehicle trouble codes:
+    no Diagnostic Information (`dtcc`); a Device Status event per change, a fault clearing
+    included, and the retained health once per packet that changed it. Across packets and restarts."""
+    codes = [[0, 11, 11, 0], [0, 12], [12, 12, 99], [99, 99]]
     records = [dtg(*(dtg_body(p * 10 + s, status_code=c) for s, c in enumerate(packet)))
                for p, packet in enumerate(codes)]
     messages, state = run(records, restart=True)
-    events = by_ty(messages, 20)
+    assert by_ty(messages, 20) == [] and not any("dtcc" in str(m.payload) for m in messages)
+    events = by_ty(messages, 900)
     assert [e.payload["pld"] for e in events] == [
-        {"tid": TID, "dtcc": "11", "dtck": 0, "dtcs": 1},
-        {"tid": TID, "dtcc": "12", "dtck": 0, "dtcs": 1},  # 12 again in the next packet: no new event
-        {"tid": TID, "dtcc": "99", "dtck": 0, "dtcs": 1},
+        {"tid": TID, "dsc": "11", "dsn": "GPS receiver fault", "pdsc": "00"},
+        {"tid": TID, "dsc": "00", "dsn": "ok", "pdsc": "11"},  # the fault clears
+        {"tid": TID, "dsc": "12", "dsn": "speed sensor fault", "pdsc": "00"},  # 12 again in the next packet: no event
+        {"tid": TID, "dsc": "99", "dsn": "power supply fault", "pdsc": "12"},
     ]
-    assert [e.payload["ts"] for e in events] == [KEY_ON_MS + 1000, KEY_ON_MS + 11_000, KEY_ON_MS + 22_000]
-    assert [e.payload["id"] for e in events] == ["p0:1", "p1:1", "p2:1"]  # after the packet's microtrip
+    assert [e.payload["ts"] for e in events] == [KEY_ON_MS + 1000, KEY_ON_MS + 3000, KEY_ON_MS + 11_000,
+                                                 KEY_ON_MS + 22_000]
+    assert all(e.topic == TRE and not e.retain for e in events)
+    health = [m for m in messages if m.topic == HEALTH]
+    assert all(m.retain for m in health)
+    assert [m.payload for m in health] == [  # the last code of each packet that changed it, with when it began
+        {"ts": KEY_ON_MS + 3000, "modem": MODEM, "dsc": "00", "dsn": "ok", "id": "p0:3"},
+        {"ts": KEY_ON_MS + 11_000, "modem": MODEM, "dsc": "12", "dsn": "speed sensor fault", "id": "p1:2"},
+        {"ts": KEY_ON_MS + 22_000, "modem": MODEM, "dsc": "99", "dsn": "power supply fault", "id": "p2:2"},
+    ]
+    # each packet: its microtrip, its events, its health; a packet without a change publishes neither
+    assert [m.payload["id"] for m in messages] == ["p0:0", "p0:1", "p0:2", "p0:3", "p1:0", "p1:1", "p1:2",
+                                                   "p2:0", "p2:1", "p2:2", "p3:0"]
     assert state is not None and state.status_code == 99
+
+
+def test_a_status_code_outside_the_table_is_passed_with_that_said() -> None:
+    messages, _ = run([dtg(dtg_body(0, status_code=5))])
+    assert by_ty(messages, 900)[0].payload["pld"] == {
+        "tid": TID, "dsc": "05", "dsn": "not in the protocol's table", "pdsc": "00"}
+
+
+def test_the_backlog_of_an_older_trip_leaves_the_device_health_alone() -> None:
+    """Older data does not say how the device is now."""
+    _, state = run([dtg(dtg_body(0, status_code=11))])
+    assert state is not None
+    newer = attrs.evolve(state, tid=TID + 3600, key_on_ms=KEY_ON_MS + 3_600_000)
+    messages, after = run([dtg(dtg_body(5, status_code=0))], newer)
+    assert [m.topic for m in messages] == [TRE] and by_ty(messages, 900) == []
+    assert after is not None and after.status_code == 11
 
 
 def test_low_battery_at_key_off_is_a_battery_warning() -> None:
@@ -349,7 +384,8 @@ def test_status_logs_are_not_published() -> None:
 def test_sf2019_numbers_types_globally_and_uses_its_dtg_keys() -> None:
     options: dict[str, Any] = {"profile": "sf2019"}
     messages, _ = run([dtg(dtg_body(0, status_code=11)), key_off(battery_v=11.0, key_off_time=KEY_ON)], **options)
-    assert [m.payload["ty"] for m in messages] == [10, 101, 9, 10, 104]
+    assert [m.payload.get("ty") for m in messages] == [10, 900, None, 9, 10, 104]
+    assert messages[2].topic == HEALTH and messages[2].retain  # the same health in both profiles
     element = messages[0].payload["pld"][0]
     assert list(element) == list(SF2019.microtrip_keys["dtg"])
     assert element["acx"] == "1.5" and element["acy"] == "-0.3"  # text in this profile
@@ -367,8 +403,8 @@ def test_every_key_of_every_profile_has_a_documented_source() -> None:
     for profile in PROFILES.values():
         for keys in profile.microtrip_keys.values():
             assert set(keys) <= set(KEY_SOURCES)
-        for keys in (profile.trip_keys, profile.parking_keys, profile.diagnostic_keys, profile.battery_warning_keys,
-                     profile.attribute_keys):
+        for keys in (profile.trip_keys, profile.parking_keys, profile.device_event_keys, profile.device_health_keys,
+                     profile.battery_warning_keys, profile.attribute_keys):
             assert set(keys) <= set(KEY_SOURCES), keys
 
 
@@ -538,7 +574,8 @@ def example_messages() -> dict[str, dict[str, Any]]:
         dtg(dtg_body(0, speed_kmh=48), dtg_body(1, speed_kmh=50, status_code=11)),
         key_off(minutes=47, battery_v=11.2, key_off_time=KEY_ON + timedelta(seconds=1)),
     ], received_ms=KEY_ON_MS - 60_000, real_ids=True)
-    named = dict(zip(["attributes", "dtg_microtrip", "diagnostic", "trip", "parking", "battery_warning"],
+    named = dict(zip(["attributes", "dtg_microtrip", "device_status", "device_health", "trip", "parking",
+                      "battery_warning"],
                      messages, strict=True))
     named["obd_microtrip"] = run([obd(0)], real_ids=True)[0][0]
     named["mdt_microtrip"] = run([mdt(0)], real_ids=True)[0][0]

@@ -27,6 +27,7 @@ from ..protocol import encode as encode_packet
 from ..protocol.fields import Scaled, Temperature
 from ..protocol.layout import REALTIME_BY_KIND, RealtimeLayout, day_ms, time_ms
 from ..protocol.layout import realtime as realtime_layout
+from ..protocol.schema import DEVICE_STATUS
 from . import tripmetrics, trips
 from .driving import EM_BITS, DrivingConfig, em_hex
 from .profiles import Profile, get_profile
@@ -422,11 +423,7 @@ def _realtime(raw: bytes, layout: RealtimeLayout, state: TripState | None, table
 
     events: Built = []
     if not moved.stale and "status_code" in layout.body_slots:
-        codes = layout.column(raw, "status_code")
-        for index, code in trips.status_changes((state or TripState()).status_code, codes):
-            values = {"tid": tid, "dtcc": f"{code:02d}", "dtck": 0, "dtcs": 1}
-            event = _pick(values, table.diagnostic_keys)
-            events.append((topic, _envelope(layout.body_time_ms(raw, index), table.diagnostic_ty, event), False))
+        events = _device_status(raw, layout, state or TripState(), table, tid)
 
     kind = layout.kind
     keys = table.microtrip_keys[kind]
@@ -460,6 +457,32 @@ def _realtime(raw: bytes, layout: RealtimeLayout, state: TripState | None, table
     if moved.completes:  # the bodies reach the KEY OFF: the Trip after them
         payloads.append(_trip_message(moved.trip, table, layout.modem(raw), driving))
     return payloads, moved.state
+
+
+def device_status_name(code: int) -> str:
+    """What a DTG device status code means (the protocol's §7 table)."""
+    return DEVICE_STATUS.get(code, "not in the protocol's table")
+
+
+def _device_status(raw: bytes, layout: RealtimeLayout, before: TripState, table: Profile, tid: int) -> Built:
+    """A DTG packet's device health: a Device Status event per change of the bodies' status code
+    (the code before the terminal's first body being 0, ok), then, when it changed, the retained
+    health naming the last code."""
+    modem = layout.modem(raw)
+    codes = layout.column(raw, "status_code")
+    changes = trips.status_changes(before.status_code, codes)
+    out: Built = []
+    topic = table.telemetry_topic.format(modem=modem)
+    for index, was, code in changes:
+        values = {"tid": tid, "dsc": f"{code:02d}", "dsn": device_status_name(code), "pdsc": f"{was:02d}"}
+        event = _pick(values, table.device_event_keys)
+        out.append((topic, _envelope(layout.body_time_ms(raw, index), table.device_event_ty, event), False))
+    if changes:
+        index, _, code = changes[-1]
+        health = {"ts": layout.body_time_ms(raw, index), "modem": modem, "dsc": f"{code:02d}",
+                  "dsn": device_status_name(code)}
+        out.append((table.device_health_topic.format(modem=modem), _pick(health, table.device_health_keys), True))
+    return out
 
 
 def _trip_message(trip: TripState, table: Profile, modem: str, driving: DrivingConfig,

@@ -26,9 +26,14 @@ _GPS_KEYS = ("tid", "clt", "lat", "lon", "sp", "cdit", "vv", "dtr", "dctr", "gan
 TRIP_KEYS = ("tid", "stt", "edt", "dis", "tdis", "fc", "stlat", "stlon", "edlat", "edlon", "hsts", "mesp", "idt", "btv",
              "gnv", "wut", "est", "fwv", "dtvt", "xdd", "xpartial")
 PARKING_KEYS = ("tid", "clt", "lat", "lon", "try", "vlt", "tim")
-DIAGNOSTIC_KEYS = ("tid", "dtcc", "dtck", "dtcs")
+DEVICE_EVENT_KEYS = ("tid", "dsc", "dsn", "pdsc")
+DEVICE_HEALTH_KEYS = ("ts", "modem", "dsc", "dsn")
 BATTERY_WARNING_KEYS = ("tid", "wbv")
 ATTRIBUTE_KEYS = ("ts", "modem", "vid", "vin", "model", "vehicle_type", "business_number", "driver_code", "fwv")
+
+DEVICE_EVENT_TY = 900
+"""The `ty` of our Device Status event (an extension): outside every number the message model uses
+(seed events 20–30, the 2019 numbering's 101 on)."""
 
 # key -> (where the value comes from, unit); docs/mqtt.md is written from this table.
 KEY_SOURCES: Mapping[str, tuple[str, str]] = {
@@ -73,11 +78,12 @@ KEY_SOURCES: Mapping[str, tuple[str, str]] = {
     "fwv": ("the last basic info's DTG firmware version", ""),
     "try": ("2 = parking (BlackBox trip type)", ""),
     "vlt": ("KEY OFF packet battery (wire V×10)", "V"),
-    "dtcc": ("DTG body device status code, 2 digits (spec §7 table)", ""),
-    "dtck": ("0 = confirmed", ""),
-    "dtcs": ("1 = one code", ""),
+    "dsc": ("**extension**: the DTG body's device status code, 2 digits (`00` ok; protocol §7)", ""),
+    "dsn": ("**extension**: what `dsc` means, from the protocol's §7 table", ""),
+    "pdsc": ("**extension**: the device status code before this change, 2 digits", ""),
     "wbv": ("KEY OFF packet battery (wire V×10)", "V"),
-    "ts": ("attributes: the server's receive time of the basic info", "ms UTC"),
+    "ts": ("attributes: the server's receive time of the basic info; device health: the body time the status "
+           "began", "ms UTC"),
     "modem": ("basic info modem number (terminal phone number)", ""),
     "vid": ("basic info registration plate", ""),
     "vin": ("basic info VIN", ""),
@@ -96,7 +102,8 @@ class Profile:
     Trip and parking messages take the `ty` of the kind of realtime packets the trip was made of
     (key "" when no trip is known); `string_keys` are sent as text instead of numbers. Each key
     list is the message's keys in JSON order; a key whose value is unknown is left out.
-    Topics are formats of `modem` (the terminal's phone number).
+    Topics are formats of `modem` (the terminal's phone number); the two attributes topics are
+    published retained: the basic info's, and the device health (the DTG's status code).
     """
 
     name: str
@@ -104,16 +111,18 @@ class Profile:
     microtrip_keys: Mapping[str, tuple[str, ...]]
     trip_ty: Mapping[str, int]
     parking_ty: Mapping[str, int]
-    diagnostic_ty: int
     battery_warning_ty: int
     string_keys: frozenset[str] = frozenset()
     trip_keys: tuple[str, ...] = TRIP_KEYS
     parking_keys: tuple[str, ...] = PARKING_KEYS
-    diagnostic_keys: tuple[str, ...] = DIAGNOSTIC_KEYS
+    device_event_keys: tuple[str, ...] = DEVICE_EVENT_KEYS
+    device_health_keys: tuple[str, ...] = DEVICE_HEALTH_KEYS
+    device_event_ty: int = DEVICE_EVENT_TY
     battery_warning_keys: tuple[str, ...] = BATTERY_WARNING_KEYS
     attribute_keys: tuple[str, ...] = ATTRIBUTE_KEYS
     telemetry_topic: str = "v1/sensors/{modem}/tre"
     attributes_topic: str = "v1/sensors/{modem}/attributes"
+    device_health_topic: str = "v1/sensors/{modem}/attributes/health"
 
 
 SEED = Profile(
@@ -122,7 +131,6 @@ SEED = Profile(
     microtrip_keys={"dtg": _DTG_KEYS, "obd": _OBD_KEYS, "mdt": _MDT_KEYS},
     trip_ty={"dtg": 1, "obd": 1, "mdt": 1, "": 1},
     parking_ty={"dtg": 2, "obd": 2, "mdt": 2, "": 2},
-    diagnostic_ty=20,
     battery_warning_ty=23,
 )
 
@@ -138,7 +146,6 @@ SF2019 = Profile(
     },
     trip_ty={"dtg": 9, "obd": 3, "mdt": 1, "": 1},
     parking_ty={"dtg": 10, "obd": 4, "mdt": 2, "": 2},
-    diagnostic_ty=101,
     battery_warning_ty=104,
     string_keys=frozenset({"acx", "acy"}),
 )

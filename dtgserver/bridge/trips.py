@@ -39,7 +39,8 @@ DEFAULT_DRIVING = DrivingConfig()
 class TripState:
     """What one terminal's messages need from earlier packets; JSON-safe through to_dict/from_dict.
 
-    Terminal-wide: `status_code` (last DTG device status, for events on change) and `fwv`.
+    Terminal-wide: `status_code` (last DTG device status, for the device health and its events on
+    change; 0, ok, until a body says otherwise) and `fwv`.
     Per trip (reset when a newer `tid` arrives): everything else.
 
     Stored (`to_json`) as a JSON array of the values in the order declared here, which is why a
@@ -382,15 +383,16 @@ def realtime_advance(raw: bytes, layout: RealtimeLayout, state: TripState | None
     return moved._replace(trip=trip, state=trip, masks=masks, cdit=cdit, columns=columns, times=times)
 
 
-def status_changes(status_code: int, codes: Sequence[int]) -> list[tuple[int, int]]:
-    """(body index, code) of each body whose device status differs from the one before and is
-    not 0 (ok), the one before the first body being `status_code`."""
+def status_changes(status_code: int, codes: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(body index, code before, code) of each body whose device status differs from the one
+    before (a fault appearing, changing or clearing to 0), the one before the first body being
+    `status_code`."""
     if codes.count(status_code) == len(codes):  # the usual packet: no change at all
         return []
     changes = []
     for index, code in enumerate(codes):
-        if code != status_code and code != 0:
-            changes.append((index, code))
+        if code != status_code:
+            changes.append((index, status_code, code))
         status_code = code
     return changes
 
