@@ -145,14 +145,52 @@ def test_dtg_realtime_is_one_aggregated_microtrip_with_every_dtg_key() -> None:
     assert payload["ts"] == KEY_ON_MS + 1000  # the last body's time
     first, second = payload["pld"]
     assert first == {
-        "tid": TID, "clt": KEY_ON_MS, "lat": 37.497942, "lon": 127.027583, "sp": 50, "rpm": 1800, "fc": 12345,
+        "tid": TID, "clt": KEY_ON_MS, "lat": 37.497942, "lon": 127.027583, "sp": 50, "rpm": 1800, "fc": 0,
         "cdit": 14, "vv": 24.6, "dtr": 35, "dctr": 120_000, "bsg": 0, "gan": 90, "acx": 1.5, "acy": -0.3,
         "tmp": "4.5,", "em": "00",
     }
     assert list(first) == list(SEED.microtrip_keys["dtg"])  # keys in the table's order
     assert second["clt"] == KEY_ON_MS + 1000 and second["bsg"] == 1 and second["sp"] == 52
     assert second["cdit"] == 28  # (50 + 52) km/h × 1 s, within a km of the odometer's one km
+    assert second["fc"] == 1  # the trip's fuel: total fuel grows 1 mL a second (the day's counter says 12345)
     assert state is not None and state.tid == TID and state.kind == "dtg"
+
+
+def test_microtrip_fc_is_the_trips_fuel_across_midnight_kst() -> None:
+    """The day's fuel restarts at 00:00 KST; the microtrip's `fc` is the trip's own and goes on
+    across midnight, in step with the Trip's `fc` (the last element's is the Trip's)."""
+    key_on = datetime(2026, 11, 21, 23, 58, 0, tzinfo=KST)
+    start_ml = 45_678_900  # the total counter at KEY ON; the day had used 87.654 L by then
+
+    def body(second: int) -> DtgBody:
+        at = key_on + timedelta(seconds=second)
+        used_ml = 3 * second  # 3 mL a second
+        daily_ml = 87_654 + used_ml if at.day == 21 else used_ml - 3 * 120  # restarts at 00:00:00 KST
+        return attrs.evolve(dtg_body(second, time=at), daily_fuel_l=daily_ml / 1000,
+                            total_fuel_l=(start_ml + used_ml) / 1000)
+
+    packets = [dtg(*(body(p * 60 + s) for s in range(0, 60, 10)), key_on=key_on) for p in range(4)]
+    end = wire(KeyOff(MODEM, key_on + timedelta(minutes=10), 127.03, 37.5, key_on + timedelta(seconds=230), 24.1))
+    messages, _ = run([*packets, end])
+    elements = [e for m in by_ty(messages, 2) if isinstance(m.payload["pld"], list) for e in m.payload["pld"]]
+    seconds = [p * 60 + s for p in range(4) for s in range(0, 60, 10)]
+    assert [e["fc"] for e in elements] == [3 * second for second in seconds]  # 0 … 690 mL, no drop at 00:00
+    midnight = datetime(2026, 11, 22, tzinfo=KST)
+    assert any(e["clt"] < midnight.timestamp() * 1000 <= f["clt"] for e, f in itertools.pairwise(elements))
+    (trip,) = by_ty(messages, 1)
+    assert trip.payload["pld"]["fc"] == elements[-1]["fc"] == 3 * 230
+
+
+def test_microtrip_fc_is_left_out_where_the_trips_first_fuel_is_not_known() -> None:
+    """The backlog of an older trip (its state is gone), and a total counter below the trip's first (a reset)."""
+    _, state = run([dtg(dtg_body(0))])
+    assert state is not None
+    newer = attrs.evolve(state, tid=TID + 3600, key_on_ms=KEY_ON_MS + 3_600_000)
+    messages, _ = run([dtg(dtg_body(5))], newer)
+    assert [("fc" in e, "cdit" in e) for e in messages[0].payload["pld"]] == [(False, False)]
+    reset = attrs.evolve(dtg_body(2), total_fuel_l=1.0)
+    messages, _ = run([dtg(dtg_body(0), dtg_body(1), reset)])
+    assert [e.get("fc") for e in messages[0].payload["pld"]] == [0, 1, None]
 
 
 def test_obd_realtime_microtrip_has_the_dtg_keys_minus_brake_and_acceleration() -> None:
@@ -160,7 +198,7 @@ def test_obd_realtime_microtrip_has_the_dtg_keys_minus_brake_and_acceleration() 
     (element, _second) = messages[0].payload["pld"]
     assert list(element) == ["tid", "clt", "lat", "lon", "sp", "rpm", "fc", "cdit", "vv", "dtr", "dctr", "gan",
                              "tmp", "em"]
-    assert element["fc"] == 1500 and element["vv"] == 12.4 and element["tmp"] == ",-3.5"  # A is off
+    assert element["fc"] == 0 and element["vv"] == 12.4 and element["tmp"] == ",-3.5"  # A is off
 
 
 def test_mdt_realtime_microtrip_keys() -> None:
@@ -460,8 +498,10 @@ def test_a_long_packet_is_split_in_order_under_64_kib() -> None:
 @settings(max_examples=150, deadline=None)
 @given(record=st.one_of(records(DtgRealtime, max_bodies=6), records(ObdRealtime, max_bodies=6),
                         records(MdtRealtime, max_bodies=6)),
-       profile=st.sampled_from(sorted(PROFILES)), first_total_km=st.none() | st.integers(0, 2**32 - 1))
-def test_no_element_encodes_longer_than_its_bound(record: Any, profile: str, first_total_km: int | None) -> None:
+       profile=st.sampled_from(sorted(PROFILES)), first_total_km=st.none() | st.integers(0, 2**32 - 1),
+       first_fuel_ml=st.none() | st.integers(-(2**31), 2**31 - 1))
+def test_no_element_encodes_longer_than_its_bound(record: Any, profile: str, first_total_km: int | None,
+                                                  first_fuel_ml: int | None) -> None:
     """The bound lets a minute's microtrip skip the encoding that measures it: it must hold for any
     wire value (the strategies' values span each field's whole wire range)."""
     table = PROFILES[profile]
@@ -471,7 +511,8 @@ def test_no_element_encodes_longer_than_its_bound(record: Any, profile: str, fir
     assert layout is not None
     tid = to_ms(record.key_on_time)
     assert tid is not None  # the strategy's times are all calendar times
-    elements = elements_builder(record.KIND, keys, table.string_keys)(layout.bodies(raw), tid, first_total_km)
+    elements = elements_builder(record.KIND, keys, table.string_keys)(layout.bodies(raw), tid, first_total_km,
+                                                                      first_fuel_ml)
     for element in elements:
         assert len(json.dumps(element, ensure_ascii=False).encode()) <= element_bound(keys)
         for value in element.values():

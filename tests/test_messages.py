@@ -145,7 +145,7 @@ def test_the_record_and_its_bytes_give_the_same_messages() -> None:
 
 
 def _oracle_element(body: Any, keys: tuple[str, ...], string_keys: frozenset[str], tid: int,
-                    first_total_km: int | None) -> dict[str, Any]:
+                    first_total_km: int | None, first_fuel_ml: int | None) -> dict[str, Any]:
     """One element as the record path builds it: every key from the decoded body's fields."""
     from dtgserver.protocol import SensorState
 
@@ -155,7 +155,7 @@ def _oracle_element(body: Any, keys: tuple[str, ...], string_keys: frozenset[str
     Field = tuple[str, Callable[[Any], Any]]  # the body's attribute, and how its value is written
     fields: dict[str, Field] = {
         "lat": ("lat", float), "lon": ("lon", float), "sp": ("speed_kmh", int), "rpm": ("rpm", int),
-        "fc": ("daily_fuel_l", lambda litres: round(litres * 1000)), "vv": ("battery_v", float),
+        "vv": ("battery_v", float),
         "dtr": ("daily_distance_km", int), "dctr": ("total_distance_km", int), "bsg": ("brake", int),
         "gan": ("azimuth_deg", int), "acx": ("accel_x_ms2", float), "acy": ("accel_y_ms2", float)}
     out: dict[str, Any] = {}
@@ -168,6 +168,9 @@ def _oracle_element(body: Any, keys: tuple[str, ...], string_keys: frozenset[str
         elif key == "cdit":
             if first_total_km is not None and body.total_distance_km >= first_total_km:
                 out[key] = (body.total_distance_km - first_total_km) * 1000
+        elif key == "fc":  # the trip's fuel: from its first body's total fuel, in mL
+            if first_fuel_ml is not None and round(body.total_fuel_l * 1000) >= first_fuel_ml:
+                out[key] = round(body.total_fuel_l * 1000) - first_fuel_ml
         elif key == "tmp":
             a, b = body.temp_a_c, body.temp_b_c
             if not (isinstance(a, SensorState) and isinstance(b, SensorState)):
@@ -183,9 +186,11 @@ def _oracle_element(body: Any, keys: tuple[str, ...], string_keys: frozenset[str
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(records(DtgRealtime, max_bodies=5), records(ObdRealtime, max_bodies=5),
                  records(MdtRealtime, max_bodies=5)),
-       st.sampled_from(sorted(PROFILES)), st.none() | st.integers(-(2**31), 2**31 - 1), st.data())
+       st.sampled_from(sorted(PROFILES)), st.none() | st.integers(-(2**31), 2**31 - 1),
+       st.none() | st.integers(-(2**31), 2**31 - 1), st.data())
 def test_elements_from_the_bytes_are_the_elements_of_the_decoded_bodies(record: Any, profile: str,
                                                                          first_total_km: int | None,
+                                                                         first_fuel_ml: int | None,
                                                                          data: st.DataObject) -> None:
     from dtgserver.bridge.messages import TRIP_ELEMENT_KEYS, elements_builder
     from dtgserver.protocol import decode
@@ -199,8 +204,9 @@ def test_elements_from_the_bytes_are_the_elements_of_the_decoded_bodies(record: 
     assert layout is not None
     table = PROFILES[profile]
     keys = tuple(key for key in table.microtrip_keys[layout.kind] if key not in TRIP_ELEMENT_KEYS)  # set afterwards
-    built = elements_builder(layout.kind, keys, table.string_keys)(layout.bodies(raw), 1_795_215_600, first_total_km)
-    expected = [_oracle_element(body, keys, table.string_keys, 1_795_215_600, first_total_km)
+    built = elements_builder(layout.kind, keys, table.string_keys)(layout.bodies(raw), 1_795_215_600, first_total_km,
+                                                                   first_fuel_ml)
+    expected = [_oracle_element(body, keys, table.string_keys, 1_795_215_600, first_total_km, first_fuel_ml)
                 for body in decoded.bodies]  # type: ignore[attr-defined]
     assert built == expected
     for element, oracle in zip(built, expected, strict=True):
@@ -227,7 +233,8 @@ def _element_by_element(raw: bytes, moved: Any, table: Any) -> list[dict[str, An
     assert layout is not None
     keys = table.microtrip_keys[layout.kind]
     elements = elements_builder(layout.kind, keys, table.string_keys)(layout.bodies(raw), moved.tid,
-                                                                      moved.trip.first_total_km)
+                                                                      moved.trip.first_total_km,
+                                                                      moved.trip.first_total_fuel_ml)
     if "cdit" in keys:
         for element, metres in zip(elements, moved.cdit, strict=True):
             element["cdit"] = metres
@@ -267,7 +274,7 @@ def test_elements_from_the_columns_are_the_elements_built_body_by_body(packets: 
         state = moved.state
         keys = table.microtrip_keys[layout.kind]
         built = columns_builder(layout.kind, keys, table.string_keys)(
-            moved.columns, moved.tid, _first_km(moved), moved.times, moved.cdit,
+            moved.columns, moved.tid, _first_km(moved), moved.trip.first_total_fuel_ml, moved.times, moved.cdit,
             [em_hex(mask) for mask in moved.masks])
         if built is None:
             continue
@@ -301,7 +308,7 @@ def test_the_usual_drive_is_built_from_the_columns() -> None:
         assert moved.cdit is not None and moved.masks is not None
         table = PROFILES["seed"]
         built = columns_builder("dtg", table.microtrip_keys["dtg"], table.string_keys)(
-            moved.columns, moved.tid, _first_km(moved), moved.times, moved.cdit,
+            moved.columns, moved.tid, _first_km(moved), moved.trip.first_total_fuel_ml, moved.times, moved.cdit,
             [_EM_HEX[mask & 0x7F] for mask in moved.masks])
         assert built is not None and encode(built) == encode(_element_by_element(raw, moved, table))
         state = moved.state
@@ -327,7 +334,7 @@ def test_the_columns_give_the_body_by_body_bytes_near_zero_and_with_mixed_sensor
         assert moved.cdit is not None and moved.masks is not None
         table = PROFILES["seed"]
         built = columns_builder("dtg", table.microtrip_keys["dtg"], table.string_keys)(
-            moved.columns, moved.tid, _first_km(moved), moved.times, moved.cdit,
+            moved.columns, moved.tid, _first_km(moved), moved.trip.first_total_fuel_ml, moved.times, moved.cdit,
             [_EM_HEX[mask & 0x7F] for mask in moved.masks])
         if built is not None:
             assert encode(built) == encode(_element_by_element(raw, moved, table))

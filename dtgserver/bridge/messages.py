@@ -15,6 +15,7 @@ wire order) without `clt`. docs/mqtt.md has every ruling.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -176,7 +177,6 @@ BODY_FIELDS: Mapping[str, tuple[str, str]] = {
     "lon": ("lon", "scaled"),
     "sp": ("speed_kmh", "value"),
     "rpm": ("rpm", "value"),
-    "fc": ("daily_fuel_l", "milli"),
     "vv": ("battery_v", "scaled"),
     "dtr": ("daily_distance_km", "value"),
     "dctr": ("total_distance_km", "value"),
@@ -186,21 +186,23 @@ BODY_FIELDS: Mapping[str, tuple[str, str]] = {
     "acy": ("accel_y_ms2", "scaled"),
 }
 # Keys computed from more than one field, or from the trip: built by `_element_source` itself.
-DERIVED_KEYS = ("tid", "clt", "cdit", "tmp")
+DERIVED_KEYS = ("tid", "clt", "cdit", "fc", "tmp")
 # Keys set on each element after it is built, from the trip's detector and measures (`_realtime`).
 TRIP_ELEMENT_KEYS = ("em",)
 
-ElementsBuilder = Callable[[memoryview, int, int | None], list[dict[str, Any]]]
+ElementsBuilder = Callable[[memoryview, int, int | None, int | None], list[dict[str, Any]]]
 
 
 def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: frozenset[str]) -> str:
-    """Python source of `elements(bodies, tid, first_total_km)`: every body's microtrip element.
+    """Python source of `elements(bodies, tid, first_total_km, first_total_fuel_ml)`: every body's
+    microtrip element.
 
     One statement per key in the key list's order (the JSON's order), reading the body's wire
     values by their place in the struct tuple. A key without a value is left out, never
     invented: a body time that is no calendar time has no `clt`, a trip without a known first
     odometer (`first_total_km` None: `elements_builder` then builds the source without `cdit`)
-    or a body behind it no `cdit`, a body whose sensors report no reading no `tmp`.
+    or a body behind it no `cdit`, likewise `fc` without the trip's first total fuel or behind
+    it, a body whose sensors report no reading no `tmp`.
     """
     slots = layout.body_slots
     width = sum(slot.arity for slot in slots.values())
@@ -221,7 +223,10 @@ def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
         small = scale(name) // 10**4
         return f"(_exact({value}) if -{small} < {at(name)} < {small} else {value})" if small > 1 else value
 
-    lines = ["def elements(bodies, tid, first_total_km):",
+    def milli(name: str) -> str:  # round(wire / 1000 * 1000) is the wire integer itself (tests/test_messages.py)
+        return at(name) if scale(name) == 1000 else f"round({at(name)} / {scale(name)} * 1000)"
+
+    lines = ["def elements(bodies, tid, first_total_km, first_total_fuel_ml):",
              "    out = []",
              "    append = out.append",
              f"    for {', '.join(wire)} in _iter(bodies):"]
@@ -243,6 +248,10 @@ def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
             km = at("total_distance_km")
             values.append(f"({km} - first_total_km) * 1000")
             deletes.append(f"if {km} < first_total_km:\n            del e['cdit']")
+        elif key == "fc":  # the trip's fuel so far: the total counter, which a midnight does not reset
+            ml = milli("total_fuel_l")
+            values.append(f"{ml} - first_total_fuel_ml")
+            deletes.append(f"if {ml} < first_total_fuel_ml:\n            del e['fc']")
         elif key == "tmp":
             a, b = at("temp_a_c"), at("temp_b_c")
             adapter = slots["temp_a_c"].adapter
@@ -259,8 +268,8 @@ def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
                 expr = plain = at(name)
             elif what == "scaled":
                 expr, plain = scaled(name), f"{at(name)} / {scale(name)}"
-            elif what == "milli":  # round(wire / 1000 * 1000) is the wire integer itself (tests/test_messages.py)
-                expr = plain = at(name) if scale(name) == 1000 else f"round({at(name)} / {scale(name)} * 1000)"
+            elif what == "milli":
+                expr = plain = milli(name)
             else:
                 raise ValueError(f"{key}: no way to read {what!r}")
             if key in string_keys:  # `%g` text: wire values have at most 5 digits, so it is exact
@@ -278,18 +287,22 @@ def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
 
 @functools.lru_cache(maxsize=64)
 def elements_builder(kind: str, keys: tuple[str, ...], string_keys: frozenset[str]) -> ElementsBuilder:
-    """`elements(bodies, tid, first_total_km)` for one realtime kind and key list: every body's
-    microtrip element (`tid` an int; `first_total_km` None when the trip's first odometer is not
-    known, and then no element has `cdit`)."""
-    with_cdit = _compiled(kind, keys, string_keys)
-    if "cdit" not in keys:
-        return with_cdit
-    without_cdit = _compiled(kind, tuple(key for key in keys if key != "cdit"), string_keys)
+    """`elements(bodies, tid, first_total_km, first_total_fuel_ml)` for one realtime kind and key
+    list: every body's microtrip element (`tid` an int; `first_total_km` None when the trip's first
+    odometer is not known, and then no element has `cdit`; `first_total_fuel_ml` likewise for `fc`)."""
+    optional = tuple(key for key in ("cdit", "fc") if key in keys)
+    if not optional:
+        return _compiled(kind, keys, string_keys)
+    variants: dict[tuple[bool, bool], ElementsBuilder] = {}
+    for no_cdit, no_fc in itertools.product((False, True), repeat=2):
+        dropped = {"cdit"} if no_cdit else set()
+        dropped |= {"fc"} if no_fc else set()
+        variants[no_cdit, no_fc] = _compiled(kind, tuple(key for key in keys if key not in dropped), string_keys)
 
-    def elements(bodies: memoryview, tid: int, first_total_km: int | None) -> list[dict[str, Any]]:
-        if first_total_km is None:
-            return without_cdit(bodies, tid, None)
-        return with_cdit(bodies, tid, first_total_km)
+    def elements(bodies: memoryview, tid: int, first_total_km: int | None,
+                 first_total_fuel_ml: int | None) -> list[dict[str, Any]]:
+        return variants[first_total_km is None, first_total_fuel_ml is None](
+            bodies, tid, first_total_km, first_total_fuel_ml)
 
     return elements
 
@@ -309,12 +322,13 @@ def _compiled(kind: str, keys: tuple[str, ...], string_keys: frozenset[str]) -> 
 _EM_HEX = tuple(em_hex(mask) for mask in range(EM_BITS + 1))
 """`em_hex` of every `em` mask: a body's `em` is a look-up."""
 
-ColumnsBuilder = Callable[[Sequence[Sequence[Any]], int, int, list[Any], list[int], list[str]],
+ColumnsBuilder = Callable[[Sequence[Sequence[Any]], int, int, int | None, list[Any], list[int], list[str]],
                           list[dict[str, Any]] | None]
 
 
 def _columns_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: frozenset[str]) -> str:
-    """Python source of `elements(c, tid, times, cdit, em)`: the microtrip elements of a packet
+    """Python source of `elements(c, tid, first_total_km, first_total_fuel_ml, times, cdit, em)`: the
+    microtrip elements of a packet
     from its columns (`RealtimeLayout.transposed`), its body times and the trip's `cdit` and `em`
     per body, or None when the packet is not the usual one this handles.
 
@@ -322,7 +336,7 @@ def _columns_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
     written into them (tests/test_messages.py compares the two), built column-wise: each scaled
     value is one list comprehension over its column, and each element one dict display over the
     zipped columns. The usual packet is one whose every body has a calendar time, none is behind
-    the trip's first odometer, no coordinate is within 0.0001 of 0, and whose temperature
+    the trip's first odometer or first total fuel, no coordinate is within 0.0001 of 0, and whose temperature
     sensors report no reading on any body or a reading on every body; any other goes through the
     builder body by body (None here), so an unusual value never takes a shortcut.
     """
@@ -334,7 +348,7 @@ def _columns_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
             raise TypeError(f"{name} is not a scaled field")
         return adapter.scale
 
-    lines = ["def elements(c, tid, first_total_km, times, cdit, em):"]
+    lines = ["def elements(c, tid, first_total_km, first_total_fuel_ml, times, cdit, em):"]
     items: list[tuple[str, str, str]] = []  # (key, the column zipped, its name in the loop), tid apart
     for key in keys:
         if key in TRIP_ELEMENT_KEYS or key == "tid":
@@ -345,6 +359,11 @@ def _columns_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
         elif key == "cdit":
             lines.append(f"    if min(c[{slots['total_distance_km'].index}]) < first_total_km:\n        return None")
             items.append((key, "cdit", "cd"))
+        elif key == "fc":  # the trip's fuel so far, as `_element_source` has it; below the first: body by body
+            ml = "v" if scale("total_fuel_l") == 1000 else f"round(v / {scale('total_fuel_l')} * 1000)"
+            lines += [f"    fcs = [{ml} - first_total_fuel_ml for v in c[{slots['total_fuel_l'].index}]]",
+                      "    if min(fcs) < 0:\n        return None"]
+            items.append((key, "fcs", "f"))
         elif key == "tmp":
             a, b = slots["temp_a_c"].index, slots["temp_b_c"].index
             adapter = slots["temp_a_c"].adapter
@@ -404,7 +423,8 @@ def _columns_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
 
 @functools.lru_cache(maxsize=64)
 def columns_builder(kind: str, keys: tuple[str, ...], string_keys: frozenset[str]) -> ColumnsBuilder:
-    """`elements(columns, tid, first_total_km, times, cdit, em)` for one realtime kind and key list:
+    """`elements(columns, tid, first_total_km, first_total_fuel_ml, times, cdit, em)` for one realtime
+    kind and key list:
     the usual packet's microtrip elements, or None for another (`_columns_source`)."""
     namespace: dict[str, Any] = {"_NO_READING": frozenset(Temperature.SPECIAL)}
     source = _columns_source(REALTIME_BY_KIND[kind], keys, string_keys)
@@ -429,15 +449,19 @@ def _realtime(raw: bytes, layout: RealtimeLayout, state: TripState | None, table
     keys = table.microtrip_keys[kind]
     # the trip's first odometer is known from the first body on: the same for every element
     first_total_km = None if moved.stale else moved.trip.first_total_km
+    # the trip's first total fuel likewise: `fc` is the trip's fuel so far, as the Trip's own `fc`
+    first_fuel_ml = None if moved.stale else moved.trip.first_total_fuel_ml
     elements = None
     if (moved.cdit is not None and moved.masks is not None and first_total_km is not None
+            and (first_fuel_ml is not None or "fc" not in keys)
             and moved.columns is not None and moved.times is not None and moved.times):
         masks = moved.masks
         em = [_EM_HEX[mask & EM_BITS] for mask in masks] if any(masks) else [_EM_HEX[0]] * len(masks)
-        elements = columns_builder(kind, keys, table.string_keys)(moved.columns, tid, first_total_km, moved.times,
-                                                                  moved.cdit, em)
+        elements = columns_builder(kind, keys, table.string_keys)(moved.columns, tid, first_total_km, first_fuel_ml,
+                                                                  moved.times, moved.cdit, em)
     if elements is None:  # an unusual packet (`_columns_source`), or an older trip's backlog
-        elements = elements_builder(kind, keys, table.string_keys)(layout.bodies(raw), tid, first_total_km)
+        elements = elements_builder(kind, keys, table.string_keys)(layout.bodies(raw), tid, first_total_km,
+                                                                   first_fuel_ml)
         if moved.cdit is not None and moved.masks is not None:  # not for an older trip's backlog: its state is gone
             with_em = "em" in keys
             if "cdit" in keys:  # metres from the speed (tripmetrics), in the place the builder gave the key

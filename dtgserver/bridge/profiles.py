@@ -43,7 +43,7 @@ KEY_SOURCES: Mapping[str, tuple[str, str]] = {
     "lon": ("body longitude (wire ×1e6)", "°"),
     "sp": ("body speed", "km/h"),
     "rpm": ("body engine RPM", "1/min"),
-    "fc": ("body daily fuel (wire L×1000)", "mL"),
+    "fc": ("the trip's fuel so far: the body's total fuel − the trip's first body's (wire L×1000)", "mL"),
     "cdit": ("the body speeds since the trip's first body summed, one body a second, kept within 1 km of the "
              "odometer (docs/driving.md)", "m"),
     "em": ('the dangerous-driving behaviours recognised at this body, two hex digits of the spec\'s bits '
