@@ -86,14 +86,15 @@ def test_devices_list_json_says_whether_the_registry_is_enforced(tmp_path: Path)
         parsed: dict[str, object] = json.loads(output)
         return parsed
 
-    assert listed() == {"registry_enforced": False, "maintenance": False, "devices": []}
+    ok(run("devices", "add", "01011112222", "--cancelled", "--data-dir", tmp_path))
+    cancelled = [{"modem": "01011112222", "status": "cancelled", "note": ""}]
+    assert listed() == {"registry_enforced": False, "maintenance": False, "devices": cancelled}
     ok(run("devices", "enforce", "on", "--data-dir", tmp_path))
     ok(run("maintenance", "on", "--data-dir", tmp_path))
-    assert listed() == {"registry_enforced": True, "maintenance": True, "devices": []}
-    ok(run("devices", "add", "01011112222", "--cancelled", "--data-dir", tmp_path))
+    assert listed() == {"registry_enforced": True, "maintenance": True, "devices": cancelled}
+    ok(run("devices", "remove", "01011112222", "--data-dir", tmp_path))
     ok(run("devices", "enforce", "off", "--data-dir", tmp_path))
-    assert listed() == {"registry_enforced": False, "maintenance": True,
-                        "devices": [{"modem": "01011112222", "status": "cancelled", "note": ""}]}
+    assert listed() == {"registry_enforced": False, "maintenance": True, "devices": []}
 
 
 def test_devices_add_cancelled_and_back(tmp_path: Path) -> None:
