@@ -452,22 +452,25 @@ def _realtime(raw: bytes, layout: RealtimeLayout, state: TripState | None, table
     # the trip's first total fuel likewise: `fc` is the trip's fuel so far, as the Trip's own `fc`
     first_fuel_ml = None if moved.stale else moved.trip.first_total_fuel_ml
     elements = None
-    if (moved.cdit is not None and moved.masks is not None and first_total_km is not None
+    if (moved.cdit is not None and first_total_km is not None
             and (first_fuel_ml is not None or "fc" not in keys)
             and moved.columns is not None and moved.times is not None and moved.times):
         masks = moved.masks
-        em = [_EM_HEX[mask & EM_BITS] for mask in masks] if any(masks) else [_EM_HEX[0]] * len(masks)
-        elements = columns_builder(kind, keys, table.string_keys)(moved.columns, tid, first_total_km, first_fuel_ml,
-                                                                  moved.times, moved.cdit, em)
+        if masks is None:  # a vehicle no criteria apply to: nothing judged, no `em`
+            judged, em = tuple(key for key in keys if key != "em"), []
+        else:
+            judged = keys
+            em = [_EM_HEX[mask & EM_BITS] for mask in masks] if any(masks) else [_EM_HEX[0]] * len(masks)
+        elements = columns_builder(kind, judged, table.string_keys)(moved.columns, tid, first_total_km, first_fuel_ml,
+                                                                    moved.times, moved.cdit, em)
     if elements is None:  # an unusual packet (`_columns_source`), or an older trip's backlog
         elements = elements_builder(kind, keys, table.string_keys)(layout.bodies(raw), tid, first_total_km,
                                                                    first_fuel_ml)
-        if moved.cdit is not None and moved.masks is not None:  # not for an older trip's backlog: its state is gone
-            with_em = "em" in keys
+        if moved.cdit is not None:  # not for an older trip's backlog: its state is gone
             if "cdit" in keys:  # metres from the speed (tripmetrics), in the place the builder gave the key
                 for element, metres in zip(elements, moved.cdit, strict=True):
                     element["cdit"] = metres
-            if with_em:
+            if "em" in keys and moved.masks is not None:  # not for a vehicle no criteria apply to: nothing judged
                 for element, mask in zip(elements, moved.masks, strict=True):
                     element["em"] = em_hex(mask)
     ty = table.microtrip_ty[kind]

@@ -202,7 +202,8 @@ class Advance(NamedTuple):
     stale: bool  # the terminal's backlog of an older trip: published, but the state is left alone
     trip: TripState  # the trip the packet belongs to, with the packet accounted (unless stale)
     state: TripState | None  # the terminal's next state
-    masks: list[int] | None = None  # per body, the dangerous-driving behaviours marked on it (not stale)
+    masks: list[int] | None = None  # per body, the dangerous-driving behaviours marked on it (not stale;
+    # None too when no criteria apply to the vehicle)
     cdit: list[int] | None = None  # per body, metres since the trip's first body (not stale)
     closed: TripState | None = None  # the terminal's previous trip, complete now: its Trip goes first
     completes: bool = False  # the packet's bodies reach the trip's KEY OFF: its Trip goes after them
@@ -298,9 +299,10 @@ def _battery_scale(layout: RealtimeLayout) -> int:
 
 
 def drive_and_measure(trip: TripState, raw: bytes, layout: RealtimeLayout, modem: str,
-                      driving: DrivingConfig) -> tuple[list[int], list[int], TripState]:
+                      driving: DrivingConfig) -> tuple[list[int] | None, list[int], TripState]:
     """The packet's bodies through the trip's dangerous-driving detector and measures: the
-    behaviours marked on each body, the metres since the trip's first body at each, and the trip after."""
+    behaviours marked on each body (None when no criteria apply to the vehicle: nothing is
+    judged), the metres since the trip's first body at each, and the trip after."""
     columns = layout.transposed(raw)
     at = _places(layout)["time"]
     return _drive_and_measure(trip, layout, columns, _times(columns[at:at + 7]), modem, driving)
@@ -308,12 +310,12 @@ def drive_and_measure(trip: TripState, raw: bytes, layout: RealtimeLayout, modem
 
 def _drive_and_measure(trip: TripState, layout: RealtimeLayout, columns: Sequence[Sequence[Any]],
                        times: list[int | None], modem: str,
-                       driving: DrivingConfig) -> tuple[list[int], list[int], TripState]:
+                       driving: DrivingConfig) -> tuple[list[int] | None, list[int], TripState]:
     """`drive_and_measure` on the packet's columns (`RealtimeLayout.transposed`) and body times."""
     places = _places(layout)
     speeds = columns[places["speed_kmh"]]
     rules = driving.criteria_for(modem, trip.vehicle_type)
-    masks = [0] * len(speeds)
+    masks = None
     drive_list = trip.drive
     status = places.get("status_code")
     status_codes = None if status is None else columns[status]
