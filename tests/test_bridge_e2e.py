@@ -345,3 +345,31 @@ async def test_a_late_subscriber_gets_each_terminals_device_health_retained(tmp_
         await replayed.wait_for(lambda s: sum(1 for m in s.messages if not m.retain) >= len(expected))
     replay = [m for m in replayed.messages if not m.retain]  # after the retained copy the live bridge left
     assert [(m.topic, m.payload) for m in replay] == [(m.topic, m.payload) for m in live.messages]
+
+
+async def test_replay_applies_the_driving_options_it_is_given(tmp_path: Path, broker: Mosquitto) -> None:
+    """A terminal without basic info gets the default class's criteria live (`em`, the Trip's
+    `xdd`); a replay told `--default-class none` finds no behaviours for it, and says so by
+    leaving both out."""
+    sequence = [dtg(minute=0), key_off(key_off_time=KEY_ON + timedelta(seconds=59))]  # complete at its KEY OFF
+    with Subscriber(broker, "v1/sensors/#") as live:
+        async with server_with_broker(tmp_path, broker) as server:
+            assert server.port
+            for record in sequence:
+                assert await send(server.port, encode(record)) == OK
+            await live.wait_count(3)  # microtrip, Trip, parking
+    with Subscriber(broker, "v1/sensors/#", client_id="replay-watcher") as replayed:
+        result = await trio.to_thread.run_sync(lambda: CliRunner().invoke(main, [
+            "replay", "--data-dir", str(tmp_path / "data"), "--mqtt", broker.url, "--default-class", "none"]))
+        assert result.exit_code == 0, result.output
+        await replayed.wait_count(3)
+
+    def microtrip_and_trip(messages: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        payloads = [json.loads(m.payload) for m in messages]
+        return payloads[0]["pld"][0], payloads[1]["pld"]
+
+    element, trip = microtrip_and_trip(live.messages)
+    assert element["em"] == "00" and trip["xdd"]["start"] == 0  # judged (taxi), nothing found
+    element, trip = microtrip_and_trip(replayed.messages)
+    assert "em" not in element and "xdd" not in trip  # not judged at all
+    assert "cdit" in element and trip["dtvt"] == 60  # the rest as live

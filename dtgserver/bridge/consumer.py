@@ -37,8 +37,9 @@ import trio
 from ..store.log import LoggedPacket, PacketLog
 from .cursor import CursorStore
 from .derive import Outgoing, derive
+from .driving import DrivingConfig
 from .outbox import OutboxRow
-from .trips import TripState
+from .trips import DEFAULT_DRIVING, DEFAULT_TRIP_DEADLINE_MS, TripState
 
 log = logging.getLogger("dtgserver.bridge")
 
@@ -54,6 +55,8 @@ class BridgeOptions:
 
     profile: str = "seed"
     battery_warning_v: float = 11.5
+    driving: DrivingConfig = DEFAULT_DRIVING  # the dangerous-driving edition and vehicle classes
+    trip_deadline_ms: int = DEFAULT_TRIP_DEADLINE_MS  # a trip waiting this long after its KEY OFF goes out partial
     read_batch: int = 256  # packets per read of the log
     trip_cache: int = 100_000  # terminals whose trip state is kept in memory (LRU)
     flush_interval_s: float = 0.2 * SECONDS  # the cursor is saved at most this often
@@ -254,7 +257,8 @@ class Consumer:
         try:
             messages, new_state = self.derive_fn(
                 packet.raw, state, packet_id=packet.digest.hex(), received_ms=int(packet.received_at * 1000),
-                profile=self.options.profile, battery_warning_v=self.options.battery_warning_v)
+                profile=self.options.profile, battery_warning_v=self.options.battery_warning_v,
+                driving=self.options.driving, trip_deadline_ms=self.options.trip_deadline_ms)
         except Exception as e:  # a packet the mapping cannot handle must not stop the bridge
             self.stats.derive_errors += 1
             log.error("shard %d: no messages for packet %d of %s: %s", self.shard, packet.position, modem, e)
@@ -360,7 +364,8 @@ class Consumer:
                     _, states[packet.modem] = self.derive_fn(
                         packet.raw, states.get(packet.modem), packet_id=packet.digest.hex(),
                         received_ms=int(packet.received_at * 1000), profile=self.options.profile,
-                        battery_warning_v=self.options.battery_warning_v)
+                        battery_warning_v=self.options.battery_warning_v, driving=self.options.driving,
+                        trip_deadline_ms=self.options.trip_deadline_ms)
                 except Exception:  # a packet without messages changes no state
                     continue
                 self.stats.warmup_packets += 1

@@ -18,7 +18,7 @@ import trio
 
 from ..bridge.profiles import PROFILES
 from . import checks
-from .server_cmds import _parse_time, data_dir_option, store_options
+from .server_cmds import _parse_time, data_dir_option, driving_options, store_options
 
 log = logging.getLogger("dtgserver.bridge")
 
@@ -77,6 +77,7 @@ def _store_shards(data_dir: Path) -> int:
 @click.command(cls=checks.ConfigCommand)
 @data_dir_option
 @_mqtt_options(None)
+@driving_options()
 @click.option("--trip-cache", type=click.IntRange(1), default=100_000, envvar="DTGSERVER_TRIP_CACHE",
               show_envvar=True, help="Terminals whose trip state is kept in memory (least recently used "
                                      "first out; the rest are read back from DIR/bridge-<shard>.db).")
@@ -88,8 +89,10 @@ def _store_shards(data_dir: Path) -> int:
 @click.option("-v", "--verbose", count=True, help="More logging (-v: debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings only.")
 def bridge(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix: str, client_id: str | None,
-           profile: str, battery_warning_v: float, trip_cache: int, metrics_port: int | None, metrics_host: str,
-           verbose: int, quiet: bool, store: str | None, store_tls_ca: Path | None, store_replicas: int) -> None:
+           profile: str, battery_warning_v: float, edition: str, default_class: str | None,
+           vehicle_class: dict[str, str], trip_deadline_h: float, trip_cache: int, metrics_port: int | None,
+           metrics_host: str, verbose: int, quiet: bool, store: str | None, store_tls_ca: Path | None,
+           store_replicas: int) -> None:
     """Forward a data dir's packets to MQTT from a process of its own, beside a `serve` writing DIR.
 
     Reads every shard's committed packets, publishes their messages with QoS 1, and keeps its
@@ -103,7 +106,6 @@ def bridge(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
     take over those of one that died (docs/scaling.md).
     """
     from .. import logs
-    from ..bridge.consumer import BridgeOptions
     from ..bridge.service import Bridge, MqttOptions
 
     _check_tls(mqtt_url, mqtt_tls_ca)
@@ -122,7 +124,8 @@ def bridge(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
     try:
         service = Bridge(packet_log, range(shards), cursor,
                          MqttOptions(mqtt_url, mqtt_tls_ca, topic_prefix, client_id),
-                         BridgeOptions(profile=profile, battery_warning_v=battery_warning_v, trip_cache=trip_cache))
+                         _bridge_options(profile, battery_warning_v, edition, default_class, vehicle_class,
+                                         trip_deadline_h, trip_cache=trip_cache))
         trio.run(_run_bridge, service, metrics_host, metrics_port)
     except* (OSError, ValueError) as group:
         error: BaseException = group
@@ -132,6 +135,17 @@ def bridge(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
         sys.exit(1)
     finally:
         packet_log.close()
+
+
+def _bridge_options(profile: str, battery_warning_v: float, edition: str, default_class: str | None,
+                    vehicle_class: dict[str, str], trip_deadline_h: float, **more: Any) -> Any:
+    """How the messages are built, from the options `bridge` and `replay` share with `serve`."""
+    from ..bridge.consumer import BridgeOptions
+    from ..bridge.driving import DrivingConfig
+
+    return BridgeOptions(profile=profile, battery_warning_v=battery_warning_v,
+                         driving=DrivingConfig(edition=edition, default_class=default_class, classes=vehicle_class),
+                         trip_deadline_ms=round(trip_deadline_h * 3_600_000), **more)
 
 
 def _nats_log(store: str, tls_ca: Path | None, replicas: int) -> tuple[Any, Any]:
@@ -165,6 +179,7 @@ async def _run_bridge(service: Any, metrics_host: str, metrics_port: int | None)
 @click.command(cls=checks.ConfigCommand)
 @data_dir_option
 @_mqtt_options("dtgserver-replay")
+@driving_options()
 @click.option("--modem", default=None, callback=checks.modem, help="Only this terminal.")
 @click.option("--since", default=None, help="Publish packets received at or after this (ISO 8601, KST when no "
                                              "offset; or Unix seconds). Earlier ones only rebuild trip state.")
@@ -174,8 +189,10 @@ async def _run_bridge(service: Any, metrics_host: str, metrics_port: int | None)
                    "0: no limit.")
 @store_options
 def replay(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix: str, client_id: str,
-           profile: str, battery_warning_v: float, modem: str | None, since: str | None, until: str | None,
-           timeout: float, store: str | None, store_tls_ca: Path | None, store_replicas: int) -> None:
+           profile: str, battery_warning_v: float, edition: str, default_class: str | None,
+           vehicle_class: dict[str, str], trip_deadline_h: float, modem: str | None, since: str | None,
+           until: str | None, timeout: float, store: str | None, store_tls_ca: Path | None,
+           store_replicas: int) -> None:
     """Republish stored packets (all shards), derived afresh, with QoS 1; exits when the broker acked them all.
 
     The live bridge's consumer with its cursor in memory: the same messages, byte for byte, and
@@ -183,7 +200,6 @@ def replay(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
     --timeout (unreachable, refusing, or too slow): what it did acknowledge stays published, and a
     second replay publishes all again.
     """
-    from ..bridge.consumer import BridgeOptions
     from ..bridge.forwarder import BrokerUrl
     from ..bridge.replay import replay as run_replay
     from ..store.sqlite_log import SqlitePacketLog
@@ -196,7 +212,8 @@ def replay(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
     async def bounded() -> int | None:
         with trio.move_on_after(timeout or math.inf):
             return await run_replay(packet_log, mqtt_url, modem=modem, since=since_s, until=until_s,
-                                    options=BridgeOptions(profile=profile, battery_warning_v=battery_warning_v),
+                                    options=_bridge_options(profile, battery_warning_v, edition, default_class,
+                                                            vehicle_class, trip_deadline_h),
                                     tls_ca=mqtt_tls_ca, topic_prefix=topic_prefix, client_id=client_id)
         return None
 

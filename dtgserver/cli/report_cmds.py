@@ -8,17 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..bridge.driving import DEFAULT_EDITION, EDITIONS, VEHICLE_CLASSES
-from .server_cmds import _parse_time, data_dir_option
-
-
-def _classes(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
-    from ..bridge.driving import parse_classes
-
-    try:
-        return parse_classes(",".join(value))
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+from .server_cmds import _parse_time, data_dir_option, driving_options
 
 
 @click.command()
@@ -31,17 +21,9 @@ def _classes(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
               help="One row per vehicle (modem) or per driver (the basic info's driver code).")
 @click.option("--format", "output_format", type=click.Choice(["table", "json", "csv"]), default="table",
               help="A table for a terminal, or JSON / CSV for a program.")
-@click.option("--edition", type=click.Choice(list(EDITIONS)), default=DEFAULT_EDITION, envvar="DTGSERVER_EDITION",
-              show_envvar=True, help="Which edition of KOTSA's criteria (docs/driving.md).")
-@click.option("--default-class", type=click.Choice([*VEHICLE_CLASSES, "none"]), default="taxi",
-              envvar="DTGSERVER_DEFAULT_CLASS", show_envvar=True,
-              help="Criteria for vehicle type 41 (non-commercial), unknown types and terminals without basic "
-                   "info; none: no behaviours for them.")
-@click.option("--vehicle-class", "classes", multiple=True, callback=_classes, metavar="MODEM=CLASS",
-              help="The class of one terminal's vehicle, whatever its basic info says (repeatable, or "
-                   "comma-separated).")
+@driving_options(deadline=False)
 def report(data_dir: Path, since: str | None, until: str | None, modem: str | None, by: str, output_format: str,
-           edition: str, default_class: str, classes: dict[str, str]) -> None:
+           edition: str, default_class: str | None, vehicle_class: dict[str, str]) -> None:
     """Distance, driving time and KOTSA's dangerous-driving behaviours per 100 km, from the stored packets.
 
     Speeding is not among them: no packet carries the road's speed limit.
@@ -54,8 +36,7 @@ def report(data_dir: Path, since: str | None, until: str | None, modem: str | No
     if not shard_paths(data_dir):
         click.echo(f"dtgserver: error: no store in {data_dir}", err=True)
         sys.exit(1)
-    config = DrivingConfig(edition=edition, default_class=None if default_class == "none" else default_class,
-                           classes=classes)
+    config = DrivingConfig(edition=edition, default_class=default_class, classes=vehicle_class)
     since_s, until_s = _parse_time(since, "--since"), _parse_time(until, "--until")
     try:
         # a body is received after it was recorded: packets received before --since hold none of the period

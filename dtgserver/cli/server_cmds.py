@@ -9,22 +9,25 @@ import re
 import sqlite3
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import click
 import trio
 
+from ..bridge.driving import DEFAULT_EDITION, EDITIONS, VEHICLE_CLASSES
 from ..bridge.profiles import PROFILES
 from ..protocol import DEFAULT_MAX_BODY_COUNT, KST
-from ..server.config import DEFAULT_PORT, ServerConfig
+from ..server.config import DEFAULT_PORT, MAX_TRIP_DEADLINE_H, ServerConfig
 from . import checks
 
 if TYPE_CHECKING:
     from ..store import Control
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 DATA_DIR_HELP = "Directory of the databases and status log files."
 
@@ -58,6 +61,9 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         if not isinstance(item, str | int | float):  # bool is an int; arrays, tables and dates are no option value
             raise click.BadParameter(f"option {key!r} in {value} is {item!r}: give a string, number or true/false",
                                      ctx=ctx, param=param)
+        option = next(p for p in ctx.command.params if p.name == name)
+        if isinstance(option, click.Option) and option.multiple:  # a repeatable option: the string is one value
+            item = (item,)
         defaults[name], keys[name] = item, key
     ctx.meta[checks.CONFIG_META] = (value, keys)  # a bad value is then named by file and key
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
@@ -80,6 +86,57 @@ def data_dir_option(f: Any) -> Any:
 
 def _env(name: str) -> dict[str, Any]:
     return {"envvar": f"DTGSERVER_{name}", "show_envvar": True}
+
+
+def _vehicle_classes(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    """--vehicle-class MODEM=CLASS, repeated or comma-separated: {modem: class}."""
+    from ..bridge.driving import parse_classes
+
+    try:
+        classes = parse_classes(",".join(value))
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    for modem in classes:
+        if not re.fullmatch(r"[0-9]{1,11}", modem):
+            raise click.BadParameter(f"{modem!r} is no modem number (1 to 11 digits)", ctx=ctx, param=param)
+    return classes
+
+
+def _no_class(ctx: click.Context, param: click.Parameter, value: str) -> str | None:
+    return None if value == "none" else value
+
+
+def driving_options(*, deadline: bool = True) -> Callable[[F], F]:
+    """--edition, --default-class, --vehicle-class (which dangerous-driving criteria apply to which
+    terminal, docs/driving.md) and --trip-deadline-h: `serve`, `bridge`, `replay` (and `report`
+    without the deadline) take them alike."""
+
+    options = [
+        click.option("--edition", type=click.Choice(list(EDITIONS)), default=DEFAULT_EDITION, **_env("EDITION"),
+                     help="Which edition of KOTSA's dangerous-driving criteria (docs/driving.md)."),
+        click.option("--default-class", type=click.Choice([*VEHICLE_CLASSES, "none"]), default="taxi",
+                     callback=_no_class, **_env("DEFAULT_CLASS"),
+                     help="Criteria for vehicle type 41 (non-commercial), unknown types and terminals without "
+                          "basic info; none: no behaviours for them."),
+        click.option("--vehicle-class", multiple=True, callback=_vehicle_classes, metavar="MODEM=CLASS",
+                     **_env("VEHICLE_CLASS"),
+                     help="The class (truck, bus, taxi) of one terminal's vehicle, whatever its basic info says "
+                          "(repeatable, or comma-separated; in the environment and the config file one string "
+                          "of them)."),
+    ]
+    if deadline:
+        options.append(click.option(
+            "--trip-deadline-h", type=checks.FiniteFloat(min=0, min_open=True, max=MAX_TRIP_DEADLINE_H),
+            default=24.0, **_env("TRIP_DEADLINE_H"),
+            help="Hours after its KEY OFF that a trip still waiting for its last bodies (a terminal sends "
+                 "unsent data at its next KEY ON) is published without them, marked partial."))
+
+    def decorate(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
 def _store_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -184,6 +241,7 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
 @click.option("--trip-cache", type=click.IntRange(1), default=100_000, **_env("TRIP_CACHE"),
               help="With --mqtt: terminals whose trip state the bridge keeps in memory (least recently used "
                    "first out; the rest are read back from DIR/bridge-<shard>.db).")
+@driving_options()
 @click.option("--workers", default="1", callback=_workers, **_env("WORKERS"),
               help="Server processes on the one port (SO_REUSEPORT), a shard each; auto = one per CPU. "
                    "A data dir keeps the number it was first served with. With --writer-process: N "

@@ -203,7 +203,8 @@ class DtgServer:
         bridge = Bridge(packet_log, self.stores, partial(SqliteCursor, cfg.data_dir),
                         MqttOptions(cfg.mqtt_url, cfg.mqtt_tls_ca, cfg.topic_prefix, cfg.client_id),
                         BridgeOptions(profile=cfg.profile, battery_warning_v=cfg.battery_warning_v,
-                                      trip_cache=cfg.trip_cache),
+                                      trip_cache=cfg.trip_cache, driving=cfg.driving(),
+                                      trip_deadline_ms=cfg.trip_deadline_ms),
                         start_at={shard: store.last_id for shard, store in self.stores.items()})
         for shard, store in self.stores.items():
             consumer = bridge.consumers[shard]

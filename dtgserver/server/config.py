@@ -6,11 +6,13 @@ from pathlib import Path
 
 import attrs
 
+from ..bridge.driving import DEFAULT_EDITION, DrivingConfig
 from ..protocol import DEFAULT_MAX_BODY_COUNT, max_frame_length
 
 SECONDS = 1.0
 MIB = 1 << 20
 DEFAULT_PORT = 9320
+MAX_TRIP_DEADLINE_H = 24 * 365  # a longer wait for a trip's last bodies is a mistake, not a setting
 
 
 @attrs.frozen
@@ -41,6 +43,10 @@ class ServerConfig:
     backlog_high_water: int = 100_000  # packets after the bridge's cursor before new packets get 4
     external_bridge: bool = False  # a `dtgserver bridge` process consumes the data dir: its backlog counts
     trip_cache: int = 100_000  # terminals whose trip state the bridge keeps in memory
+    edition: str = DEFAULT_EDITION  # which edition of the dangerous-driving criteria (docs/driving.md)
+    default_class: str | None = "taxi"  # the class of vehicle type 41 and unknown types; None: no behaviours
+    vehicle_class: dict[str, str] = attrs.field(factory=dict)  # modem -> class, whatever its basic info says
+    trip_deadline_h: float = 24.0  # a trip waiting this long after its KEY OFF for its last bodies goes out partial
     # the store on a NATS JetStream cluster (dtgserver.store.nats) instead of SQLite in data_dir; None = SQLite
     store: str | None = None  # nats://… URL
     store_tls_ca: Path | None = None
@@ -53,3 +59,15 @@ class ServerConfig:
         if self.buffer_budget * MIB < frame:
             raise ValueError(f"--buffer-budget {self.buffer_budget} MiB is less than one packet of "
                              f"--max-body-count {self.max_body_count} ({frame:,} bytes)")
+        self.driving()  # ValueError for an unknown edition or class
+        if not 0 < self.trip_deadline_h <= MAX_TRIP_DEADLINE_H:
+            raise ValueError(f"--trip-deadline-h {self.trip_deadline_h} is not above 0 and at most "
+                             f"{MAX_TRIP_DEADLINE_H}")
+
+    def driving(self) -> DrivingConfig:
+        """Which dangerous-driving criteria the bridge applies to which terminal."""
+        return DrivingConfig(edition=self.edition, default_class=self.default_class, classes=self.vehicle_class)
+
+    @property
+    def trip_deadline_ms(self) -> int:
+        return round(self.trip_deadline_h * 3_600_000)
