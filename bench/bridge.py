@@ -83,16 +83,17 @@ def midnight_ms(y: int, mo: int, d: int) -> int:
     return int((datetime(2000 + y, mo, d, tzinfo=UTC) - timedelta(hours=9)).timestamp() * 1000)
 
 
-def floor(raw: bytes, tid: int, cdit: list[int], em: list[str], packet_id: str) -> bytes:
+def floor(raw: bytes, tid: int, first_fuel_ml: int, cdit: list[int], em: list[str], packet_id: str) -> bytes:
     """`cdit` and `em` per body are given: computing them (the trip's measures and the dangerous-
-    driving detector) is what derive does beyond this floor."""
+    driving detector) is what derive does beyond this floor; `fc` is the total fuel since the
+    trip's first body (its first total fuel given, in mL: the wire's L × 1000)."""
     elements: list[dict[str, Any]] = []
-    for (dtr, dctr, y, mo, d, h, mi, s, cc, sp, rpm, brake, lon, lat, gan, acx, acy, _status, fuel, _total_fuel,
+    for (dtr, dctr, y, mo, d, h, mi, s, cc, sp, rpm, brake, lon, lat, gan, acx, acy, _status, _daily_fuel, fuel,
          _level, ta, tb, vv, _eff, _work), metres, mask in zip(BODY.iter_unpack(memoryview(raw)[23:]), cdit, em,
                                                                 strict=True):
         element = {
             "tid": tid, "clt": midnight_ms(y, mo, d) + ((h * 60 + mi) * 60 + s) * 1000 + cc * 10,
-            "lat": lat / 1000000, "lon": lon / 1000000, "sp": sp, "rpm": rpm, "fc": fuel,
+            "lat": lat / 1000000, "lon": lon / 1000000, "sp": sp, "rpm": rpm, "fc": fuel - first_fuel_ml,
             "cdit": metres,
             "vv": vv / 10, "dtr": dtr, "dctr": dctr, "bsg": brake, "gan": gan, "acx": acx / 10, "acy": acy / 10,
         }
@@ -132,6 +133,8 @@ def main() -> int:
     previous, raw = packets()
     state = next_state(previous, None)
     assert state is not None and state.tid is not None and state.first_total_km is not None
+    first_fuel_ml = state.first_total_fuel_ml
+    assert first_fuel_ml is not None
     packet_id = "3ec776928906c79aa90a0087e416a9e6"
     out, _ = derive(raw, state, packet_id=packet_id, **OPTIONS)
     (message,) = out
@@ -139,7 +142,7 @@ def main() -> int:
     # trip's measures and the detector's marks it is given, as derive computed them
     built = json.loads(message.payload)["pld"]
     cdit, em = [e["cdit"] for e in built], [e["em"] for e in built]
-    if json.loads(floor(raw, state.tid, cdit, em, packet_id)) != json.loads(message.payload):
+    if json.loads(floor(raw, state.tid, first_fuel_ml, cdit, em, packet_id)) != json.loads(message.payload):
         raise SystemExit("bench: the floor does not build derive's message; fix the floor")
     assert len(decode(raw).bodies) == 60  # type: ignore[attr-defined]
     payload = build(raw, state, packet_id=packet_id)[0][0].payload
@@ -158,7 +161,7 @@ def main() -> int:
                      "battery_v": [v / 10 for v in layout.column(raw, "battery_v")], "rpm": layout.column(raw, "rpm")}
 
     contenders: dict[str, Callable[[], Any]] = {
-        "floor": lambda: floor(raw, tid, cdit, em, packet_id),
+        "floor": lambda: floor(raw, tid, first_fuel_ml, cdit, em, packet_id),
         "derive": lambda: derive(raw, state, packet_id=packet_id, **OPTIONS),
         "trip state": lambda: next_state(raw, state),
         "  detector": lambda: detect(drive_state, rules, **columns),
