@@ -544,6 +544,11 @@ def metrics(ports: list[int]) -> dict[str, float]:
     return values
 
 
+DRAIN_S = 60.0
+"""With MQTT: how long after the load the bench waits for every committed packet's messages to be
+acknowledged (backlog 0) before giving up and saying so."""
+
+
 def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: Path | None) -> dict[str, Any]:
     port = free_port()
     broker: Mosquitto | None = None
@@ -614,6 +619,7 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
         figures = run_load(port, connections=args.connections, generators=args.generators,
                            warmup_s=args.warmup, duration_s=args.duration, server_pids=pids,
                            loadgen=loadgen, workdir=workdir)
+        load_stopped = time.monotonic()
         if broker is not None:  # the broker is not the server: keep its CPU apart
             broker_cores = figures["cpu_by_process"].pop("mosquitto", 0.0)
             figures["broker_cores"] = broker_cores
@@ -640,6 +646,13 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path, loadgen: P
                 # commit → PUBACK of a packet's last message, over the bridge's last 10,000 packets
                 figures["bridge_lag_p50_ms"] = 1000 * (m.get("dtg_bridge_lag_p50_seconds") or 0.0)
                 figures["bridge_lag_p99_ms"] = 1000 * (m.get("dtg_bridge_lag_p99_seconds") or 0.0)
+                # then until every committed packet's messages are acknowledged (the issue: "within a
+                # few seconds after the load stops"), at most DRAIN_S
+                while m.get("dtg_mqtt_backlog") and time.monotonic() - load_stopped < DRAIN_S:
+                    time.sleep(0.25)
+                    m = metrics([bridge_metrics] if bridge is not None else endpoints)
+                figures["mqtt_drained_s"] = (time.monotonic() - load_stopped if not m.get("dtg_mqtt_backlog")
+                                             else None)
     finally:
         if bridge is not None:
             stop(bridge)
@@ -723,6 +736,11 @@ def main() -> int:
                       + (f"  commit {figures['commit_ms_mean']:.1f} ms × {figures['batch_mean']:.0f} packets"
                          if "commit_ms_mean" in figures else "")
                       + (f"  broker {figures['broker_cores']:.2f} cores" if "broker_cores" in figures else "")
+                      + (f"  lag p50 {figures['bridge_lag_p50_ms']:.0f} ms p99 {figures['bridge_lag_p99_ms']:.0f} ms"
+                         f"  all acknowledged {figures['mqtt_drained_s']:.1f} s after the load"
+                         if figures.get("mqtt_drained_s") is not None else
+                         f"  NOT all acknowledged {DRAIN_S:.0f} s after the load" if "bridge_lag_p50_ms" in figures
+                         else "")
                       + (f"  JetStream nodes {figures['nats_cores']:.2f} cores "
                          f"{figures['nats_cpu_us_per_session']:.0f} µs/session" if "nats_cores" in figures else ""),
                       flush=True)
