@@ -557,7 +557,9 @@ def split(elements: list[dict[str, Any]], ty: int, packet_id: str, limit: int,
     element fit, nothing is encoded to find out (a minute's 60 elements are far below the limit).
     """
     # the envelope around the array, with the widest ts and message number it can get
-    overhead = _overhead(ty) + _size(f"{packet_id}:99999")
+    # a store's id is hex: its JSON is itself in quotes (no escapes), without a json.dumps per packet
+    plain = packet_id.isascii() and packet_id.isalnum()
+    overhead = _overhead(ty) + (len(packet_id) + 8 if plain else _size(f"{packet_id}:99999"))
     if element_bound is not None and overhead + len(elements) * (element_bound + 2) < limit:
         return [elements] if elements else []
     # The usual case, one dumps: the whole array's size is overhead + element sizes + the ", "

@@ -380,9 +380,11 @@ def realtime_advance(raw: bytes, layout: RealtimeLayout, state: TripState | None
     if moved is None:
         return None
     if moved.stale:
-        return moved._replace(columns=columns, times=times)
+        return Advance(moved.tid, moved.key_on_ms, True, moved.trip, moved.state, columns=columns, times=times)
     masks, cdit, trip = _drive_and_measure(moved.trip, layout, columns, times, layout.modem(raw), driving)
-    return moved._replace(trip=trip, state=trip, masks=masks, cdit=cdit, columns=columns, times=times)
+    # a new Advance, not `_replace` (a NamedTuple's _replace costs a map over every field by name)
+    return Advance(moved.tid, moved.key_on_ms, False, trip, trip, masks, cdit, moved.closed, moved.completes,
+                   columns, times)
 
 
 def status_changes(status_code: int, codes: Sequence[int]) -> list[tuple[int, int, int]]:
