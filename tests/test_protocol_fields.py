@@ -109,7 +109,8 @@ def test_an_integer_field_refuses_anything_but_an_int(value: Any) -> None:
         encode(attrs.evolve(packet, report_period_min=value))
     obj = to_json(packet)
     obj["bodies"][1]["speed_kmh"] = value
-    with pytest.raises(JsonError, match=r"^bodies\[1\]\.speed_kmh: "):
+    message = r"^bodies\[1\]\.speed_kmh: expected an integer, got " + re.escape(repr(value)) + "$"
+    with pytest.raises(JsonError, match=message):
         from_json(obj)
 
 
@@ -151,3 +152,30 @@ def test_a_spec_sample_modem_of_raw_digits_is_the_modem() -> None:
     record = decode(sample.data)
     assert record.modem == "01099998888" and isinstance(record.modem, WireStr)
     assert to_json(record)["verbatim"]["modem"] == "0001003939393938383838"
+
+
+# -- range warnings: the documented range and the unit, only when the field has one ----------------------
+
+
+def test_a_range_warning_names_the_range_and_the_unit_the_field_has() -> None:
+    packet = dtg(bodies=1)
+    assert attrs.evolve(packet, report_period_min=0).warnings == ["report_period_min: 0 outside 1.. min"]
+    assert attrs.evolve(packet, bodies=[]).warnings == ["body_count: 0 outside 1.."]  # a count has no unit
+    assert attrs.evolve(key_off(), battery_v=100.0).warnings == ["battery_v: 100.0 outside 0..99.9 V"]
+
+
+def test_a_value_of_the_wrong_type_gets_no_range_warning_and_no_exception() -> None:
+    # Built by hand (warnings are computed from the values): the encoder is what refuses such a
+    # value, naming the field; the warnings of a record never raise.
+    packet = dtg(bodies=1)
+    wrong: dict[str, Any] = {"speed_kmh": "fast", "rpm": True, "battery_v": None}
+    body = attrs.evolve(packet.bodies[0], **wrong)
+    assert attrs.evolve(packet, bodies=[body]).warnings == []
+
+
+def test_a_status_log_is_sent_with_its_own_id_or_its_alias_only() -> None:
+    for pid in (0x63, 0x99):
+        assert encode(attrs.evolve(status_log(), protocol_id=pid))[0] == pid
+    for pid in (0x64, 0x03):
+        with pytest.raises(ValueError, match=f"^protocol_id: protocol ID {pid} is not one of \\(99, 153\\)$"):
+            encode(attrs.evolve(status_log(), protocol_id=pid))

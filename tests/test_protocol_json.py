@@ -236,3 +236,15 @@ def test_any_json_value_in_any_key_is_a_json_error_or_a_sendable_packet(record: 
     except JsonError:
         return
     encode(changed)  # from_json promises a packet that can be sent
+
+
+@pytest.mark.parametrize(("key", "verbatim", "problem"), [
+    ("modem", "zz", "verbatim 'zz' is not hex"),
+    ("modem", "3031", "verbatim '3031' is not 11 bytes"),
+    ("key_off_time", "1a0b", "verbatim '1a0b' is not 7 bytes"),
+], ids=["not hex", "short text", "short time"])
+def test_verbatim_that_is_not_the_fields_bytes_is_a_json_error_saying_why(key: str, verbatim: str,
+                                                                          problem: str) -> None:
+    obj = to_json(decode(load_sample("key_off_pyeongtaek").data))
+    obj["verbatim"] = {key: verbatim}
+    bad(obj, f"^{re.escape(key)}: {re.escape(problem)}$")
