@@ -7,14 +7,26 @@ from __future__ import annotations
 import json
 import math
 import re
+from datetime import UTC, timedelta
 from typing import Any
 
 import attrs
 import pytest
 from conftest import load_sample, verify_frame
 
-from dtgserver.protocol import BasicInfo, JsonError, SensorState, StatusLog, WireStr, decode, encode, from_json, to_json
-from dtgserver.testing import basic_info, dtg, key_off, status_log
+from dtgserver.protocol import (
+    BasicInfo,
+    JsonError,
+    KeyOff,
+    SensorState,
+    StatusLog,
+    WireStr,
+    decode,
+    encode,
+    from_json,
+    to_json,
+)
+from dtgserver.testing import KEY_ON, basic_info, dtg, key_off, status_log
 
 # -- the status log: L is a signed 16-bit size, so at most 32,767 bytes of text --------------------------
 
@@ -179,3 +191,25 @@ def test_a_status_log_is_sent_with_its_own_id_or_its_alias_only() -> None:
     for pid in (0x64, 0x03):
         with pytest.raises(ValueError, match=f"^protocol_id: protocol ID {pid} is not one of \\(99, 153\\)$"):
             encode(attrs.evolve(status_log(), protocol_id=pid))
+
+
+# -- times: a datetime of the wire's years, KST when it names no zone -------------------------------------
+
+
+def test_a_time_is_sent_in_the_wire_years_and_a_naive_one_is_kst() -> None:
+    sent = KEY_ON + timedelta(hours=1)  # key_off()'s time
+    naive = sent.replace(tzinfo=None)
+    assert encode(attrs.evolve(key_off(), sent_time=naive)) == encode(key_off())  # a time of no zone is KST
+    utc = sent.astimezone(UTC)
+    assert encode(attrs.evolve(key_off(), sent_time=utc)) == encode(key_off())  # the same instant
+    last = decode(encode(attrs.evolve(key_off(), sent_time=sent.replace(year=2255))))
+    assert isinstance(last, KeyOff) and last.sent_time == sent.replace(year=2255)
+    for year in (2256, 1999):
+        with pytest.raises(ValueError, match=f"^sent_time: year {year} is outside the wire's 2000..2255$"):
+            encode(attrs.evolve(key_off(), sent_time=sent.replace(year=year)))
+    wrong: Any = "2026-11-21T09:00:00+09:00"
+    with pytest.raises(ValueError, match=f"^sent_time: expected a datetime, got {re.escape(repr(wrong))}$"):
+        encode(attrs.evolve(key_off(), sent_time=wrong))
+    for value in (5, None, "yesterday"):
+        with pytest.raises(JsonError, match=f"^sent_time: expected an ISO 8601 time, got {re.escape(repr(value))}$"):
+            from_json(to_json(key_off()) | {"sent_time": value})
