@@ -24,11 +24,12 @@ from dtgserver.protocol import (
     WireStr,
     decode,
     encode,
+    format_table,
     format_time,
     from_json,
     to_json,
 )
-from dtgserver.testing import packets
+from dtgserver.testing import packets, status_log
 
 BODY_KEYS = {
     "dtg": ["daily_distance_km", "total_distance_km", "time", "speed_kmh", "rpm", "brake", "lon", "lat",
@@ -242,9 +243,24 @@ def test_any_json_value_in_any_key_is_a_json_error_or_a_sendable_packet(record: 
     ("modem", "zz", "verbatim 'zz' is not hex"),
     ("modem", "3031", "verbatim '3031' is not 11 bytes"),
     ("key_off_time", "1a0b", "verbatim '1a0b' is not 7 bytes"),
-], ids=["not hex", "short text", "short time"])
+    ("key_off_time", "1a0b1509000000", "verbatim 1a0b1509000000 is a valid time; give it as key_off_time"),
+], ids=["not hex", "short text", "short time", "valid time"])
 def test_verbatim_that_is_not_the_fields_bytes_is_a_json_error_saying_why(key: str, verbatim: str,
                                                                           problem: str) -> None:
     obj = to_json(decode(load_sample("key_off_pyeongtaek").data))
     obj["verbatim"] = {key: verbatim}
     bad(obj, f"^{re.escape(key)}: {re.escape(problem)}$")
+
+
+def test_the_explained_table_shows_each_fields_bytes_value_and_unit() -> None:
+    # What `dtgserver decode --format table` prints: a unit only where the field has one.
+    record = status_log(text="ok")
+    assert format_table(record, encode(record)).splitlines() == [
+        "status_log (0x63), 23 bytes",
+        "offset  raw                       field                             value",
+        "     0  63                        protocol_id                       99",
+        '     1  30 31 30 31 32 33 34 ...  modem                             "01012345678"',
+        '    12  1a 0b 15 08 00 00 00      sent_time                         "2026-11-21T08:00:00+09:00"',
+        "    19  00 02                     log_size                          2 B",
+        '    21  6f 6b                     log                               "ok"',
+    ]
