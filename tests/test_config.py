@@ -89,6 +89,7 @@ NON_DEFAULTS: dict[str, tuple[str, object]] = {
     "store_tls_ca": ('"nats-ca.pem"', Path("nats-ca.pem")),
     "store_replicas": ("1", 1),
     "store_ack_timeout": ("2.5", 2.5),
+    "store_duplicate_window": ("2", 2.0),
     "store_partitions": ("4", 4),
 }
 

@@ -406,3 +406,110 @@ async def test_a_first_start_begins_where_the_server_was_when_it_started(tmp_pat
         assert [r.payload for r in rows] == [r.payload for r in reference[1:]]
     finally:
         packet_log.close()
+
+
+# -- a packet stored twice (JetStream after its duplicate window) ----------------------------------
+
+
+class ListLog:
+    """A `PacketLog` of one shard over a list: a store that may hold a packet twice, as a stream does."""
+
+    shards = 1
+
+    def __init__(self, raws: list[bytes], modem: str):
+        from dtgserver.store import digest
+
+        self.packets = [LoggedPacket(i + 1, modem, 1_700_000_000.0 + i, digest(raw), raw)
+                        for i, raw in enumerate(raws)]
+        self.grown = trio.Event()
+
+    def append(self, raw: bytes) -> None:
+        from dtgserver.store import digest
+
+        self.packets.append(LoggedPacket(len(self.packets) + 1, self.packets[0].modem, 1_700_000_000.0, digest(raw),
+                                         raw))
+        self.grown.set()
+
+    async def read(self, shard: int, after: int, limit: int, *, modem: str | None = None) -> list[LoggedPacket]:
+        return [p for p in self.packets if p.position > after][:limit]
+
+    async def wait(self, shard: int, after: int) -> int:
+        while self.packets[-1].position <= after:
+            self.grown = trio.Event()
+            await self.grown.wait()
+        return self.packets[-1].position
+
+    async def last(self, shard: int) -> int:
+        return self.packets[-1].position
+
+    def close(self) -> None:
+        pass
+
+
+async def acknowledge_all(consumer: Consumer, until: int) -> list[OutboxRow]:
+    """Fetch and acknowledge rows until packet `until` is saved under the cursor."""
+    rows: list[OutboxRow] = []
+    with trio.fail_after(10):
+        while consumer.position < until:
+            with trio.move_on_after(0.2):
+                batch = await consumer.fetch(rows[-1].id if rows else 0, 50)
+                rows += batch
+                await consumer.mark_delivered(r.id for r in batch)
+            await trio.sleep(0.02)
+    return rows
+
+
+async def test_a_packet_stored_twice_is_derived_once_also_by_the_next_owner_of_the_cursor() -> None:
+    modem = MODEMS[0]
+    packets = trip(modem, minutes=3)  # attributes, 3 minutes, KEY OFF
+    minute = packets[2]
+    # the second minute stored again after the first (a resend after the duplicate window), then the rest
+    packet_log = ListLog([*packets[:3], minute, *packets[3:]], modem)
+    cursor = MemoryCursor(0)
+    consumer = Consumer(packet_log, 0, cursor, FAST)
+    async with consuming(consumer):
+        rows = await acknowledge_all(consumer, len(packet_log.packets))
+    reference = await derive_all(packets)
+    assert [(r.topic, r.payload) for r in rows] == reference  # as if it had been stored once
+    assert consumer.stats.resends_dropped == 1
+    assert len(cursor.published() or []) >= 1
+
+    # the partition's next owner, from the saved cursor: resends of packets derived before are skipped
+    packet_log.append(minute)
+    packet_log.append(packets[-1])
+    nxt = Consumer(packet_log, 0, cursor, FAST)
+    async with consuming(nxt):
+        with trio.fail_after(10):
+            while nxt.position < len(packet_log.packets):
+                with trio.move_on_after(0.05):
+                    await nxt.fetch(0, 50)  # nothing to fetch: the consumer derives meanwhile
+        assert nxt.stats.resends_dropped == 2
+        assert nxt.stats.messages == 0
+        packet_log.append(dtg_bytes(modem, minute=3, bodies=5))  # a new packet is derived as ever
+        new = await take(nxt, 1)
+        assert new[0].topic.endswith("/tre")
+
+
+async def derive_all(packets: list[bytes]) -> list[tuple[str, bytes]]:
+    """What a consumer derives from `packets`, each stored once."""
+    packet_log = ListLog(packets, MODEMS[0])
+    consumer = Consumer(packet_log, 0, MemoryCursor(0), FAST)
+    async with consuming(consumer):
+        rows = await acknowledge_all(consumer, len(packets))
+    return [(r.topic, r.payload) for r in rows]
+
+
+def test_published_digests_are_kept_for_the_horizon_and_dropped_by_the_hour() -> None:
+    from dtgserver.bridge.published import PublishedDigests
+    from dtgserver.store import digest
+
+    kept = PublishedDigests(horizon_s=48 * 3600, chunk_s=3600)
+    digests = [digest(bytes([n]) * 10) for n in range(200)]
+    for hour in range(50):  # 4 digests an hour, 50 hours
+        for d in digests[4 * hour:4 * hour + 4]:
+            kept.add(d, 1_700_000_000.0 + hour * 3600 + 1)
+    assert len(kept) < 200
+    assert digests[0] not in kept  # added 49 h before the last
+    assert all(d in kept for d in digests[16:])  # the last 46 hours: kept (and looked up in sorted chunks)
+    assert digest(b"never") not in kept
+    assert digests[199][:8] + bytes(8) not in kept  # the same first half is not the same digest

@@ -16,7 +16,7 @@ import trio
 from mosquitto import Mosquitto, Subscriber, broker_fixture
 from natscluster import NatsCluster, nats_cluster_fixture
 from serverproc import free_port, send, start_server, stop
-from test_nats_store import opened
+from test_nats_store import opened, stream_packets
 
 from dtgserver.protocol import encode
 from dtgserver.store import digest
@@ -167,3 +167,98 @@ async def test_broker_down_packets_answered_0_and_forwarded_once_it_is_back(
     finally:
         bridge.send_signal(signal.SIGTERM)
         bridge.wait(30)
+
+
+def saved_cursor(url: str, modem: str) -> int:
+    """The bridge's saved cursor of the modem's partition (0 before the first save)."""
+    from dtgserver.store.packets import shard_of
+    from dtgserver.store.nats.log import ensure_bridge_bucket
+
+    with opened(url) as backend:
+        async def read() -> int:
+            kv = await ensure_bridge_bucket(backend)
+            return int((await kv.get(f"cursor.{shard_of(modem, backend.partitions)}")).value)
+
+        return backend.link.call_blocking(read())
+
+
+def copies(url: str, raw: bytes) -> int:
+    """How many messages of the stream hold these bytes."""
+    return sum(1 for packet in stream_packets(url) if packet.raw == raw)
+
+
+async def stored_again(url: str, port: int, raw: bytes, count: int) -> None:
+    """Resend `raw` (answered 0 each time) until the stream holds it `count` times: the duplicate
+    window has passed (nats-server forgets an id up to a window after it ran out)."""
+    with trio.fail_after(30):
+        while await trio.to_thread.run_sync(copies, url, raw) < count:
+            assert await send(port, raw) == OK
+            await trio.sleep(0.3)
+
+
+async def test_a_resend_after_the_duplicate_window_is_stored_twice_and_published_once_also_after_a_takeover(
+        tmp_path: Path, nats_cluster: NatsCluster, broker: Mosquitto) -> None:
+    from test_nats_store import running, until_ok
+
+    from dtgserver.bridge.derive import derive
+    from dtgserver.testing import basic_info
+
+    modem = "01077770001"
+    attributes = encode(basic_info(modem))
+    minutes = [encode(dtg(modem, minute=m, bodies=5, speed_kmh=40 + 10 * m)) for m in range(3)]
+    end = encode(key_off(modem, key_off_time=KEY_ON + timedelta(minutes=2, seconds=4)))  # the trip is complete
+    bridge_log = tmp_path / "bridge.log"
+    bridges: list[subprocess.Popen[bytes]] = []
+    async with running(tmp_path, nats_cluster.url, store_duplicate_window=1.0) as server:
+        port = server.port or 0
+        await until_ok(port, attributes)  # this server made the stream: a window of 1 s
+        bridges.append(start_bridge(nats_cluster.url, broker, bridge_log))
+        try:
+            with trio.fail_after(60):
+                while await trio.to_thread.run_sync(cursors_open, nats_cluster.url) < 16:
+                    await trio.sleep(0.2)
+            with Subscriber(broker, f"v1/sensors/{modem}/#") as subscriber:
+                for raw in minutes[:2]:
+                    assert await send(port, raw) == OK
+                await stored_again(nats_cluster.url, port, minutes[0], 2)  # after the window: a second copy
+                assert await send(port, minutes[2]) == OK
+                wanted = {digest(raw).hex() for raw in minutes}
+                await subscriber.wait_for(lambda s: wanted <= {json.loads(m.payload)["id"].split(":")[0]
+                                                               for m in s.messages}, timeout_s=30)
+
+                # once its cursor is saved past them (what is not saved is published again: QoS 1's window),
+                # the bridge SIGKILLed; a second copy of another minute waits for the next one
+                last = max(p.id for p in await trio.to_thread.run_sync(stream_packets, nats_cluster.url))
+                with trio.fail_after(10):
+                    while await trio.to_thread.run_sync(saved_cursor, nats_cluster.url, modem) < last:
+                        await trio.sleep(0.1)
+                bridges[0].send_signal(signal.SIGKILL)
+                bridges[0].wait()
+                await stored_again(nats_cluster.url, port, minutes[1], 2)
+                await stored_again(nats_cluster.url, port, minutes[0], 3)
+                assert await send(port, end) == OK
+                bridges.append(start_bridge(nats_cluster.url, broker, bridge_log))  # takes over after the lease
+                await subscriber.wait_for(lambda s: any(json.loads(m.payload).get("ty") == 1 for m in s.messages),
+                                          timeout_s=60)
+                await trio.sleep(1.0)  # anything published twice would be here by now
+                received = [json.loads(m.payload) for m in subscriber.messages]
+        finally:
+            for bridge in bridges:
+                if bridge.poll() is None:
+                    bridge.send_signal(signal.SIGTERM)
+                    bridge.wait(30)
+    ids = [p["id"] for p in received]
+    assert len(ids) == len(set(ids)), ids  # every message once: the stream's second copies were skipped
+    # what the packets give stored once, attributes first (the bridge's first start rebuilt that state)
+    state = None
+    reference = []
+    for raw in [attributes, *minutes, end]:
+        messages, state = derive(raw, state, packet_id=digest(raw).hex(), received_ms=0, profile="seed",
+                                 battery_warning_v=11.5)
+        reference += [json.loads(m.payload) for m in messages]
+    expected = [p for p in reference if p["id"].split(":")[0] != digest(attributes).hex()]
+    assert [p["id"] for p in received] == [p["id"] for p in expected]
+    trip = next(p for p in received if p.get("ty") == 1)
+    assert trip == next(p for p in expected if p.get("ty") == 1)  # dis, hsts, mesp: each minute counted once
+    log_text = bridge_log.read_text()
+    assert "was derived before: a resend, skipped" in log_text

@@ -17,6 +17,12 @@ a cursor file that cannot be opened — each is logged, counted in `stats`, and 
 growing delay; none ends the consumer, and none reaches the terminals' answers (they only see
 the backlog grow, and 4 once it is over the high-water mark).
 
+A packet stored twice (the JetStream stream stores a resend again once its duplicate window has
+passed) is derived once: when the cursor store says so (`CursorStore.published()` is not None),
+the consumer remembers the digests it derived for `resend_horizon_s` (`published.PublishedDigests`),
+saves them with the cursor, and skips a packet whose digest it already has: no messages, no change
+to the trip state. Counted in `stats.resends_dropped`.
+
 Trip states live in an LRU cache of `trip_cache` terminals; a terminal falls out of it only when
 its state is saved (not in flight, not waiting to be written), and is read back from the cursor
 store when its next packet comes.
@@ -39,6 +45,7 @@ from .cursor import CursorStore
 from .derive import Outgoing, derive
 from .driving import DrivingConfig
 from .outbox import OutboxRow
+from .published import HORIZON_S, PublishedDigests
 from .trips import DEFAULT_DRIVING, DEFAULT_TRIP_DEADLINE_MS, TripState
 
 log = logging.getLogger("dtgserver.bridge")
@@ -61,6 +68,7 @@ class BridgeOptions:
     trip_cache: int = 100_000  # terminals whose trip state is kept in memory (LRU)
     flush_interval_s: float = 0.2 * SECONDS  # the cursor is saved at most this often
     warmup_s: float = WARMUP_S  # a first start on a store with history: states rebuilt from this far back
+    resend_horizon_s: float = HORIZON_S  # how long a derived packet's digest is remembered (stores that need it)
     backoff_initial_s: float = 0.5 * SECONDS
     backoff_max_s: float = 30 * SECONDS
 
@@ -76,6 +84,7 @@ class ConsumerStats:
     cursor_saves: int = 0
     cursor_errors: int = 0  # failed cursor writes (retried)
     warmup_packets: int = 0  # packets read to rebuild trip states on a first start
+    resends_dropped: int = 0  # packets skipped: their digest was derived before (a resend stored twice)
     lags: collections.deque[float] = attrs.field(factory=lambda: collections.deque(maxlen=10_000))
 
     def lag_quantile(self, q: float) -> float:
@@ -97,6 +106,7 @@ class _InFlight:
     outstanding: int
     received_at: float
     publishes: bool
+    digest: bytes | None = None  # to save with the cursor once acknowledged (stores that need it)
 
 
 class Consumer:
@@ -140,6 +150,8 @@ class Consumer:
         self._next_row = 1
         self._acked_wake = trio.Event()
         self._range_done = False
+        self.published: PublishedDigests | None = None  # set when the cursor store keeps them
+        self._unsaved_digests: list[bytes] = []  # derived and acknowledged, not yet saved with the cursor
 
     @property
     def cached_states(self) -> int:
@@ -196,6 +208,8 @@ class Consumer:
                 del self._pins[entry.modem]
             if entry.publishes:
                 self.stats.lags.append(now - entry.received_at)
+            if entry.digest is not None:
+                self._unsaved_digests.append(entry.digest)
         if moved:
             self._acked_wake.set()
         if self._range_done and not inflight:
@@ -254,6 +268,11 @@ class Consumer:
         state = self._states.get(modem)
         self._states[modem] = state
         self._states.move_to_end(modem)
+        if self.published is not None:
+            if packet.digest in self.published:
+                self._skip_resend(packet, state)
+                return
+            self.published.add(packet.digest, time.time())
         try:
             messages, new_state = self.derive_fn(
                 packet.raw, state, packet_id=packet.digest.hex(), received_ms=int(packet.received_at * 1000),
@@ -268,7 +287,8 @@ class Consumer:
             messages = []
         changed = new_state is not state
         self._states[modem] = new_state
-        entry = _InFlight(packet.position, modem, new_state, changed, len(messages), packet.received_at, publishes)
+        entry = _InFlight(packet.position, modem, new_state, changed, len(messages), packet.received_at, publishes,
+                          packet.digest if self.published is not None else None)
         self._inflight.append(entry)
         self._pins[modem] += 1
         for message in messages:
@@ -281,6 +301,16 @@ class Consumer:
         self.stats.messages += len(messages)
         if not messages:
             self._advance()
+
+    def _skip_resend(self, packet: LoggedPacket, state: Any) -> None:
+        """A packet derived before (a resend the store kept twice): nothing published, the state as it was."""
+        self.stats.resends_dropped += 1
+        log.info("shard %d: packet %d of %s (%s) was derived before: a resend, skipped", self.shard,
+                 packet.position, packet.modem, packet.digest.hex())
+        self._inflight.append(_InFlight(packet.position, packet.modem, state, False, 0, packet.received_at, False))
+        self._pins[packet.modem] += 1
+        self.derived = packet.position
+        self._advance()
 
     # -- the cursor -----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -328,6 +358,7 @@ class Consumer:
                     source = self._cursor_source
                     self.cursor = source() if callable(source) else source
                 saved = await trio.to_thread.run_sync(self.cursor.load)
+                await self._load_published()
                 if saved is None:
                     saved = await self._first_start()
                 self.position = self.acked = self.derived = saved
@@ -344,6 +375,22 @@ class Consumer:
                 await trio.sleep(delay)
                 delay = min(delay * 2, self.options.backoff_max_s)
 
+    async def _load_published(self) -> None:
+        """The digests saved with the cursor, when the store keeps them (before anything is derived)."""
+        assert self.cursor is not None
+        saved = await trio.to_thread.run_sync(self.cursor.published)
+        if saved is None:
+            self.published = None
+            return
+        published = PublishedDigests(self.options.resend_horizon_s)
+        for at, digests in saved:
+            published.add_many(digests, at)
+            await trio.lowlevel.checkpoint()
+        self.published = published
+        if published:
+            log.info("shard %d: %d digests of packets derived before read back (resends of them are skipped)",
+                     self.shard, len(published))
+
     async def _first_start(self) -> int:
         """No saved cursor: start at the shard's last packet, with the trip states rebuilt from the
         packets received in the `warmup_s` before it (nothing of them is published)."""
@@ -354,12 +401,18 @@ class Consumer:
             return 0
         start = await self._first_after(time.time() - self.options.warmup_s, last)
         states: dict[str, Any] = {}
+        warmup_digests: list[bytes] = []
         position = start
         while position < last:
             packets = await self.log.read(self.shard, position, self.options.read_batch)
             for packet in packets:
                 if packet.position > last:
                     break
+                if self.published is not None:
+                    if packet.digest in self.published:
+                        continue  # a resend stored twice: counted once
+                    self.published.add(packet.digest, time.time())
+                    warmup_digests.append(packet.digest)
                 try:
                     _, states[packet.modem] = self.derive_fn(
                         packet.raw, states.get(packet.modem), packet_id=packet.digest.hex(),
@@ -374,7 +427,7 @@ class Consumer:
             position = packets[-1].position
             await trio.lowlevel.checkpoint()
         texts = {m: s.to_json() if s is not None else "null" for m, s in states.items()}
-        await trio.to_thread.run_sync(self.cursor.save, last, texts)
+        await trio.to_thread.run_sync(self.cursor.save, last, texts, warmup_digests)
         log.info("shard %d: bridge starts after packet %d (the store's last); trip states of %d terminals "
                  "rebuilt from %d packets", self.shard, last, len(states), self.stats.warmup_packets)
         return last
@@ -407,12 +460,13 @@ class Consumer:
 
     async def _save(self) -> None:
         self._acked_wake = trio.Event()
-        position, dirty = self.acked, dict(self._dirty)
+        position, dirty, digests = self.acked, dict(self._dirty), list(self._unsaved_digests)
         if position == self.position and not dirty:
             return
         texts = {m: s.to_json() if s is not None else "null" for m, s in dirty.items()}
         assert self.cursor is not None
-        await trio.to_thread.run_sync(self.cursor.save, position, texts)
+        await trio.to_thread.run_sync(self.cursor.save, position, texts, digests)
+        del self._unsaved_digests[:len(digests)]
         self.position = position
         self.stats.cursor_saves += 1
         for modem, state in dirty.items():

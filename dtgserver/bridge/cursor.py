@@ -17,7 +17,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -51,8 +51,15 @@ class CursorStore(Protocol):
         """The saved states of these terminals (absent: none saved)."""
         ...
 
-    def save(self, position: int, states: Mapping[str, str]) -> None:
-        """Position and the states changed up to it, in one transaction."""
+    def save(self, position: int, states: Mapping[str, str], digests: Sequence[bytes] = ()) -> None:
+        """Position and the states changed up to it, in one transaction; with the digests of the
+        packets derived up to it, when `published()` is not None."""
+        ...
+
+    def published(self) -> list[tuple[float, bytes]] | None:
+        """The digests saved with the cursor, up to it (concatenated 16-byte digests, with the Unix
+        time of their save), for the bridge to skip a packet stored twice; None when the store
+        never holds a packet twice (then none are saved)."""
         ...
 
     def close(self) -> None:
@@ -121,7 +128,10 @@ class SqliteCursor:
                 f"SELECT modem, state FROM trip_state WHERE modem IN ({','.join('?' * len(chunk))})", chunk))
         return found
 
-    def save(self, position: int, states: Mapping[str, str]) -> None:
+    def published(self) -> None:
+        return None  # the store keeps one row per digest: a resend is never a second packet
+
+    def save(self, position: int, states: Mapping[str, str], digests: Sequence[bytes] = ()) -> None:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -153,6 +163,7 @@ class MemoryCursor:
     def __init__(self, position: int | None = 0):
         self.position = position
         self.saved: dict[str, str] = {}
+        self.digests: list[tuple[float, bytes]] = []
         self.saves = 0
 
     def load(self) -> int | None:
@@ -161,7 +172,12 @@ class MemoryCursor:
     def states(self, modems: Iterable[str]) -> dict[str, str]:
         return {m: self.saved[m] for m in modems if m in self.saved}
 
-    def save(self, position: int, states: Mapping[str, str]) -> None:
+    def published(self) -> list[tuple[float, bytes]]:
+        return list(self.digests)
+
+    def save(self, position: int, states: Mapping[str, str], digests: Sequence[bytes] = ()) -> None:
+        if digests:
+            self.digests.append((time.time(), b"".join(digests)))
         self.saved.update(states)
         self.position = position
         self.saves += 1

@@ -150,7 +150,8 @@ class Bridge:
         for name in ("published", "acknowledged", "reconnects"):
             gauges[f"mqtt_{name}_total"] = partial(self.forwarded, name)
         gauges["mqtt_connected"] = lambda: float(self.connected())
-        for name in ("derived_packets", "derive_errors", "read_errors", "cursor_saves", "cursor_errors"):
+        for name in ("derived_packets", "derive_errors", "read_errors", "cursor_saves", "cursor_errors",
+                     "resends_dropped"):
             gauges[f"bridge_{name}_total"] = partial(self.total, name)
         gauges["bridge_lag_p50_seconds"] = partial(self.lag_quantile, 0.5)
         gauges["bridge_lag_p99_seconds"] = partial(self.lag_quantile, 0.99)

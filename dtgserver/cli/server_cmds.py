@@ -254,6 +254,10 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
 @click.option("--store-ack-timeout", type=click.FloatRange(min=0.1), default=10.0, **_env("STORE_ACK_TIMEOUT"),
               help="With --store: seconds a packet may wait for the stream's PubAck (publishes are retried "
                    "meanwhile) before it is answered 4.")
+@click.option("--store-duplicate-window", type=click.FloatRange(min=1.0), default=600.0,
+              **_env("STORE_DUPLICATE_WINDOW"),
+              help="With --store: seconds the packet stream remembers a packet's digest (a resend inside it is "
+                   "stored once); set when the first server creates the stream, kept from then on.")
 @click.option("--store-partitions", type=click.IntRange(1, 1024), default=None, **_env("STORE_PARTITIONS"),
               help="With --store: partitions of the packet stream, recorded by the first server (default 16).")
 @click.option("-v", "--verbose", count=True, **_env("VERBOSE"), help="More logging (-v: debug).")

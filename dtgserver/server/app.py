@@ -145,6 +145,7 @@ class DtgServer:
                              "(the bridge consumes the stream)")
         options = NatsOptions(StoreUrl.parse(config.store or "", tls_ca=config.store_tls_ca),
                               replicas=config.store_replicas, ack_timeout=config.store_ack_timeout,
+                              duplicate_window=config.store_duplicate_window,
                               partitions=config.store_partitions)
         control, store = open_server_store(options, queue_high_water=config.queue_high_water)
         # the same session-facing interface as Control and PacketStore (store/nats/control.py, packets.py)

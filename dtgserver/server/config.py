@@ -52,6 +52,7 @@ class ServerConfig:
     store_tls_ca: Path | None = None
     store_replicas: int = 3
     store_ack_timeout: float = 10 * SECONDS
+    store_duplicate_window: float = 600 * SECONDS  # the stream's duplicate window, when a server creates it
     store_partitions: int | None = None  # None: what the cluster has recorded (16 for a new one)
 
     def __attrs_post_init__(self) -> None:

@@ -56,6 +56,8 @@ READ_AT_SCRAPE: dict[str, tuple[str, str]] = {
     "memory_trims_total": ("counter", "Times freed memory was handed back to the OS (malloc_trim)."),
     "bridge_derived_packets_total": ("counter", "Packets the MQTT bridge derived messages from."),
     "bridge_derive_errors_total": ("counter", "Packets whose messages could not be built (logged, skipped)."),
+    "bridge_resends_dropped_total": ("counter", "Packets the stream held twice (a resend after its duplicate "
+                                                "window) whose second copy the bridge skipped."),
     "bridge_read_errors_total": ("counter", "Failed reads of packets or saved trip states (retried)."),
     "bridge_cursor_saves_total": ("counter", "Saves of the bridge's cursor (one per batch of acknowledgements)."),
     "bridge_cursor_errors_total": ("counter", "Failed saves or opens of the bridge's cursor (retried)."),

@@ -30,6 +30,7 @@ SUBJECT_PREFIX = "dtg.packets"
 CONTROL_BUCKET = "dtg_control"
 PARTITIONS_KEY = "partitions"
 DEFAULT_PARTITIONS = 16
+DUPLICATE_WINDOW_S = 600.0  # what a stream is made with unless a server asks for another window
 SETUP_RETRY_S = 0.5
 JS_API_TIMEOUT_S = 5.0  # one JetStream API request (stream info, create, key-value get/put)
 COMMAND_SETUP_S = 15.0  # how long a command waits for JetStream to answer before it gives up
@@ -47,7 +48,7 @@ class NatsOptions:
     url: StoreUrl
     replicas: int = 3
     ack_timeout: float = 10.0  # seconds a packet may wait for its PubAck before the packet is answered 4
-    duplicate_window: float = 600.0  # seconds a Nats-Msg-Id is remembered by the stream
+    duplicate_window: float | None = None  # seconds a Nats-Msg-Id is remembered by a stream made here (None: 600)
     partitions: int | None = None  # None: whatever the cluster has recorded, else DEFAULT_PARTITIONS
 
 
@@ -63,15 +64,22 @@ def partition_of_subject(name: str) -> tuple[int, str]:
 async def ensure_stream(js: Any, options: NatsOptions) -> None:
     """Create the packet stream unless it exists (an existing one is used as configured)."""
     try:
-        await js.stream_info(STREAM)
-        return
+        info = await js.stream_info(STREAM)
     except nats.js.errors.NotFoundError:
         pass
+    else:
+        window = info.config.duplicate_window
+        asked = options.duplicate_window
+        if asked is not None and window is not None and abs(window - asked) > 0.001:
+            log.warning("stream %s has a duplicate window of %.0f s, not the %.0f s asked for: kept (change it "
+                        "with `nats stream edit`)", STREAM, window, asked)
+        return
     await js.add_stream(StreamConfig(
         name=STREAM, subjects=[f"{SUBJECT_PREFIX}.>"], storage=StorageType.FILE, num_replicas=options.replicas,
-        duplicate_window=options.duplicate_window, description="dtgserver: every accepted packet, raw"))
+        duplicate_window=options.duplicate_window or DUPLICATE_WINDOW_S,
+        description="dtgserver: every accepted packet, raw"))
     log.info("created stream %s (%d replicas, duplicate window %.0f s)", STREAM, options.replicas,
-             options.duplicate_window)
+             options.duplicate_window or DUPLICATE_WINDOW_S)
 
 
 async def ensure_control(js: Any, options: NatsOptions) -> Any:

@@ -18,6 +18,14 @@ cursor. A save cut short (the bridge killed between the two) leaves states newer
 `states()` then gives the state they replaced, which is the state at the cursor. A partition is
 consumed by one bridge at a time: `lease.<partition>` names the owner until it expires
 (`LEASE_S` without renewal); another bridge takes the partition over after that.
+
+The digests of the packets derived up to the cursor (so that the bridge skips a resend the stream
+stored twice, after its duplicate window) go to the stream `DTG_BRIDGE_DIGESTS`, one message per
+save on `dtg.bridge.digests.<partition>`: the digests, 16 bytes each, concatenated, and the header
+`Dtg-At`, the cursor saved with them. A save writes them after the states and before the cursor;
+`published()` reads back those whose `Dtg-At` is at most the cursor (a save cut short leaves some
+beyond it: their packets are derived again, and saved again). The stream keeps a message
+`DIGESTS_KEPT_S`, the bridge's 48 h horizon and an hour more.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,7 +45,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 import trio
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType, StreamConfig
 
 from ..log import LoggedPacket
 from .backend import STREAM, SUBJECT_PREFIX, UNAVAILABLE, NatsBackend, NatsOptions, subject
@@ -47,8 +55,14 @@ from .packets import HEADER_RECEIVED_AT
 log = logging.getLogger("dtgserver.store.nats")
 
 BRIDGE_BUCKET = "dtg_bridge"
+DIGEST_STREAM = "DTG_BRIDGE_DIGESTS"
+DIGEST_SUBJECT_PREFIX = "dtg.bridge.digests"
+DIGESTS_KEPT_S = 49 * 3600.0  # the bridge remembers 48 h (bridge/published.py); an hour more, whole hours
+DIGESTS_PER_MESSAGE = 32_768  # 512 KB, under the server's default 1 MB payload limit
+HEADER_AT = "Dtg-At"
 LEASE_S = 10.0  # a partition's owner that has not renewed its lease for this long has lost it
 FETCH_WAIT_S = 1.0  # one fetch's wait for new packets (wait() fetches again until there are some)
+JS_READ_S = 5.0  # one fetch of saved digests
 READ_PEEK_S = 0.05  # read(): how long to look for packets when the consumer does not know of any
 
 
@@ -221,6 +235,19 @@ async def ensure_bridge_bucket(backend: NatsBackend) -> Any:
         description="dtgserver bridge: per partition, the cursor, trip states and the consumer's lease"))
 
 
+async def ensure_digest_stream(backend: NatsBackend) -> None:
+    js = backend.js
+    try:
+        await js.stream_info(DIGEST_STREAM)
+        return
+    except nats.js.errors.NotFoundError:
+        pass
+    await js.add_stream(StreamConfig(
+        name=DIGEST_STREAM, subjects=[f"{DIGEST_SUBJECT_PREFIX}.>"], storage=StorageType.FILE,
+        num_replicas=backend.options.replicas, max_age=DIGESTS_KEPT_S,
+        description="dtgserver bridge: per partition, the digests of the packets derived up to the cursor"))
+
+
 def owner_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -238,6 +265,7 @@ class KvCursor:
         self.owner = owner or owner_name()
         self.lease_s = lease_s
         self.kv: Any = self.link.call_blocking(ensure_bridge_bucket(backend))
+        self.link.call_blocking(ensure_digest_stream(backend))
         self._lease_revision: int | None = None
         self._position: int | None = None
         self.lost: str | None = None  # why the lease was lost, once it was
@@ -320,14 +348,43 @@ class KvCursor:
 
         return self.link.call_blocking(get_all(list(modems)))
 
-    def save(self, position: int, states: Mapping[str, str]) -> None:
-        """States first, then the cursor (see the module's docstring); CursorBusy if the lease is gone."""
+    def published(self) -> list[tuple[float, bytes]]:
+        """The digests saved with cursors up to the saved one, oldest first, with their save times."""
+        cursor = self._position if self._position is not None else self.load()
+
+        async def read() -> list[tuple[float, bytes]]:
+            sub = await self.backend.js.pull_subscribe(
+                f"{DIGEST_SUBJECT_PREFIX}.{self.partition}", stream=DIGEST_STREAM, config=ConsumerConfig(
+                    deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0,
+                    mem_storage=True))
+            found: list[tuple[float, bytes]] = []
+            try:
+                pending = int((await sub.consumer_info()).num_pending)
+                while pending > 0:
+                    for msg in await sub.fetch(min(pending, 256), timeout=JS_READ_S):
+                        pending = msg.metadata.num_pending
+                        at = int((msg.headers or {}).get(HEADER_AT, "0"))
+                        if cursor is not None and at <= cursor:
+                            found.append((msg.metadata.timestamp.timestamp(), bytes(msg.data)))
+            finally:
+                await sub.unsubscribe()
+            return found
+
+        return self.link.call_blocking(read())
+
+    def save(self, position: int, states: Mapping[str, str], digests: Sequence[bytes] = ()) -> None:
+        """States first, then the digests, then the cursor (see the module's docstring); CursorBusy if
+        the lease is gone."""
         earlier = self.states(states.keys()) if states else {}
 
         async def save() -> None:
             await asyncio.gather(*(self.kv.put(f"state.{self.partition}.{modem}", json.dumps(
                 {"at": position, "state": state, "before": earlier.get(modem)}).encode())
                 for modem, state in states.items()))
+            for start in range(0, len(digests), DIGESTS_PER_MESSAGE):
+                await self.backend.js.publish(
+                    f"{DIGEST_SUBJECT_PREFIX}.{self.partition}", b"".join(digests[start:start + DIGESTS_PER_MESSAGE]),
+                    stream=DIGEST_STREAM, headers={HEADER_AT: str(position)})
             await self.kv.put(f"cursor.{self.partition}", str(position).encode())
 
         self.renew()
