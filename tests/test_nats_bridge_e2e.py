@@ -171,8 +171,8 @@ async def test_broker_down_packets_answered_0_and_forwarded_once_it_is_back(
 
 def saved_cursor(url: str, modem: str) -> int:
     """The bridge's saved cursor of the modem's partition (0 before the first save)."""
-    from dtgserver.store.packets import shard_of
     from dtgserver.store.nats.log import ensure_bridge_bucket
+    from dtgserver.store.packets import shard_of
 
     with opened(url) as backend:
         async def read() -> int:
