@@ -348,7 +348,7 @@ async def test_docs_list_every_metric(tmp_path: Path) -> None:
               "dtg_mqtt_connected", "dtg_bridge_derived_packets_total", "dtg_bridge_derive_errors_total",
               "dtg_bridge_read_errors_total", "dtg_bridge_cursor_saves_total", "dtg_bridge_cursor_errors_total",
               "dtg_bridge_lag_p50_seconds", "dtg_bridge_lag_p99_seconds", "dtg_bridge_trip_states",  # with --mqtt
-              "dtg_bridge_leftovers_published_total",
+              "dtg_bridge_leftovers_published_total", "dtg_bridge_resends_dropped_total",
               "dtg_bridge_cursor_read_errors_total"}  # with --external-bridge
     assert rendered - documented == set()
     assert documented - rendered == bridge
