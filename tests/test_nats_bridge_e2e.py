@@ -30,9 +30,10 @@ OK = b"\x09\x00"
 MINUTES = 8
 
 
-def start_bridge(url: str, broker: Mosquitto, log: Path) -> subprocess.Popen[bytes]:
+def start_bridge(url: str, broker: Mosquitto, log: Path, *more: str) -> subprocess.Popen[bytes]:
     with log.open("ab") as stderr:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "dtgserver", "bridge", "--store", url, "--mqtt", broker.url],
+        return subprocess.Popen([sys.executable, "-m", "dtgserver", "bridge", "--store", url, "--mqtt", broker.url,
+                                 *more],
                                 stdout=subprocess.DEVNULL, stderr=stderr)
 
 
@@ -262,3 +263,66 @@ async def test_a_resend_after_the_duplicate_window_is_stored_twice_and_published
     assert trip == next(p for p in expected if p.get("ty") == 1)  # dis, hsts, mesp: each minute counted once
     log_text = bridge_log.read_text()
     assert "was derived before: a resend, skipped" in log_text
+
+
+def scrape(port: int, name: str) -> float | None:
+    """A figure of a metrics endpoint, or None while it does not answer."""
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+async def test_the_backlog_is_what_the_bridges_have_not_published_and_at_the_high_water_mark_answers_are_4(
+        tmp_path: Path, nats_cluster: NatsCluster, broker: Mosquitto) -> None:
+    from test_nats_store import jetstream_of, running, until_ok
+    from test_server import OVERLOADED
+
+    from dtgserver.store.packets import shard_of
+
+    modem = "01088880001"
+    partition = shard_of(modem, 16)
+    other = next(m for m in (f"0108888{n:04d}" for n in range(2, 100)) if shard_of(m, 16) != partition)
+    packets = [encode(dtg(modem, minute=m, bodies=2)) for m in range(5)]
+    metrics_port = free_port()
+    bridge = start_bridge(nats_cluster.url, broker, tmp_path / "bridge.log", "--metrics-port", str(metrics_port))
+    try:
+        with trio.fail_after(60):
+            while await trio.to_thread.run_sync(cursors_open, nats_cluster.url) < 16:
+                await trio.sleep(0.2)
+        broker.stop()  # the bridge derives, but nothing it publishes is acknowledged: its cursors stay
+        async with running(tmp_path, nats_cluster.url, backlog_high_water=4) as server:
+            port = server.port or 0
+            backlog = jetstream_of(server).backlog
+            await until_ok(port, packets[0])
+            for raw in packets[1:4]:
+                assert await send(port, raw) == OK
+            with trio.fail_after(10):  # read from the bridge's consumer about once a second
+                while backlog.of(partition) < 4:
+                    await trio.sleep(0.1)
+            assert backlog.of(partition) == 4 and backlog.total() == 4  # packets, not stream positions
+            assert server.metrics.gauges["mqtt_backlog"]() == 4
+            with trio.fail_after(10):  # the bridge's own figure is the same count
+                while await trio.to_thread.run_sync(scrape, metrics_port, "dtg_mqtt_backlog") != 4:
+                    await trio.sleep(0.2)
+            assert await send(port, packets[4]) == OVERLOADED  # at the high-water mark: 4, as with SQLite
+            assert await send(port, encode(dtg(other, minute=0, bodies=2))) == OK  # another partition: 0
+            assert not server.healthy()
+
+            broker.start()  # the bridge publishes, its cursor moves on, and so does the consumer's floor
+            with trio.fail_after(30):
+                while backlog.of(partition) > 0:
+                    await trio.sleep(0.1)
+            assert await send(port, packets[4]) == OK
+            with trio.fail_after(10):
+                while await trio.to_thread.run_sync(scrape, metrics_port, "dtg_mqtt_backlog") != 0:
+                    await trio.sleep(0.2)
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        bridge.wait(30)

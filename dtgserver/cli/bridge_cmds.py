@@ -111,8 +111,12 @@ def bridge(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
     _check_tls(mqtt_url, mqtt_tls_ca)
     logs.configure(-1 if quiet else verbose)
     packet_log: Any
+    backlog: Any = None
     if store is not None:  # the JetStream stream: cursor and trip states per partition in the cluster
         packet_log, cursor = _nats_log(store, store_tls_ca, store_replicas)
+        from ..store.nats.backlog import NatsBacklog
+
+        backlog = NatsBacklog(packet_log.backend)  # packets not yet published, as the cluster counts them
         shards = packet_log.shards
         client_id = client_id or f"dtgserver-bridge-{socket.gethostname()}-{os.getpid()}"  # several per host
     else:
@@ -126,7 +130,7 @@ def bridge(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
                          MqttOptions(mqtt_url, mqtt_tls_ca, topic_prefix, client_id),
                          _bridge_options(profile, battery_warning_v, edition, default_class, vehicle_class,
                                          trip_deadline_h, trip_cache=trip_cache))
-        trio.run(_run_bridge, service, metrics_host, metrics_port)
+        trio.run(_run_bridge, service, metrics_host, metrics_port, backlog)
     except* (OSError, ValueError) as group:
         error: BaseException = group
         while isinstance(error, BaseExceptionGroup):
@@ -159,14 +163,19 @@ def _nats_log(store: str, tls_ca: Path | None, replicas: int) -> tuple[Any, Any]
         sys.exit(1)
 
 
-async def _run_bridge(service: Any, metrics_host: str, metrics_port: int | None) -> None:
+async def _run_bridge(service: Any, metrics_host: str, metrics_port: int | None, backlog: Any = None) -> None:
+    """`backlog` (--store): a NatsBacklog, whose count replaces the consumers' `dtg_mqtt_backlog`."""
     from ..server.metrics import Metrics, serve_metrics
 
     metrics = Metrics()
     service.register_metrics(metrics.gauges)
+    if backlog is not None:
+        backlog.register_metrics(metrics.gauges)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
+            if backlog is not None:
+                nursery.start_soon(backlog.run)
             if metrics_port is not None:
                 await nursery.start(serve_metrics, metrics, metrics_host, metrics_port, lambda: True)
             log.info("bridge of %d shard(s) running", len(service.consumers))

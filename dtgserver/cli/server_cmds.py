@@ -233,7 +233,8 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
 @click.option("--backlog-high-water", "--outbox-high-water", "backlog_high_water", type=click.IntRange(1),
               default=100_000, **_env("BACKLOG_HIGH_WATER"),
               help="With --mqtt or --external-bridge: committed packets the bridge has not yet had "
-                   "acknowledged by the broker, at which new packets are answered 4.")
+                   "acknowledged by the broker, at which new packets are answered 4. With --store: the "
+                   "same, per partition of the stream, as the bridges' consumers count it.")
 @click.option("--external-bridge", is_flag=True, **_env("EXTERNAL_BRIDGE"),
               help="A separate `dtgserver bridge` forwards this data dir: read its saved cursors "
                    "(DIR/bridge-<shard>.db, about once a second) and apply --backlog-high-water to its "

@@ -160,6 +160,9 @@ class DtgServer:
         self.relay_dir = None
         self.relay = None
         self._init_rest()
+        # the bridges' backlog, from their consumers in the cluster (store/nats/backlog.py)
+        store.backlog_high_water = config.backlog_high_water
+        store.backlog.register_metrics(self.metrics.gauges)
 
     def _init_rest(self) -> None:
         self._stop = trio.Event()

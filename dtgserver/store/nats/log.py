@@ -49,6 +49,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig
 
 from ..log import LoggedPacket
 from .backend import STREAM, SUBJECT_PREFIX, UNAVAILABLE, NatsBackend, NatsOptions, subject
+from .backlog import backlog_consumer
 from .link import StoreUrl
 from .packets import HEADER_RECEIVED_AT
 
@@ -60,6 +61,10 @@ DIGEST_SUBJECT_PREFIX = "dtg.bridge.digests"
 DIGESTS_KEPT_S = 49 * 3600.0  # the bridge remembers 48 h (bridge/published.py); an hour more, whole hours
 DIGESTS_PER_MESSAGE = 32_768  # 512 KB, under the server's default 1 MB payload limit
 HEADER_AT = "Dtg-At"
+FLOOR_BATCH = 256  # headers of the backlog consumer's packets fetched at a time, to acknowledge up to the cursor
+FLOOR_FETCH_S = 1.0
+FLOOR_ACK_WAIT_S = 12 * 3600.0  # delivered beyond the cursor and held: not sent again meanwhile
+FLOOR_MAX_ACK_PENDING = 100_000
 LEASE_S = 10.0  # a partition's owner that has not renewed its lease for this long has lost it
 FETCH_WAIT_S = 1.0  # one fetch's wait for new packets (wait() fetches again until there are some)
 JS_READ_S = 5.0  # one fetch of saved digests
@@ -269,6 +274,9 @@ class KvCursor:
         self._lease_revision: int | None = None
         self._position: int | None = None
         self.lost: str | None = None  # why the lease was lost, once it was
+        self._floor_sub: Any = None  # the backlog consumer (store/nats/backlog.py), once this owner made it
+        self._floor = 0  # the position it is acknowledged up to
+        self._delivered: collections.deque[Any] = collections.deque()  # fetched from it, not yet acknowledged
         self.link.call_blocking(self._acquire())
         self._keeper = self.link.submit(self._keep())
 
@@ -317,6 +325,59 @@ class KvCursor:
         """Extend the lease now; raises CursorBusy when another bridge took it meanwhile."""
         self.link.call_blocking(self._renew())
 
+    # the backlog's consumer (store/nats/backlog.py): acknowledged up to the cursor
+    async def _reset_floor(self, position: int) -> None:
+        """Make the partition's backlog consumer again, starting after `position` (a new owner: the
+        last one's deliveries are not this bridge's to acknowledge)."""
+        js = self.backend.js
+        name = backlog_consumer(self.partition)
+        await self._close_floor()
+        try:
+            await js.delete_consumer(STREAM, name)
+        except nats.js.errors.NotFoundError:
+            pass
+        await js.add_consumer(STREAM, ConsumerConfig(
+            durable_name=name, filter_subject=f"{SUBJECT_PREFIX}.{self.partition}.>",
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=position + 1,
+            ack_policy=AckPolicy.ALL, ack_wait=FLOOR_ACK_WAIT_S, max_ack_pending=FLOOR_MAX_ACK_PENDING,
+            headers_only=True, description="dtgserver bridge: acknowledged up to the partition's cursor"))
+        self._floor_sub = await js.pull_subscribe_bind(durable=name, stream=STREAM)
+        self._floor = position
+        self._delivered.clear()
+
+    async def _move_floor(self, position: int) -> None:
+        """Acknowledge the backlog consumer up to `position` (its last packet at or before it)."""
+        if self._floor_sub is None:
+            await self._reset_floor(position)
+            return
+        if position <= self._floor:
+            return
+        delivered = self._delivered
+        while not delivered or delivered[-1].metadata.sequence.stream < position:
+            try:
+                messages = await self._floor_sub.fetch(FLOOR_BATCH, timeout=FLOOR_FETCH_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                break  # none delivered: the partition has nothing more up to `position`
+            newest = delivered[-1].metadata.sequence.stream if delivered else self._floor
+            delivered.extend(m for m in messages if m.metadata.sequence.stream > newest)  # not a redelivery
+            if messages and messages[-1].metadata.num_pending == 0 and \
+                    messages[-1].metadata.sequence.stream < position:
+                break
+        last = None
+        while delivered and delivered[0].metadata.sequence.stream <= position:
+            last = delivered.popleft()
+        if last is not None:
+            await last.ack_sync(timeout=JS_READ_S)  # AckPolicy.ALL: and every one before it
+        self._floor = position
+
+    async def _close_floor(self) -> None:
+        sub, self._floor_sub = self._floor_sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except UNAVAILABLE:
+                pass
+
     # CursorStore
     def load(self) -> int | None:
         async def load() -> int | None:
@@ -324,7 +385,14 @@ class KvCursor:
                 entry = await self.kv.get(f"cursor.{self.partition}")
             except nats.js.errors.KeyNotFoundError:
                 return None
-            return int(entry.value)
+            position = int(entry.value)
+            if self._floor_sub is None:  # a new owner: the backlog consumer from this cursor on
+                try:
+                    await self._reset_floor(position)
+                except UNAVAILABLE as e:  # made at the next save
+                    log.warning("partition %d: cannot make the backlog consumer: %s", self.partition,
+                                e or type(e).__name__)
+            return position
 
         self._position = self.link.call_blocking(load())
         return self._position
@@ -386,6 +454,12 @@ class KvCursor:
                     f"{DIGEST_SUBJECT_PREFIX}.{self.partition}", b"".join(digests[start:start + DIGESTS_PER_MESSAGE]),
                     stream=DIGEST_STREAM, headers={HEADER_AT: str(position)})
             await self.kv.put(f"cursor.{self.partition}", str(position).encode())
+            try:
+                await self._move_floor(position)
+            except UNAVAILABLE as e:  # the cursor is saved; the consumer is made again at the next save
+                log.warning("partition %d: acknowledging the backlog consumer up to %d: %s", self.partition,
+                            position, e or type(e).__name__)
+                await self._close_floor()
 
         self.renew()
         self.link.call_blocking(save())
@@ -396,6 +470,7 @@ class KvCursor:
         self._keeper.cancel()
 
         async def release() -> None:
+            await self._close_floor()
             try:
                 await self.kv.delete(self._lease_key, last=self._lease_revision)
             except (nats.js.errors.KeyWrongLastSequenceError, *UNAVAILABLE):

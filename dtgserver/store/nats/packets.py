@@ -30,6 +30,7 @@ import trio
 from ...protocol import Received, Result
 from ..packets import Pending, StoredPacket, StoreStats, digest, shard_of
 from .backend import JS_API_TIMEOUT_S, STREAM, SUBJECT_PREFIX, UNAVAILABLE, NatsBackend, partition_of_subject, subject
+from .backlog import NatsBacklog
 
 log = logging.getLogger("dtgserver.store.nats")
 
@@ -54,6 +55,8 @@ class JetStreamStore:
         self.control = control
         self.link = backend.link
         self.queue_high_water = queue_high_water
+        self.backlog = NatsBacklog(backend)  # the bridges' backlog per partition, read about once a second
+        self.backlog_high_water: int | None = None  # packets of a partition at this backlog are answered 4
         self.stats = StoreStats()
         self.failed_publishes = 0  # packets answered 4 for want of a PubAck
         self.retries = 0  # publishes sent again
@@ -76,10 +79,22 @@ class JetStreamStore:
     def queued(self) -> int:
         return len(self._queued) + self._outstanding
 
-    def backlog(self) -> int:
-        return 0  # nothing forwarded from here: the bridge consumes the stream
-
     def overloaded(self) -> str | None:
+        """Why new packets must be answered 4 (those of a partition whose backlog is at the mark: any
+        partition's, for /healthz), or None."""
+        return self._refusal() or self._backlog_refusal(None)
+
+    def _backlog_refusal(self, partition: int | None) -> str | None:
+        high_water = self.backlog_high_water
+        if high_water is None:
+            return None
+        partitions = self.backlog.partitions if partition is None else [partition]
+        for p in partitions:
+            if self.backlog.of(p) >= high_water:
+                return f"MQTT backlog of partition {p} at {self.backlog.of(p)} packets"
+        return None
+
+    def _refusal(self) -> str | None:
         if not self.backend.ready:
             return "NATS cluster not reached yet"
         if self.link.down_for() > RECONNECT_GRACE_S:  # a moment to move to another node: packets wait for it
@@ -98,7 +113,7 @@ class JetStreamStore:
         return item.result
 
     def enqueue(self, received: Received, peer: str, received_at: float | None = None) -> Pending | None:
-        if self.overloaded():
+        if self._refusal() or self._backlog_refusal(shard_of(received.modem, self.backend.partitions)):
             return None
         item = Pending(received, peer, time.time() if received_at is None else received_at)
         self._queued.append(item)
@@ -113,6 +128,7 @@ class JetStreamStore:
             async with trio.open_nursery() as nursery:
                 # connects until it can; raises PartitionMismatch, which ends the server
                 nursery.start_soon(self.link.call, self.backend.setup())
+                nursery.start_soon(self.backlog.run)
                 task_status.started()
                 while True:
                     await self._wake.wait()
