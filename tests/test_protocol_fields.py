@@ -16,6 +16,7 @@ from conftest import load_sample, verify_frame
 
 from dtgserver.protocol import (
     BasicInfo,
+    DtgRealtime,
     JsonError,
     KeyOff,
     SensorState,
@@ -213,3 +214,23 @@ def test_a_time_is_sent_in_the_wire_years_and_a_naive_one_is_kst() -> None:
     for value in (5, None, "yesterday"):
         with pytest.raises(JsonError, match=f"^sent_time: expected an ISO 8601 time, got {re.escape(repr(value))}$"):
             from_json(to_json(key_off()) | {"sent_time": value})
+
+
+@pytest.mark.parametrize(("text", "problem"), [(5, "expected text, got 5"), ("똠", "'똠' is not EUC-KR text")],
+                         ids=["not text", "no EUC-KR"])
+def test_a_log_that_is_no_euc_kr_text_is_refused_saying_why(text: Any, problem: str) -> None:
+    with pytest.raises(ValueError, match=f"^log: {re.escape(problem)}$"):
+        encode(status_log(text=text))
+
+
+def test_float_noise_is_no_precision_but_a_billionth_off_the_grid_is() -> None:
+    # The tolerance is relative: 123,456.9 L computed as 123456.90000000001 is that many litres.
+    noisy = 123_456.7 + 0.1 + 0.1
+    assert noisy != 123_456.9
+    packet = dtg(bodies=1)
+    sent = decode(encode(attrs.evolve(packet, bodies=[attrs.evolve(packet.bodies[0], total_fuel_l=noisy)])))
+    assert isinstance(sent, DtgRealtime) and sent.bodies[0].total_fuel_l == 123_456.9
+    # Near zero a billionth is the bound: 0.5 + 1.5e-9 m/s² is no multiple of 0.1, 0.5 + 0.5e-9 is noise.
+    assert decode(encode(attrs.evolve(key_off(), battery_v=0.5 + 0.5e-9))).battery_v == 0.5  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"^battery_v: 0\.5000000015 is not a multiple of 1/10 V$"):
+        encode(attrs.evolve(key_off(), battery_v=0.5 + 1.5e-9))

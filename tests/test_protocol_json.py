@@ -29,7 +29,7 @@ from dtgserver.protocol import (
     from_json,
     to_json,
 )
-from dtgserver.testing import packets, status_log
+from dtgserver.testing import dtg, packets, status_log
 
 BODY_KEYS = {
     "dtg": ["daily_distance_km", "total_distance_km", "time", "speed_kmh", "rpm", "brake", "lon", "lat",
@@ -263,4 +263,13 @@ def test_the_explained_table_shows_each_fields_bytes_value_and_unit() -> None:
         '    12  1a 0b 15 08 00 00 00      sent_time                         "2026-11-21T08:00:00+09:00"',
         "    19  00 02                     log_size                          2 B",
         '    21  6f 6b                     log                               "ok"',
+    ]
+
+
+def test_the_table_gives_a_temperature_its_state_and_unit() -> None:
+    record = dtg(bodies=1)
+    lines = [line for line in format_table(record, encode(record)).splitlines() if "_c " in line]
+    assert lines == [
+        "    65  00 2d                     bodies[0].temp_a_c                4.5 (temp_a_state=ok) °C",
+        "    67  03 de                     bodies[0].temp_b_c                null (temp_b_state=absent) °C",
     ]
