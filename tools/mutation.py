@@ -285,8 +285,10 @@ def load_equivalents() -> dict[str, tuple[str, str]]:
     for number, line in enumerate(EQUIVALENT_FILE.read_text("utf-8").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
-        try:
-            name, change, why = (part.strip() for part in line.split(" | ", 2))
+        try:  # the change may hold " | " itself (a type annotation): the name is first, the why last
+            name, rest = line.split(" | ", 1)
+            change, why = (part.strip() for part in rest.rsplit(" | ", 1))
+            name = name.strip()
         except ValueError:
             raise SystemExit(f"{EQUIVALENT_FILE.name} line {number}: expected 'name | change | why'") from None
         found[name] = (change, why)
