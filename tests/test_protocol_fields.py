@@ -105,7 +105,7 @@ def test_a_temperature_reading_that_spells_a_sensor_state_is_refused() -> None:
     for value, state in [(99.0, "absent"), (98.0, "off")]:
         with pytest.raises(ValueError, match=f"^bodies: temp_a_c: {value!r} °C means '{state}' on the wire; say so"):
             encode(attrs.evolve(dtg(bodies=1), bodies=[attrs.evolve(body, temp_a_c=value)]))
-    with pytest.raises(ValueError, match="^bodies: temp_a_c: state 'ok' needs a reading$"):
+    with pytest.raises(ValueError, match=r"^bodies: temp_a_c: state 'ok' needs a reading$"):
         encode(attrs.evolve(dtg(bodies=1), bodies=[attrs.evolve(body, temp_a_c=SensorState.OK)]))
 
 
