@@ -107,6 +107,9 @@ def test_a_temperature_reading_that_spells_a_sensor_state_is_refused() -> None:
             encode(attrs.evolve(dtg(bodies=1), bodies=[attrs.evolve(body, temp_a_c=value)]))
     with pytest.raises(ValueError, match=r"^bodies: temp_a_c: state 'ok' needs a reading$"):
         encode(attrs.evolve(dtg(bodies=1), bodies=[attrs.evolve(body, temp_a_c=SensorState.OK)]))
+    nothing: Any = None  # not "no sensor": that is SensorState.ABSENT
+    with pytest.raises(ValueError, match=r"^bodies: temp_a_c: expected a number, got None$"):
+        encode(attrs.evolve(dtg(bodies=1), bodies=[attrs.evolve(body, temp_a_c=nothing)]))
 
 
 # -- integer fields: an int, and neither a bool nor a float that happens to be whole ---------------------
