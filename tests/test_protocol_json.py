@@ -273,3 +273,9 @@ def test_the_table_gives_a_temperature_its_state_and_unit() -> None:
         "    65  00 2d                     bodies[0].temp_a_c                4.5 (temp_a_state=ok) °C",
         "    67  03 de                     bodies[0].temp_b_c                null (temp_b_state=absent) °C",
     ]
+
+
+def test_a_body_without_its_temperature_says_which_state_is_missing() -> None:
+    obj = to_json(dtg(bodies=1))
+    del obj["bodies"][0]["temp_a_c"], obj["bodies"][0]["temp_a_state"]
+    bad(obj, r"^bodies\[0\]\.temp_a_c: temp_a_state must be ok, absent or off, got None$")
