@@ -237,3 +237,14 @@ def test_float_noise_is_no_precision_but_a_billionth_off_the_grid_is() -> None:
     assert decode(encode(attrs.evolve(key_off(), battery_v=0.5 + 0.5e-9))).battery_v == 0.5  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match=r"^battery_v: 0\.5000000015 is not a multiple of 1/10 V$"):
         encode(attrs.evolve(key_off(), battery_v=0.5 + 1.5e-9))
+
+
+def test_text_that_is_no_cp949_is_kept_with_a_warning() -> None:
+    raw = bytearray(encode(basic_info()))
+    model = raw.index(b"DTG-1000")
+    raw[model:model + 8] = b"DTG-\xff\xfe00"
+    record = decode(bytes(raw))
+    assert isinstance(record, BasicInfo)
+    assert record.model == "DTG-\ufffd\ufffd00" and isinstance(record.model, WireStr)
+    assert record.warnings == [f"model: bytes {record.model.wire.hex()} are not CP949 text"]
+    assert encode(record) == bytes(raw)
