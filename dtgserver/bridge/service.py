@@ -25,6 +25,8 @@ from .outbox import Outbox
 
 log = logging.getLogger("dtgserver.bridge")
 
+READY_WAIT_S = 5.0  # at start, how long the bridge waits for its consumers to know where they stand
+
 
 @attrs.frozen
 class MqttOptions:
@@ -68,6 +70,12 @@ class Bridge:
         async with trio.open_nursery() as nursery:
             for shard in self.consumers:
                 await nursery.start(self._run_shard, shard)
+            # Until a consumer has opened its cursor it cannot say its backlog (it reports 0), so the
+            # high-water mark would not hold for the first answers: wait for that, but not for long
+            # (a cursor that cannot be opened yet, a standby, leftovers to publish first).
+            with trio.move_on_after(READY_WAIT_S):
+                for consumer in self.consumers.values():
+                    await consumer.ready.wait()
             task_status.started()
 
     async def _run_shard(self, shard: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
