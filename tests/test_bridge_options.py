@@ -156,3 +156,42 @@ def test_help_shows_them(command: str) -> None:
                    "DTGSERVER_EDITION", "DTGSERVER_DEFAULT_CLASS", "DTGSERVER_VEHICLE_CLASS"):
         assert option in text, (command, option)
     assert ("--trip-deadline-h" in text) == (command != "report")
+
+
+def test_bridge_and_replay_read_the_message_variables_serve_reads(data_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One environment for `serve`, `bridge` and `replay`: the same profile and battery threshold,
+    so a replay publishes what the live bridge published; never the live client id."""
+    import dtgserver.bridge.replay
+    import dtgserver.bridge.service
+
+    seen: list[tuple[str, float, str | None]] = []
+
+    def bridge(*args: Any, **kwargs: Any) -> None:
+        options: BridgeOptions = args[4]
+        seen.append((options.profile, options.battery_warning_v, None))
+        raise ValueError("no bridge in this test")
+
+    async def replay(*args: Any, options: BridgeOptions, client_id: str, **kwargs: Any) -> int:
+        seen.append((options.profile, options.battery_warning_v, client_id))
+        return 0
+
+    monkeypatch.setattr(dtgserver.bridge.service, "Bridge", bridge)
+    monkeypatch.setattr(dtgserver.bridge.replay, "replay", replay)
+    env = {"DTGSERVER_PROFILE": "sf2019", "DTGSERVER_BATTERY_WARNING_V": "12.5", "DTGSERVER_CLIENT_ID": "live"}
+    for command in ("bridge", "replay"):
+        invoke(command, "--data-dir", str(data_dir), "--mqtt", BROKER, env=env)
+        invoke(command, "--data-dir", str(data_dir), "--mqtt", BROKER)
+    (bridge_env, bridge_default, (replay_profile, replay_v, replay_client), replay_default) = seen
+    assert bridge_env[:2] == (replay_profile, replay_v) == ("sf2019", 12.5)
+    assert bridge_default[:2] == replay_default[:2] == ("seed", 11.5)
+    assert replay_client != "live"
+    line = error_line(invoke("replay", "--data-dir", str(data_dir), "--mqtt", BROKER,
+                             env={"DTGSERVER_PROFILE": "sf2020"}))
+    assert "DTGSERVER_PROFILE" in line and "'sf2020' is not one of" in line
+
+
+@pytest.mark.parametrize("command", ["bridge", "replay"])
+def test_help_names_the_message_variables(command: str) -> None:
+    text = " ".join(invoke(command, "--help").output.split())
+    assert "DTGSERVER_PROFILE" in text and "DTGSERVER_BATTERY_WARNING_V" in text

@@ -42,9 +42,11 @@ def _mqtt_options(default_client_id: str | None) -> Callable[[F], F]:
             click.option("--client-id", default=default_client_id, callback=checks.client_id,
                          help="MQTT client id" + ("." if default_client_id else " (default: dtgserver-<hostname>; "
                                                   "-shard<i> is added per shard when DIR has several).")),
-            click.option("--profile", type=click.Choice(list(PROFILES)), default="seed",
-                         help="Smart[Fleet] message numbering."),
+            # the variables `serve` reads too: a replay or a bridge beside `serve` builds the same messages
+            click.option("--profile", type=click.Choice(list(PROFILES)), default="seed", envvar="DTGSERVER_PROFILE",
+                         show_envvar=True, help="Smart[Fleet] message numbering."),
             click.option("--battery-warning-v", type=checks.FiniteFloat(min=0), default=11.5,
+                         envvar="DTGSERVER_BATTERY_WARNING_V", show_envvar=True,
                          help="KEY OFF battery below this raises a Battery Warning event (0 disables)."),
         ]):
             f = option(f)
