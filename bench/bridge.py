@@ -154,11 +154,12 @@ def main() -> int:
     drive_state, meter = DriveState.from_list(state.drive), TripMeter.from_list(state.meter)
     times = body_times_ms(raw, layout)
     speeds = layout.column(raw, "speed_kmh")
-    columns = {"time_ms": times, "speed_kmh": speeds, "azimuth_deg": layout.column(raw, "azimuth_deg"),
+    columns: dict[str, Any] = {"time_ms": times, "speed_kmh": speeds, "azimuth_deg": layout.column(raw, "azimuth_deg"),
                "lat": layout.column(raw, "lat"), "lon": layout.column(raw, "lon"),
                "status_code": layout.column(raw, "status_code")}
-    meter_columns = {"time_ms": times, "speed_kmh": speeds, "total_km": layout.column(raw, "total_distance_km"),
-                     "battery_v": [v / 10 for v in layout.column(raw, "battery_v")], "rpm": layout.column(raw, "rpm")}
+    meter_columns: dict[str, Any] = {
+        "time_ms": times, "speed_kmh": speeds, "total_km": layout.column(raw, "total_distance_km"),
+        "battery_v": [v / 10 for v in layout.column(raw, "battery_v")], "rpm": layout.column(raw, "rpm")}
 
     contenders: dict[str, Callable[[], Any]] = {
         "floor": lambda: floor(raw, tid, first_fuel_ml, cdit, em, packet_id),

@@ -130,8 +130,9 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{sending} connections still sending after {TIME_LIMIT_S:.0f} s")
             for key, events in sel.select(timeout=1.0):
-                sock, state = key.fileobj, key.data
-                assert isinstance(sock, socket.socket)
+                fileobj, state = key.fileobj, key.data
+                assert isinstance(fileobj, socket.socket)
+                sock = fileobj
                 if events & selectors.EVENT_READ:  # the server answered (4) and closes
                     try:
                         answer = sock.recv(16)

@@ -117,7 +117,7 @@ def hand_temperature(value: Any) -> int:
         return 990
     if value is SensorState.OFF:
         return 980
-    raw = round(value * 10)
+    raw: int = round(value * 10)
     if raw / 10 != value or raw in TEMPERATURE_STATES:
         raise ValueError(f"{value!r} °C does not fit the wire")
     return raw
@@ -276,6 +276,7 @@ def main() -> int:
     failures = []
     for name, sample in [("drive", frame), ("odd values", odd_packet())]:
         ours = decode(sample)
+        assert isinstance(ours, DtgRealtime)
         if hand_decode(sample) != ours:
             failures.append(f"{name}: hand-written and derived decoders give different records")
         if construct_decoder(INTERPRETED)(sample) != ours:
@@ -285,7 +286,9 @@ def main() -> int:
         if not (encode(ours) == hand_encode(ours) == sample):
             failures.append(f"{name}: encoders give different bytes")
     odd = odd_packet()
-    if [b.time for b in decode(odd).bodies[:3]] != [BadTime(odd[23 + 51 * i + 6: 23 + 51 * i + 13]) for i in range(3)]:
+    odd_record = decode(odd)
+    assert isinstance(odd_record, DtgRealtime)
+    if [b.time for b in odd_record.bodies[:3]] != [BadTime(odd[23 + 51 * i + 6: 23 + 51 * i + 13]) for i in range(3)]:
         failures.append("odd values: invalid times are not kept as BadTime")
     if failures:
         print("\n".join(failures), file=sys.stderr)

@@ -452,7 +452,7 @@ def process_cpu_s(pids: dict[str, int]) -> dict[str, float]:
 
 
 def children(pid: int) -> list[int]:
-    found = []
+    found: list[int] = []
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/children") as f:
