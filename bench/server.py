@@ -789,6 +789,11 @@ def report(runs: dict[str, list[dict[str, Any]]], generator: str) -> None:
     if "full" in runs and "full+nats" in runs:
         print(f"full+nats ÷ full: {per_round('full+nats', 'full')}; by CPU per session (server only): "
               f"{per_round('full', 'full+nats', 'server_cpu_us_per_session')}")
+    # MQTT on: one process (the bridge beside the sessions), and the bridge in a process of its own
+    for name, goal in (("full+mqtt", 0.35), ("full+bridge", 0.5), ("full+writer+mqtt", 0.5)):
+        if name in runs and "bare" in runs:
+            print(f"{name} ÷ bare: {per_round(name, 'bare')} (target {goal}×); "
+                  f"by CPU per session: {per_round('bare', name, 'server_cpu_us_per_session')}")
     for name in ("full", "full+writer", "full+nats", "bare-close"):
         if name in runs and "bare" in runs:
             target = " (target 0.6×)" if name.startswith("full") else ""
