@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,12 @@ def test_a_command_on_an_unreachable_cluster_is_a_clear_error() -> None:
     assert result.exit_code == 1, result.output
     assert result.output.startswith("dtgserver: error: cannot connect to the NATS cluster nats://u@127.0.0.1:")
     assert "hunter2" not in result.output and "Traceback" not in result.output
+    # as a user sees it, logging set up as the program does: that one line, no "retrying" before it
+    shown = subprocess.run([sys.executable, "-m", "dtgserver", "maintenance", "on", "--store",
+                            f"nats://127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 1 and shown.stdout == "", shown
+    assert len(shown.stderr.splitlines()) == 1, shown.stderr
+    assert shown.stderr.startswith("dtgserver: error: cannot connect to the NATS cluster"), shown.stderr
 
 
 # -- on the cluster -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -114,15 +115,25 @@ async def test_many_sessions_publish_concurrently_not_one_round_trip_each(
     assert sorted(p.raw for p in stored) == sorted(packets)
 
 
-async def test_cluster_unreachable_answers_4_and_keeps_accepting_until_it_is_back(tmp_path: Path) -> None:
+async def test_cluster_unreachable_answers_4_and_keeps_accepting_until_it_is_back(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cluster = NatsCluster(tmp_path / "nats")  # not started yet
     packet = dtg_bytes("01011110003")
+    caplog.set_level(logging.INFO, logger="dtgserver")
     try:
         async with running(tmp_path, cluster.url) as server:
             for _ in range(3):
                 assert await exchange(server.port or 0, packet) == OVERLOADED
+            await trio.sleep(1.5)  # nats-py retries every half second meanwhile
+            # at the default verbosity the operator is told why, once, not once per attempt
+            down = [r for r in caplog.records if r.levelno == logging.WARNING and "unreachable" in r.getMessage()]
+            assert len(down) == 1 and str(cluster.url) in down[0].getMessage(), caplog.text
+            attempts = jetstream_of(server).link.failed_attempts
+            assert attempts >= 2, attempts
             await trio.to_thread.run_sync(cluster.start_all)
             await until_ok(server.port or 0, packet, timeout_s=60)
+            assert jetstream_of(server).link.failed_attempts == 0
+        assert any("connected to the NATS cluster" in r.getMessage() for r in caplog.records), caplog.text
         assert [p.raw for p in await trio.to_thread.run_sync(stream_packets, cluster.url)] == [packet]
     finally:
         cluster.stop_all()

@@ -42,6 +42,7 @@ RECONNECT_WAIT_S = 0.5
 COMMAND_ATTEMPTS = 2  # a command's tries of each server before it says the cluster is unreachable
 COMMAND_CONNECT_S = 8.0  # and how long it tries in all
 CALL_TIMEOUT_S = 10.0  # a blocking call from sync code (the CLI): connect and one request, at most
+UNREACHABLE_WARNING_S = 30.0  # while no server of the cluster answers: a warning this often, not per attempt
 
 
 @attrs.frozen
@@ -141,6 +142,9 @@ class NatsLink:
         self._down_since: float | None = None  # time.monotonic() when the connection was lost
         self.connects = 0  # successful connections, reconnections included
         self.last_error: Exception | None = None  # what nats-py last reported (a refused password, a bad certificate)
+        self.failed_attempts = 0  # connection attempts failed since the last connection
+        self._warned_at: float | None = None  # time.monotonic() of the last "unreachable" warning
+        self._retrying = False  # connecting until it works (a server), not once (a command: it says why)
         self._connected = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run_loop, name="nats", daemon=True)
@@ -188,6 +192,7 @@ class NatsLink:
     # -- the connection (on the NATS loop) ---------------------------------------------------------
     async def connect(self, *, retry: bool = True) -> Client:
         """Connect once (retry=False raises when no server answers) or until it works."""
+        self._retrying = retry
         while True:
             try:
                 nc = await asyncio.wait_for(nats.connect(
@@ -209,6 +214,7 @@ class NatsLink:
             self.nc = nc
             self.connects += 1
             self.connected = True
+            self.failed_attempts, self._warned_at = 0, None
             self._connected.set()
             log.info("connected to the NATS cluster %s", self.url)
             return nc
@@ -223,6 +229,7 @@ class NatsLink:
     async def _reconnected(self) -> None:
         self.connects += 1
         self.connected = True
+        self.failed_attempts, self._warned_at = 0, None
         self._down_since = None
         self._connected.set()
         log.info("reconnected to the NATS cluster %s", self.url)
@@ -234,8 +241,22 @@ class NatsLink:
         return math.inf if self._down_since is None else time.monotonic() - self._down_since
 
     async def _error(self, error: Exception) -> None:
+        """nats-py's report of each failed attempt (it retries by itself: a server's first connection
+        and every reconnection retry until one works). While none works, a warning at the first
+        failure and then every UNREACHABLE_WARNING_S, so an operator sees at the default verbosity
+        why the terminals are answered 4; each attempt is logged at debug level."""
         self.last_error = error
         log.debug("NATS client: %s", error)
+        if self.connected:
+            return
+        self.failed_attempts += 1
+        if not self._retrying:
+            return
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= UNREACHABLE_WARNING_S:
+            self._warned_at = now
+            log.warning("NATS cluster %s unreachable (%s; %d failed attempt%s); retrying", self.url,
+                        error or type(error).__name__, self.failed_attempts, "" if self.failed_attempts == 1 else "s")
 
     async def _close(self) -> None:
         """Cancel whatever still runs on the loop (watches, publishes), then close the connection."""
