@@ -290,6 +290,26 @@ def test_workers_auto_is_the_cpus_this_process_may_use() -> None:
     assert worker_count("3") == 3
 
 
+def test_workers_beyond_four_per_cpu_are_refused_before_any_process_starts(tmp_path: Path) -> None:
+    """`--workers 999` (a typo for 9, say) on a small machine started 999 processes, and would have
+    given the data dir 999 shards for good; four per CPU is accepted, one more is not."""
+    from click.testing import CliRunner
+
+    from dtgserver.cli import main
+    from dtgserver.server.workers import worker_count
+
+    most = 4 * len(os.sched_getaffinity(0))
+    assert worker_count(most) == most
+    with pytest.raises(ValueError, match=f"more than 4 per CPU .*at most {most}"):
+        worker_count(most + 1)
+    for where in (["--workers", str(most + 1)], ["--workers", "999", "--writer-process"]):
+        result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path), *where])
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "'--workers'" in errors[0] and "more than 4 per CPU" in errors[0], result.output
+    assert not (tmp_path / "control.db").exists()  # refused before anything was opened
+
+
 # -- packets relayed to the worker that owns the terminal (server/relay.py) ----------------------
 
 

@@ -73,10 +73,12 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
 def _workers(ctx: click.Context, param: click.Parameter, value: str | int) -> int:
     from ..server.workers import worker_count
 
+    if value != "auto" and not (str(value).isdigit() and int(value) >= 1):
+        raise click.BadParameter(f"{value!r} is neither a positive number nor 'auto'", ctx=ctx, param=param)
     try:
         return worker_count(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a positive number nor 'auto'", ctx=ctx, param=param) from None
+    except ValueError as e:  # too many for this machine
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
 
 
 def data_dir_option(f: Any) -> Any:
@@ -244,8 +246,8 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
                    "first out; the rest are read back from DIR/bridge-<shard>.db).")
 @driving_options()
 @click.option("--workers", default="1", callback=_workers, **_env("WORKERS"),
-              help="Server processes on the one port (SO_REUSEPORT), a shard each; auto = one per CPU. "
-                   "A data dir keeps the number it was first served with. With --writer-process: N "
+              help="Server processes on the one port (SO_REUSEPORT), a shard each; auto = one per CPU, "
+                   "at most 4 per CPU. A data dir keeps the number it was first served with. With --writer-process: N "
                    "sessions' processes on the port and N writers.")
 @click.option("--writer-process", is_flag=True, **_env("WRITER_PROCESS"),
               help="Commit in separate processes: per shard, one writer process (store and MQTT forwarder) "

@@ -47,13 +47,28 @@ SECONDS = 1.0
 WRITER_READY_S = 30 * SECONDS  # the front processes start when the writers take links, or after this
 
 
+MAX_WORKERS_PER_CPU = 4
+"""More workers than this per CPU is a typo, not a choice: each is a process of its own (with
+--writer-process two), the sessions are CPU-bound, and a data dir keeps its shard count for good."""
+
+
+def cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def worker_count(value: str | int) -> int:
-    """`auto` → the CPUs this process may run on; otherwise a positive integer (ValueError if not)."""
+    """`auto` → the CPUs this process may run on; otherwise a positive integer of at most
+    MAX_WORKERS_PER_CPU per CPU (ValueError, saying why, if not)."""
     if value == "auto":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return cpus()
     count = int(value)
     if count < 1:
         raise ValueError(f"workers must be at least 1, got {count}")
+    most = MAX_WORKERS_PER_CPU * cpus()
+    if count > most:
+        raise ValueError(f"{count} is more than {MAX_WORKERS_PER_CPU} per CPU ({cpus()} here, so at most {most}): "
+                         f"each worker is a process, and a data dir keeps the shard count it was first served with")
     return count
 
 
