@@ -31,8 +31,8 @@ from dtgserver.protocol import (
     frame_length,
 )
 from dtgserver.protocol.fields import KstTime
-from dtgserver.protocol.layout import REALTIME, protocol_id, realtime, time_bytes, wire_time_ms
-from dtgserver.testing import frames, records
+from dtgserver.protocol.layout import REALTIME, protocol_id, realtime, time_bytes, time_ms, wire_time_ms
+from dtgserver.testing import dtg_bytes, frames, records
 
 REALTIME_IDS = tuple(REALTIME)
 EPOCH = datetime(1970, 1, 1, tzinfo=KST) + timedelta(hours=9)
@@ -137,6 +137,17 @@ def test_tuples_columns_and_values_are_the_decoded_bodies(raw: bytes) -> None:
     times = [t for t in (ms(body.time) for body in record.bodies) if t is not None]
     assert layout.times_ms(raw) == ((times[0], times[-1]) if times else (None, None))
     assert layout.key_on_ms(raw) == ms(record.key_on_time)
+    # the whole table at once, single bodies, the bodies' bytes, each body's time, the modem
+    assert layout.transposed(raw) == transposed
+    tuples = list(layout.tuples(raw))
+    assert [layout.body_values(raw, i) for i in (0, -1)] == [tuples[0], tuples[-1]]
+    assert bytes(layout.bodies(raw)) == raw[layout.header_size:] and len(raw) > layout.header_size
+    assert [layout.body_time_ms(raw, i) for i in range(len(record.bodies))] == [ms(b.time) for b in record.bodies]
+    assert [time_ms(body.time) for body in record.bodies] == [ms(b.time) for b in record.bodies]
+    for name, slot in layout.body_slots.items():
+        if slot.arity == 1:
+            assert layout.column_max(raw, name) == max(transposed[slot.index]), name
+    assert layout.modem(raw) == record.modem
 
 
 @settings(max_examples=100, deadline=None)
@@ -160,6 +171,18 @@ def test_a_cut_packet_renders_with_a_new_modem_key_on_time_and_minute(record: Re
     assert isinstance(original, Realtime)
     for before, after in zip(original.bodies, again.bodies, strict=True):  # only each body's minute changed
         assert after == attrs.evolve(before, time=KstTime().decode(key_on[:5] + KstTime().encode(before.time)[5:]))
+
+
+def test_transposed_reads_any_number_of_bodies_and_keeps_few_structs() -> None:
+    """Past 120 bodies, or once 16 body counts have a struct of their own, the bodies are read one
+    by one: the same columns, and the structs kept stay bounded however many counts arrive."""
+    layout = REALTIME[0x03]
+    for count in (1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 119, 120, 121, 144, 233, 7, 4, 6, 9, 10, 11):
+        raw = dtg_bytes(bodies=count)
+        expected = list(zip(*layout.tuples(raw), strict=True))
+        assert layout.transposed(raw) == expected and len(expected[0]) == count, count
+        assert len(layout._packet_structs) <= 16
+    assert len(layout._packet_structs) == 16 and 121 not in layout._packet_structs
 
 
 # -- nothing outside protocol/ reads a packet's bytes by hand -------------------------------------------
