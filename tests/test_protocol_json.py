@@ -8,6 +8,7 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
+import attrs
 import pytest
 from conftest import REALISTIC_SAMPLES, Sample, load_sample
 from hypothesis import given, settings
@@ -23,13 +24,14 @@ from dtgserver.protocol import (
     StatusLog,
     WireStr,
     decode,
+    dumps,
     encode,
     format_table,
     format_time,
     from_json,
     to_json,
 )
-from dtgserver.testing import dtg, packets, status_log
+from dtgserver.testing import dtg, key_off, packets, status_log
 
 BODY_KEYS = {
     "dtg": ["daily_distance_km", "total_distance_km", "time", "speed_kmh", "rpm", "brake", "lon", "lat",
@@ -145,8 +147,8 @@ def spec_key_off() -> dict[str, Any]:
 
 
 def test_json_errors_name_the_key() -> None:
-    bad([], "expected a JSON object")  # type: ignore[arg-type]
-    bad({"kind": "gps"}, "kind must be one of basic_info, dtg, key_off, obd, mdt, status_log, response")
+    bad([], "^expected a JSON object, got list$")  # type: ignore[arg-type]
+    bad({"kind": "gps"}, "^kind must be one of basic_info, dtg, key_off, obd, mdt, status_log, response, got .gps.$")
     bad({**spec_key_off(), "lat": "north"}, "lat: expected a number")
     bad({**spec_key_off(), "lat": 37.1234567}, "lat: 37.1234567 is not a multiple of 1/1000000")
     bad({**spec_key_off(), "sent_time": "yesterday"}, "sent_time: expected an ISO 8601 time")
@@ -279,3 +281,46 @@ def test_a_body_without_its_temperature_says_which_state_is_missing() -> None:
     obj = to_json(dtg(bodies=1))
     del obj["bodies"][0]["temp_a_c"], obj["bodies"][0]["temp_a_state"]
     bad(obj, r"^bodies\[0\]\.temp_a_c: temp_a_state must be ok, absent or off, got None$")
+
+
+def test_a_body_or_verbatim_of_the_wrong_json_type_is_named() -> None:
+    dtg_obj = to_json(dtg(bodies=2))
+    bad({**dtg_obj, "bodies": [dtg_obj["bodies"][0], 7]}, r"^bodies\[1\]\.: expected a JSON object$")
+    bad({**spec_key_off(), "verbatim": "0101"}, "^verbatim: expected an object of hex strings$")
+    body = {**dtg_obj["bodies"][1], "verbatim": ["00"]}
+    bad({**dtg_obj, "bodies": [dtg_obj["bodies"][0], body]}, r"^bodies\[1\]\.verbatim: expected an object of hex")
+    del body["verbatim"], body["rpm"]
+    bad({**dtg_obj, "bodies": [dtg_obj["bodies"][0], body]}, r"^bodies\[1\]\.rpm: missing$")
+
+
+def test_dumps_is_the_json_object_as_utf_8_text() -> None:
+    record = status_log(text="GPS 수신 양호")
+    text = dumps(record)
+    assert '"log": "GPS 수신 양호"' in text and json.loads(text) == to_json(record)
+    assert json.loads(dumps(key_off())) == to_json(key_off())
+
+
+def test_the_table_walks_every_body_and_names_or_warns_about_codes() -> None:
+    record = dtg(bodies=2)
+    odd = attrs.evolve(record.bodies[1], status_code=5, work_status=3)
+    record = attrs.evolve(record, bodies=[record.bodies[0], odd])
+    lines = format_table(record, encode(record)).splitlines()
+    assert lines[0] == "dtg (0x03), 125 bytes" and len(lines) == 2 + 5 + 2 * 20
+    assert [line for line in lines if "status" in line or ".time " in line] == [
+        '    29  1a 0b 15 08 00 00 00      bodies[0].time                    "2026-11-21T08:00:00+09:00"',
+        "    54  00                        bodies[0].status_code             0 (ok)",
+        "    73  05                        bodies[0].work_status             5 (depart)",
+        '    80  1a 0b 15 08 00 01 00      bodies[1].time                    "2026-11-21T08:00:01+09:00"',
+        "   105  05                        bodies[1].status_code             5 (warning: 5 is not in the code table)",
+        "   124  03                        bodies[1].work_status             3 (load)",
+    ]
+
+
+def test_the_table_shows_text_as_text_and_the_value_of_non_canonical_bytes() -> None:
+    record = status_log(text="GPS 수신 양호")
+    assert format_table(record, encode(record)).splitlines()[-1] == \
+        '    21  47 50 53 20 bc f6 bd ...  log                               "GPS 수신 양호"'
+    raw = load_sample("basic_info_spec_sample").data  # its modem and firmware version are no ASCII digits
+    lines = format_table(decode(raw), raw).splitlines()
+    assert lines[3] == '     1  00 01 00 39 39 39 39 ...  modem                             "01099998888"'
+    assert lines[-1] == '    91  23 23 23 23 23 23 01 ...  firmware_version                  "1001"'
