@@ -98,7 +98,8 @@ _TIME_BYTES = [st.integers(0, 255) | st.sampled_from(limits) for limits in (
 @example((26, 1, 1, 0, 0, 0, 100))
 def test_wire_time_ms_is_the_decoded_time_in_utc_ms(values: tuple[int, ...]) -> None:
     """The raw fast path and the decoder agree on every 7 bytes, the calendar's limits included."""
-    assert wire_time_ms(*values) == ms(KstTime().decode(bytes(values)))
+    found = wire_time_ms(*values)
+    assert found == ms(KstTime().decode(bytes(values))) and type(found) in (int, type(None))
 
 
 def test_time_bytes_are_what_the_decoder_reads_back() -> None:
@@ -144,9 +145,12 @@ def test_tuples_columns_and_values_are_the_decoded_bodies(raw: bytes) -> None:
     assert bytes(layout.bodies(raw)) == raw[layout.header_size:] and len(raw) > layout.header_size
     assert [layout.body_time_ms(raw, i) for i in range(len(record.bodies))] == [ms(b.time) for b in record.bodies]
     assert [time_ms(body.time) for body in record.bodies] == [ms(b.time) for b in record.bodies]
+    assert all(type(t) is int for t in (*layout.times_ms(raw), time_ms(record.bodies[0].time)) if t is not None)
     for name, slot in layout.body_slots.items():
         if slot.arity == 1:
             assert layout.column_max(raw, name) == max(transposed[slot.index]), name
+            # a one-byte unsigned field's column is a slice of the packet, no list built
+            assert isinstance(layout.column(raw, name), bytes) == (slot.adapter.fmt == "B"), name
     assert layout.modem(raw) == record.modem
 
 
@@ -183,6 +187,15 @@ def test_transposed_reads_any_number_of_bodies_and_keeps_few_structs() -> None:
         assert layout.transposed(raw) == expected and len(expected[0]) == count, count
         assert len(layout._packet_structs) <= 16
     assert len(layout._packet_structs) == 16 and 121 not in layout._packet_structs
+
+
+@pytest.mark.parametrize("pid", REALTIME_IDS)
+def test_a_header_without_bodies_reads_as_empty_columns(pid: int) -> None:
+    layout = REALTIME[pid]
+    head = bytes([pid]) + bytes(layout.header_size - 1)
+    assert layout.transposed(head) == [()] * sum(slot.arity for slot in layout.body_slots.values())  # a time: 7
+    assert layout.columns(head, ("time", "lat")) == {"time": ((),) * 7, "lat": ()}
+    assert layout.body_count(head) == 0 and list(layout.tuples(head)) == []
 
 
 # -- nothing outside protocol/ reads a packet's bytes by hand -------------------------------------------
