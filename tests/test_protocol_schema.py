@@ -3,15 +3,18 @@ from them: the schema is the one source of truth, so the fast path may not drift
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from datetime import datetime
+from typing import Any, ClassVar
 
+import attrs
 import construct
 import pytest
 from conftest import VALID_SAMPLES, Sample, verify_frame
 from hypothesis import given, settings
 
-from dtgserver.protocol import Packet, Realtime, decode, encode
-from dtgserver.protocol.codec import schema_fields
+from dtgserver.protocol import KST, Packet, Realtime, decode, encode
+from dtgserver.protocol.codec import StructCodec, schema_fields
 from dtgserver.protocol.schema import (
     BASIC_INFO,
     DTG_BODY,
@@ -26,7 +29,7 @@ from dtgserver.protocol.schema import (
     STATUS_LOG,
     Bodies,
 )
-from dtgserver.testing import packets
+from dtgserver.testing import dtg, packets
 
 
 def common(schema: construct.Construct, data: bytes, obj: dict[str, Any], size: int) -> None:
@@ -110,3 +113,65 @@ def test_variable_sizes() -> None:
     assert tail(OBD_REALTIME, body_count=2) == 2 * 42
     assert tail(MDT_REALTIME, body_count=3) == 3 * 30
     assert tail(STATUS_LOG, log_size=60) == 60
+
+
+# -- the codec derived from a schema, for a record class that does or does not follow it ---------------
+
+
+@attrs.frozen
+class Swapped:  # KEY OFF's fields, latitude before longitude
+    modem: str
+    sent_time: datetime
+    lat: float
+    lon: float
+    key_off_time: datetime
+    battery_v: float
+
+
+@attrs.frozen
+class Extra:  # KEY OFF's fields and one the wire does not have
+    modem: str
+    sent_time: datetime
+    lon: float
+    lat: float
+    key_off_time: datetime
+    battery_v: float
+    driver: str
+
+
+@attrs.frozen
+class Short:  # KEY OFF without its battery voltage
+    protocol_id: ClassVar[int] = 0x04
+    modem: str
+    sent_time: datetime
+    lon: float
+    lat: float
+    key_off_time: datetime
+
+
+KEY_OFF_NAMES = "['protocol_id', 'modem', 'sent_time', 'lon', 'lat', 'key_off_time', 'battery_v']"
+
+
+def test_a_record_class_that_does_not_follow_its_schema_is_refused_saying_how() -> None:
+    with pytest.raises(TypeError, match="^" + re.escape(
+            f"Swapped fields ['modem', 'sent_time', 'lat', 'lon', 'key_off_time', 'battery_v'] do not follow its"
+            f" schema {KEY_OFF_NAMES}") + "$"):
+        StructCodec(KEY_OFF, Swapped)
+    with pytest.raises(TypeError, match=r"^Extra fields \[.*'driver'\] do not follow its schema"):
+        StructCodec(KEY_OFF, Extra)
+
+
+def test_a_record_without_a_wire_field_cannot_be_encoded_and_says_which() -> None:
+    codec = StructCodec(KEY_OFF, Short)
+    t = datetime(2026, 1, 1, tzinfo=KST)
+    with pytest.raises(ValueError, match=r"^battery_v: missing$"):
+        codec.encode(Short("0101", t, 127.0, 37.0, t))
+
+
+def test_bodies_encode_from_any_iterable_and_a_failure_names_the_field() -> None:
+    record = dtg(bodies=3)
+    adapter = dict(schema_fields(DTG_REALTIME))["bodies"]
+    assert adapter.encode(iter(record.bodies)) == adapter.encode(list(record.bodies)) == encode(record)[23:]
+    wrong = attrs.evolve(record.bodies[1], rpm=99999)
+    with pytest.raises(ValueError, match=r"^rpm: value does not fit its wire type$"):
+        adapter.encode(body for body in (record.bodies[0], wrong))
