@@ -282,6 +282,10 @@ def test_header_time_and_code_tables_warn() -> None:
     info = BasicInfo("0101", "M", "V", "99", "서울33가1234", "1", "2", "3")
     assert info.warnings == ["vehicle_type: '99' is not in the code table"]
     assert decode(encode(info)).warnings == info.warnings
+    # a vehicle type that is no text at all says so, not that it is missing from the table
+    raw = bytearray(encode(info))
+    raw[49:51] = b"\xff\xff"
+    assert decode(bytes(raw)).warnings == ["vehicle_type: bytes ffff are not CP949 text"]
 
 
 @SETTINGS
