@@ -66,6 +66,10 @@ class Build:
     tank_l: int
 
 
+EASE_OFF_MS2 = 0.8
+"""Slowing to a lower cruising speed without braking hard: ~3 km/h a second, well below every
+vehicle class's harsh-deceleration threshold (8 km/h/s and up)."""
+
 CAR = Build("car", 2.6, 3.5, 125, 750, (110, 65, 45, 35, 28, 23), 2800, 0.22, 0.075, 55)
 TAXI = Build("taxi", 2.2, 3.5, 120, 720, (105, 62, 43, 33, 27, 22), 2600, 0.25, 0.085, 65)
 BUS = Build("bus", 1.1, 2.5, 100, 600, (150, 95, 62, 42, 30, 22), 2100, 0.55, 0.30, 300)
@@ -265,10 +269,17 @@ class Vehicle:
             else:
                 end_speed, remaining = self.seg_end_speed_ms, self.seg_remaining_m
             braking = 0.6 * b.decel_ms2
-            desired = min(self.seg_target_ms * self.target_jitter,
-                          math.sqrt(end_speed * end_speed + 2 * braking * max(0.0, remaining - 3)))
+            cruise = self.seg_target_ms * self.target_jitter
+            # the most it may go this second and still slow to end_speed by the end at `braking`,
+            # judged from where this second takes it (judged from here, the curve is crossed between
+            # two seconds and then met with the brakes' most)
+            stopping = math.sqrt(end_speed * end_speed + 2 * braking * max(0.0, remaining - v0 - 3))
+            desired = min(cruise, stopping)
             v1 = max(0.0, min(desired, v0 + b.accel_ms2 * rng.uniform(0.6, 1.0), b.top_speed_kmh / 3.6))
-            v1 = max(v1, v0 - b.decel_ms2)
+            # above the cruising speed (a slower road, or the driver easing off) but not yet braking
+            # for what is ahead: let the speed fall off, as a driver does, not the brakes' most
+            floor_ms2 = EASE_OFF_MS2 if stopping >= v0 else b.decel_ms2
+            v1 = max(v1, v0 - floor_ms2)
             if end_speed == 0 and remaining < 6 and v0 <= b.decel_ms2:
                 v1 = 0.0  # rolled up to the stop line
             distance_m = (v0 + v1) / 2
