@@ -815,3 +815,23 @@ def test_compact_json_is_what_is_published() -> None:
     payload = encode_payload(message.payload)
     assert payload == json.dumps(message.payload, ensure_ascii=False, separators=(",", ":")).encode()
     assert b", " not in payload and b": " not in payload
+
+
+def test_the_topics_are_the_profiles_seed_unless_named() -> None:
+    from dtgserver.bridge.messages import attributes_topic, telemetry_topic
+
+    assert telemetry_topic(MODEM) == TRE and attributes_topic(MODEM) == f"v1/sensors/{MODEM}/attributes"
+    custom = attrs.evolve(SEED, telemetry_topic="t/{modem}/up", attributes_topic="a/{modem}")
+    assert (telemetry_topic(MODEM, custom), attributes_topic(MODEM, custom)) == (f"t/{MODEM}/up", f"a/{MODEM}")
+
+
+def test_a_packet_without_bodies_summarizes_to_nothing_and_no_state_stays_none() -> None:
+    # the framer refuses a body count of 0; read straight from such bytes, the summary is empty
+    from dtgserver.bridge.trips import BodySummary, sent
+
+    raw = encode(dtg(dtg_body(0)))
+    empty = raw[:14] + b"\x00\x00" + raw[16:23]
+    layout = realtime_layout(empty)
+    assert layout is not None and summarize_raw(empty, layout) == BodySummary()
+    assert sent(None) is None
+    assert sent(TripState(tid=TID)) == TripState(tid=TID, trip_sent=True)

@@ -125,3 +125,41 @@ def test_the_state_without_messages_is_the_state_with_them() -> None:
         _, built = map_record(record, built, packet_id="p")
     assert state == built and state is not None and state.meter is not None and state.vehicle_type == "31"
     assert KEY_ON_MS // 1000 == state.tid
+
+
+def test_the_packets_detector_and_measures_from_its_bytes_are_those_of_its_advance() -> None:
+    # `drive_and_measure` and `body_times_ms` read a packet's bytes themselves: what they give is
+    # what `realtime_advance` (the messages' one pass over the columns) gives for the same packet
+    from dtgserver.bridge.trips import (
+        DEFAULT_DRIVING,
+        advance,
+        body_times_ms,
+        drive_and_measure,
+        realtime_advance,
+        summarize,
+        with_firmware,
+    )
+    from dtgserver.protocol import encode
+    from dtgserver.protocol.layout import realtime as realtime_layout
+    from dtgserver.protocol.layout import time_ms
+
+    speeds = [0, 0, 20, 40, 60, 60, 30, 0] + [10] * 6
+    bodies = [moving(s, v, km=120_000 + s // 5, battery=27.6 if v else 25.0) for s, v in enumerate(speeds)]
+    state: TripState | None = with_firmware(None, "1.0", "31")  # a truck: the criteria apply
+    seen_masks = []
+    for packet in (dtg(*bodies[:8]), dtg(*bodies[8:])):
+        raw = encode(packet)
+        layout = realtime_layout(raw)
+        assert layout is not None
+        moved = realtime_advance(raw, layout, state)
+        assert moved is not None and not moved.stale
+        before = advance(layout.kind, layout.key_on_ms(raw), summarize(raw, layout), state)
+        assert before is not None
+        masks, cdit, trip = drive_and_measure(before.trip, raw, layout, MODEM, DEFAULT_DRIVING)
+        assert (masks, cdit, trip) == (moved.masks, moved.cdit, moved.trip)
+        assert body_times_ms(raw, layout) == moved.times == [time_ms(b.time) for b in packet.bodies]
+        assert masks is not None
+        seen_masks += masks
+        state = moved.state
+    assert any(seen_masks) and trip.system_v == 24 and trip.meter is not None and trip.drive is not None
+    assert cdit[-1] > cdit[0] > 0
