@@ -835,3 +835,16 @@ def test_a_packet_without_bodies_summarizes_to_nothing_and_no_state_stays_none()
     assert layout is not None and summarize_raw(empty, layout) == BodySummary()
     assert sent(None) is None
     assert sent(TripState(tid=TID)) == TripState(tid=TID, trip_sent=True)
+
+
+def test_the_bodies_summary_of_a_real_packet() -> None:
+    # random bytes hardly ever make a calendar time: the summary's times on a real drive
+    bodies = [dtg_body(s, speed_kmh=(0, 40, 55, 0)[s], total_km=120_000 + s) for s in range(4)]
+    record = dtg(*bodies)
+    raw = encode(record)
+    layout = realtime_layout(raw)
+    assert layout is not None
+    summary = summarize_raw(raw, layout)
+    assert summary == summarize(record.bodies)
+    assert (summary.first_ms, summary.last_ms) == (KEY_ON_MS, KEY_ON_MS + 3000)
+    assert (summary.max_speed_kmh, summary.speed_sum_kmh, summary.driving_s, summary.max_total_km) == (55, 95, 2, 120_003)

@@ -116,11 +116,30 @@ def mutmut_tree(modules: list[str], tests: list[str]) -> Path:
             shutil.copy2(src, dst)
     lines = ["", "[mutmut]", "source_paths = dtgserver", "only_mutate =", *(f"    {m}" for m in modules),
              "also_copy =", "    fixtures/", "    docs/",
-             "pytest_add_cli_args =", *(f"    {a}" for a in PYTEST_ARGS[2:]),
+             "pytest_add_cli_args =", *(f"    {a}" for a in [*PYTEST_ARGS[2:], "-p", "mutation_fresh_caches"]),
              "pytest_add_cli_args_test_selection =", *(f"    {t}" for t in tests)]
     with (tree / "setup.cfg").open("a") as cfg:
         cfg.write("\n".join(lines) + "\n")
+    (tree / "mutation_fresh_caches.py").write_text(FRESH_CACHES.format(modules=[dotted(m) for m in modules]))
     return tree
+
+
+# mutmut forks each mutant's tests from a process that has run the tests once (to learn which
+# test calls which function): a function whose results are cached there (`functools.cache`,
+# `lru_cache`: the microtrip builders generated from `_element_source`) would be called by no
+# test after the fork, and its mutants survive unseen. Each test starts with those caches empty.
+FRESH_CACHES = '''"""pytest plugin of tools/mutation.py: the caches of the mutated modules are emptied before each test."""
+import sys
+
+MODULES = {modules!r}
+
+
+def pytest_runtest_setup(item):
+    for name in MODULES:
+        for value in list(vars(sys.modules.get(name, sys)).values()):
+            if getattr(value, "__module__", None) == name and callable(getattr(value, "cache_clear", None)):
+                value.cache_clear()
+'''
 
 
 def run_mutmut(tree: Path, module: str) -> dict[str, str]:
