@@ -847,4 +847,5 @@ def test_the_bodies_summary_of_a_real_packet() -> None:
     summary = summarize_raw(raw, layout)
     assert summary == summarize(record.bodies)
     assert (summary.first_ms, summary.last_ms) == (KEY_ON_MS, KEY_ON_MS + 3000)
-    assert (summary.max_speed_kmh, summary.speed_sum_kmh, summary.driving_s, summary.max_total_km) == (55, 95, 2, 120_003)
+    assert (summary.max_speed_kmh, summary.speed_sum_kmh, summary.driving_s) == (55, 95, 2)
+    assert summary.max_total_km == 120_003

@@ -116,3 +116,34 @@ def test_exactly_one_trip_per_tid_whatever_comes_after() -> None:
     messages, _ = received(records, [1, 1, 11, 30, 31, 32])
     assert [t.payload["pld"]["tid"] for t in trips(messages)] == [TID]
     assert trips(messages)[0].payload["id"] == "p1:0"  # complete at the first KEY OFF: minute 0 reaches it
+
+
+def at_ms(records: list[Any], received_ms: list[int]) -> list[Any]:
+    """The Trip messages of the packets received at these times (ms since KEY ON; deadline an hour)."""
+    messages: list[Any] = []
+    state = None
+    for n, (record, at) in enumerate(zip(records, received_ms, strict=True)):
+        out, state = map_record(record, state, packet_id=f"p{n}", received_ms=KEY_ON_MS + at,
+                                trip_deadline_ms=60 * MINUTE_MS)
+        messages += out
+    return trips(messages)
+
+
+def test_the_bodies_reach_the_key_off_when_the_next_body_would_come_after_it() -> None:
+    # a body a second: the last body at 59 s reaches a KEY OFF before 60 s; at 60 s a body may still come
+    for key_off_ms, complete in ((59_000, True), (59_990, True), (60_000, False), (61_000, False)):
+        end = attrs.evolve(parked(1, 0), key_off_time=KEY_ON + timedelta(milliseconds=key_off_ms))
+        done = at_ms([minute(0), end], [60_000, 60_500])
+        assert [t.payload["id"] for t in done] == (["p1:0"] if complete else []), key_off_ms
+
+
+def test_the_deadline_runs_from_the_first_receipt_of_the_key_off() -> None:
+    hour = 60 * MINUTE_MS
+    for last_at, partial in ((90_000 + hour, True), (90_000 + hour - 1, False)):
+        done = at_ms([minute(0), parked(1.5, 89), basic_info()], [60_000, 90_000, last_at])
+        assert [t.payload["pld"].get("xpartial") for t in done] == ([True] if partial else []), last_at
+    # a KEY OFF received again later (no trip data yet: an outage) does not move the deadline
+    done = at_ms([parked(1.5, 89), parked(1.5, 89), minute(0), basic_info()], [90_000, 1_800_000, 1_900_000,
+                                                                                90_000 + hour])
+    assert [t.payload["pld"].get("xpartial") for t in done] == [True]
+    assert done[0].payload["id"] == "p3:0" and done[0].payload["pld"]["edt"] == KEY_ON_MS + 89_000

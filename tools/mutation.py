@@ -115,7 +115,7 @@ def mutmut_tree(modules: list[str], tests: list[str]) -> Path:
         elif src.exists():
             shutil.copy2(src, dst)
     lines = ["", "[mutmut]", "source_paths = dtgserver", "only_mutate =", *(f"    {m}" for m in modules),
-             "also_copy =", "    fixtures/", "    docs/",
+             "also_copy =", "    fixtures/", "    docs/", "    mutation_fresh_caches.py",
              "pytest_add_cli_args =", *(f"    {a}" for a in [*PYTEST_ARGS[2:], "-p", "mutation_fresh_caches"]),
              "pytest_add_cli_args_test_selection =", *(f"    {t}" for t in tests)]
     with (tree / "setup.cfg").open("a") as cfg:
@@ -128,7 +128,7 @@ def mutmut_tree(modules: list[str], tests: list[str]) -> Path:
 # test calls which function): a function whose results are cached there (`functools.cache`,
 # `lru_cache`: the microtrip builders generated from `_element_source`) would be called by no
 # test after the fork, and its mutants survive unseen. Each test starts with those caches empty.
-FRESH_CACHES = '''"""pytest plugin of tools/mutation.py: the caches of the mutated modules are emptied before each test."""
+FRESH_CACHES = '''"""pytest plugin of tools/mutation.py: the mutated modules' caches are emptied before each test."""
 import sys
 
 MODULES = {modules!r}
