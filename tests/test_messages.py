@@ -338,3 +338,9 @@ def test_the_columns_give_the_body_by_body_bytes_near_zero_and_with_mixed_sensor
             [_EM_HEX[mask & 0x7F] for mask in moved.masks])
         if built is not None:
             assert encode(built) == encode(_element_by_element(raw, moved, table))
+
+
+def test_a_value_that_is_no_json_is_refused_naming_its_type() -> None:
+    with pytest.raises(TypeError) as refused:
+        encode({"x": {1}})
+    assert str(refused.value.__cause__) == "set is not JSON"

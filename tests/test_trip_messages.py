@@ -163,3 +163,32 @@ def test_the_packets_detector_and_measures_from_its_bytes_are_those_of_its_advan
         state = moved.state
     assert any(seen_masks) and trip.system_v == 24 and trip.meter is not None and trip.drive is not None
     assert cdit[-1] > cdit[0] > 0
+    # the criteria by the terminal's modem: a bus by its number, judged; another modem, not
+    bus = DrivingConfig(default_class=None, classes={MODEM: "bus"})
+    raw = encode(dtg(*bodies[:8]))
+    layout = realtime_layout(raw)
+    assert layout is not None
+    assert drive_and_measure(TripState(), raw, layout, MODEM, bus)[0] is not None
+    assert drive_and_measure(TripState(), raw, layout, "01000000000", bus)[0] is None
+
+
+def test_the_state_without_messages_takes_the_same_options() -> None:
+    # next_state with a driving config, receive times and a deadline: the state `map_record` gives
+    from dtgserver.bridge.trips import next_state
+    from dtgserver.protocol import encode
+
+    nobody = DrivingConfig(default_class=None)  # no criteria apply: nothing is judged
+    end = key_off(minutes=1, key_off_time=KEY_ON + timedelta(seconds=90))
+    records = [dtg(*(moving(s, s % 9 * 12) for s in range(60))), end, basic_info(), basic_info()]
+    received = [KEY_ON_MS + ms for ms in (60_000, 90_000, 90_000 + 3_599_999, 90_000 + 3_600_000)]
+    state = built = None
+    for n, (record, at) in enumerate(zip(records, received, strict=True)):
+        options = {"driving": nobody, "received_ms": at, "trip_deadline_ms": 3_600_000}
+        state = next_state(encode(record), state, **options)
+        messages, built = map_record(record, built, packet_id="p", **options)
+        assert state == built
+        assert state is not None and state.trip_sent == (n == 3)  # at the deadline, the Trip went out partial
+    assert state is not None and state.drive is None and state.tid == KEY_ON_MS // 1000
+    assert [m.payload["pld"]["xpartial"] for m in messages if m.payload.get("ty") == 1] == [True]
+    judged = next_state(encode(records[0]), None)
+    assert judged is not None and judged.drive is not None  # by the default criteria
