@@ -183,7 +183,7 @@ def test_the_state_without_messages_takes_the_same_options() -> None:
     received = [KEY_ON_MS + ms for ms in (60_000, 90_000, 90_000 + 3_599_999, 90_000 + 3_600_000)]
     state = built = None
     for n, (record, at) in enumerate(zip(records, received, strict=True)):
-        options = {"driving": nobody, "received_ms": at, "trip_deadline_ms": 3_600_000}
+        options: dict[str, Any] = {"driving": nobody, "received_ms": at, "trip_deadline_ms": 3_600_000}
         state = next_state(encode(record), state, **options)
         messages, built = map_record(record, built, packet_id="p", **options)
         assert state == built
