@@ -84,6 +84,8 @@ def test_no_class_no_behaviours() -> None:
     # the same bodies on a bus: a harsh start and acceleration
     messages, _ = run([info, dtg(*bodies), end], driving=DrivingConfig(default_class=None, classes={MODEM: "bus"}))
     assert [e["em"] for e in elements(messages)] == ["00", "01", "20"]
+    (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]  # counted by the modem's class
+    assert trip["xdd"]["start"] == 1 and trip["xdd"]["acceleration"] == 1
 
 
 def test_parking_time() -> None:
