@@ -833,6 +833,7 @@ def test_a_packet_without_bodies_summarizes_to_nothing_and_no_state_stays_none()
     empty = raw[:14] + b"\x00\x00" + raw[16:23]
     layout = realtime_layout(empty)
     assert layout is not None and summarize_raw(empty, layout) == BodySummary()
+    assert tuple(BodySummary()) == (0, None, None, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0, None, None, None)
     assert sent(None) is None
     assert sent(TripState(tid=TID)) == TripState(tid=TID, trip_sent=True)
 

@@ -147,3 +147,23 @@ def test_the_deadline_runs_from_the_first_receipt_of_the_key_off() -> None:
                                                                                 90_000 + hour])
     assert [t.payload["pld"].get("xpartial") for t in done] == [True]
     assert done[0].payload["id"] == "p3:0" and done[0].payload["pld"]["edt"] == KEY_ON_MS + 89_000
+
+
+def test_a_trip_standing_still_and_the_default_deadline_of_a_day() -> None:
+    # the engine on, the vehicle never moving: no speed at all; the rest never comes, and by
+    # default the Trip goes out partial with the first packet received 24 hours after the KEY OFF
+    day = 24 * 60 * MINUTE_MS
+    standing = dtg(*(attrs.evolve(body(s, speed=0), total_distance_km=120_000) for s in range(30)))
+    for after, partial in ((day - 1, False), (day, True)):
+        messages: list[Any] = []
+        state = None
+        for n, (record, at) in enumerate(zip([standing, parked(1, 89), basic_info()], [30_000, 60_000, 60_000 + after],
+                                             strict=True)):
+            out, state = map_record(record, state, packet_id=f"p{n}", received_ms=KEY_ON_MS + at)
+            messages += out
+        assert [t.payload["pld"]["xpartial"] for t in trips(messages)] == ([True] if partial else [])
+        if partial:
+            pld = trips(messages)[0].payload["pld"]
+            assert (pld["hsts"], pld["mesp"], pld["dtvt"], pld["dis"]) == (0, 0, 0, 0)
+    # the status stayed 0 (ok) from the start: no Device Status event, no device health
+    assert all(m.payload.get("ty") in (1, 2, None) and not m.topic.endswith("/health") for m in messages)
