@@ -262,6 +262,7 @@ def test_first_key_off_after_a_trip_sends_the_trip_then_parking_every_time() -> 
     ]
     assert [p.payload["id"] for p in parkings] == ["p2:1", "p3:0"]
     assert state is not None and state.trip_sent
+    assert [m.retain for m in messages] == [True] + [False] * (len(messages) - 1)  # the attributes only
 
 
 def test_key_off_without_any_trip_is_parking_only_without_tid() -> None:
