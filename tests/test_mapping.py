@@ -851,3 +851,26 @@ def test_the_bodies_summary_of_a_real_packet() -> None:
     assert (summary.first_ms, summary.last_ms) == (KEY_ON_MS, KEY_ON_MS + 3000)
     assert (summary.max_speed_kmh, summary.speed_sum_kmh, summary.driving_s) == (55, 95, 2)
     assert summary.max_total_km == 120_003
+
+
+def test_a_trip_state_stored_before_the_measures_gives_the_odometers_distance() -> None:
+    # A state stored by a version without the trip's measures (no `meter`): the Trip's `dis` is
+    # then the odometer's, in metres, and like `fc` left out where the counter went back.
+    from dtgserver.bridge.driving import DrivingConfig
+    from dtgserver.bridge.trips import trip_values
+
+    state = TripState(tid=TID, kind="dtg", key_on_ms=KEY_ON_MS, first_total_km=120_000, last_total_km=120_003,
+                      first_lat=37.4, first_lon=127.0, last_lat=37.5, last_lon=127.1, last_ms=KEY_ON_MS + 3000,
+                      max_speed_kmh=30, speed_sum_kmh=61, speed_count=4, driving_s=3,
+                      first_total_fuel_ml=45_678_900, last_total_fuel_ml=45_678_903, fwv="1.0.2")
+    assert trip_values(state, driving=DrivingConfig(default_class=None)) == {
+        "tid": TID, "stt": KEY_ON_MS, "edt": KEY_ON_MS + 3000, "dis": 3000, "stlat": 37.4, "stlon": 127.0,
+        "edlat": 37.5, "edlon": 127.1, "hsts": 30, "mesp": 15, "dtvt": 3, "fc": 3, "fwv": "1.0.2",
+        "tdis": 120_003_000, "btv": None, "xpartial": None, "idt": None, "gnv": None, "wut": None, "est": None,
+        "xdd": None}
+    assert trip_values(state, partial=True)["xpartial"] is True
+    for first, last, dis in ((120_000, 120_000, 0), (120_000, 119_999, None), (None, 120_000, None),
+                             (120_000, None, None)):
+        assert trip_values(attrs.evolve(state, first_total_km=first, last_total_km=last))["dis"] == dis
+    for first_ml, last_ml, fc in ((5, 5, 0), (5, 4, None), (None, 5, None)):
+        assert trip_values(attrs.evolve(state, first_total_fuel_ml=first_ml, last_total_fuel_ml=last_ml))["fc"] == fc
