@@ -874,3 +874,6 @@ def test_a_trip_state_stored_before_the_measures_gives_the_odometers_distance() 
         assert trip_values(attrs.evolve(state, first_total_km=first, last_total_km=last))["dis"] == dis
     for first_ml, last_ml, fc in ((5, 5, 0), (5, 4, None), (None, 5, None)):
         assert trip_values(attrs.evolve(state, first_total_fuel_ml=first_ml, last_total_fuel_ml=last_ml))["fc"] == fc
+    # a trip of which no body is known (its KEY ON only): nothing but its times is made up
+    nothing = trip_values(TripState(tid=TID, key_on_ms=KEY_ON_MS), driving=DrivingConfig(default_class=None))
+    assert {key: value for key, value in nothing.items() if value is not None} == {"tid": TID, "stt": KEY_ON_MS}
