@@ -165,5 +165,6 @@ def test_a_trip_standing_still_and_the_default_deadline_of_a_day() -> None:
         if partial:
             pld = trips(messages)[0].payload["pld"]
             assert (pld["hsts"], pld["mesp"], pld["dtvt"], pld["dis"]) == (0, 0, 0, 0)
+            assert pld["wut"] == 29  # never moved: warming up to its last body
     # the status stayed 0 (ok) from the start: no Device Status event, no device health
     assert all(m.payload.get("ty") in (1, 2, None) and not m.topic.endswith("/health") for m in messages)
