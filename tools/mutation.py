@@ -349,6 +349,10 @@ def test_module(module: str, runner: FreshRunner, equivalents: dict[str, tuple[s
             if fresh.get(mutant.name, {}).get("change") == mutant.change and fresh[mutant.name]["status"] == "killed":
                 mutant.status, earlier = "killed", earlier + 1
         pending = [m for m in pending if m.status != "killed"]
+    # First the mutants mutmut ran and did not kill (and ours), then those it never reached (a
+    # stage 1 stopped early): with --minutes, the time goes to the survivors a new test may kill.
+    unreached = {name for name, verdict in verdicts.items() if verdict == "not checked"}
+    pending.sort(key=lambda m: m.name in unreached)
     print(f"{module}: {len(verdicts)} mutmut mutants, {len(mutants) - len(verdicts)} at import;"
           f" {len(pending)} to run from scratch" + (f" ({earlier} killed from scratch before)" if resume else ""),
           flush=True)
