@@ -410,6 +410,12 @@ def test_low_battery_at_key_off_is_a_battery_warning() -> None:
     twelve = attrs.evolve(state, system_v=12)
     assert by_ty(map_record(key_off(battery_v=11.4), twelve, packet_id="k")[0], 23) != []
     assert by_ty(map_record(key_off(battery_v=11.5), twelve, packet_id="k")[0], 23) == []
+    # the system the terminal's driving showed, not the reading's guess: a 24 V battery down to 12 V
+    assert by_ty(map_record(key_off(battery_v=12.0), state, packet_id="k")[0], 23) != []
+    # any threshold above 0 warns, 0 never does (not even below 0 V, a reading out of its range)
+    assert by_ty(map_record(key_off(battery_v=0.5), twelve, packet_id="k", battery_warning_v=1)[0], 23) != []
+    assert by_ty(map_record(key_off(battery_v=-0.1), twelve, packet_id="k", battery_warning_v=0)[0], 23) == []
+    assert not any(m.retain for m in messages)  # a Trip, a parking microtrip, a battery warning
 
 
 def test_status_logs_are_not_published() -> None:
@@ -877,3 +883,7 @@ def test_a_trip_state_stored_before_the_measures_gives_the_odometers_distance() 
     # a trip of which no body is known (its KEY ON only): nothing but its times is made up
     nothing = trip_values(TripState(tid=TID, key_on_ms=KEY_ON_MS), driving=DrivingConfig(default_class=None))
     assert {key: value for key, value in nothing.items() if value is not None} == {"tid": TID, "stt": KEY_ON_MS}
+    # the behaviours are counted by the vehicle type's class (a truck), from none judged yet
+    truck = trip_values(attrs.evolve(state, vehicle_type="31"), driving=DrivingConfig(default_class=None))
+    assert truck["xdd"] == dict.fromkeys(("start", "left_turn", "right_turn", "u_turn", "deceleration",
+                                          "acceleration", "stop", "lane_change", "overtaking"), 0)
