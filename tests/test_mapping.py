@@ -887,3 +887,32 @@ def test_a_trip_state_stored_before_the_measures_gives_the_odometers_distance() 
     truck = trip_values(attrs.evolve(state, vehicle_type="31"), driving=DrivingConfig(default_class=None))
     assert truck["xdd"] == dict.fromkeys(("start", "left_turn", "right_turn", "u_turn", "deceleration",
                                           "acceleration", "stop", "lane_change", "overtaking"), 0)
+
+
+def test_a_key_off_without_a_calendar_time_closes_an_open_trip_at_once_but_not_a_named_end() -> None:
+    bad = BadTime(bytes((26, 13, 1, 0, 0, 0, 0)))
+    minute = dtg(*(dtg_body(s) for s in range(3)))
+    messages, state = run([minute, key_off(battery_v=24.2, key_off_time=bad)])
+    (trip,) = [m.payload["pld"] for m in by_ty(messages, 1)]
+    assert trip["edt"] == KEY_ON_MS + 2000 and trip["btv"] == 24.2  # at its last body, with that battery
+    assert state is not None and state.trip_sent
+    # an end named already (after the bodies so far): a KEY OFF that cannot tell leaves it waiting
+    named = key_off(battery_v=24.3, key_off_time=KEY_ON + timedelta(seconds=30))
+    messages, state = run([minute, named, key_off(battery_v=24.2, key_off_time=bad)])
+    assert by_ty(messages, 1) == [] and state is not None and not state.trip_sent
+    assert (state.key_off_ms, state.key_off_v) == (KEY_ON_MS + 30_000, 24.3)
+
+
+def test_a_key_off_with_no_trip_known_is_kept_for_the_trip_to_come() -> None:
+    from dtgserver.bridge.trips import KeyOffOutcome
+    from dtgserver.bridge.trips import key_off as trip_key_off
+
+    known = TripState(fwv="1.0.2", vehicle_type="31")  # a basic info, no trip yet
+    ends = {"key_off_ms": KEY_ON_MS, "key_off_lat": 37.5, "key_off_lon": 127.0, "key_off_v": 24.0,
+            "key_off_received_ms": KEY_ON_MS + 5}
+    outcome = trip_key_off(known, KEY_ON_MS, lat=37.5, lon=127.0, battery_v=24.0, received_ms=KEY_ON_MS + 5)
+    assert outcome == KeyOffOutcome(None, False, attrs.evolve(known, **ends))
+    # an older one than the KEY OFF kept changes nothing; one of a trip sent already names that trip
+    assert trip_key_off(outcome.state, KEY_ON_MS - 1000) == KeyOffOutcome(None, False, outcome.state)
+    sent = TripState(tid=TID, key_on_ms=KEY_ON_MS, trip_sent=True)
+    assert trip_key_off(sent, None) == KeyOffOutcome(sent, False, sent)

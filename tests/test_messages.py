@@ -344,3 +344,27 @@ def test_a_value_that_is_no_json_is_refused_naming_its_type() -> None:
     with pytest.raises(TypeError) as refused:
         encode({"x": {1}})
     assert str(refused.value.__cause__) == "set is not JSON"
+
+
+@pytest.mark.parametrize("kind", ["dtg", "obd", "mdt"])
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_the_usual_packet_never_goes_body_by_body(kind: str, profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A simulated drive of every kind, in every profile, is built from the columns only: the body by
+    body builder (for unusual packets and an older trip's backlog) is not even asked."""
+    import random
+    from datetime import UTC, datetime
+
+    from dtgserver.bridge import messages
+    from dtgserver.sim.load import drive_templates
+
+    def body_by_body(*args: Any) -> Any:
+        raise AssertionError(f"built body by body: {args}")
+
+    monkeypatch.setattr(messages, "elements_builder", body_by_body)
+    rng = random.Random(3)
+    start = int(datetime(2026, 11, 21, 8, 0, tzinfo=UTC).timestamp()) // 60 * 60
+    state = None
+    for minute, template in enumerate(drive_templates(kind, rng, start, 2)):
+        raw = template.render(b"01099998888", bytes((26, 11, 21, 17, 0, 0, 0)), bytes((26, 11, 21, 17, minute)))
+        out, state = messages.build(raw, state, packet_id=f"m{minute}", profile=profile)
+        assert len(out[0].payload["pld"]) == 60
