@@ -908,7 +908,7 @@ def test_a_key_off_with_no_trip_known_is_kept_for_the_trip_to_come() -> None:
     from dtgserver.bridge.trips import key_off as trip_key_off
 
     known = TripState(fwv="1.0.2", vehicle_type="31")  # a basic info, no trip yet
-    ends = {"key_off_ms": KEY_ON_MS, "key_off_lat": 37.5, "key_off_lon": 127.0, "key_off_v": 24.0,
+    ends: dict[str, Any] = {"key_off_ms": KEY_ON_MS, "key_off_lat": 37.5, "key_off_lon": 127.0, "key_off_v": 24.0,
             "key_off_received_ms": KEY_ON_MS + 5}
     outcome = trip_key_off(known, KEY_ON_MS, lat=37.5, lon=127.0, battery_v=24.0, received_ms=KEY_ON_MS + 5)
     assert outcome == KeyOffOutcome(None, False, attrs.evolve(known, **ends))
