@@ -916,3 +916,6 @@ def test_a_key_off_with_no_trip_known_is_kept_for_the_trip_to_come() -> None:
     assert trip_key_off(outcome.state, KEY_ON_MS - 1000) == KeyOffOutcome(None, False, outcome.state)
     sent = TripState(tid=TID, key_on_ms=KEY_ON_MS, trip_sent=True)
     assert trip_key_off(sent, None) == KeyOffOutcome(sent, False, sent)
+    # one from before the trip began: the terminal's backlog, no trip's end
+    trip = TripState(tid=TID, key_on_ms=KEY_ON_MS)
+    assert trip_key_off(trip, KEY_ON_MS - 10) == KeyOffOutcome(None, False, trip)
