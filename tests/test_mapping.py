@@ -919,3 +919,27 @@ def test_a_key_off_with_no_trip_known_is_kept_for_the_trip_to_come() -> None:
     # one from before the trip began: the terminal's backlog, no trip's end
     trip = TripState(tid=TID, key_on_ms=KEY_ON_MS)
     assert trip_key_off(trip, KEY_ON_MS - 10) == KeyOffOutcome(None, False, trip)
+
+
+def test_what_is_terminal_wide_outlives_the_trip() -> None:
+    # the device status, the firmware, the vehicle type and its system voltage are the terminal's, not the trip's
+    later = KEY_ON + timedelta(hours=2)
+    first = dtg(*(dtg_body(s, status_code=11) for s in range(3)))  # driving at 24.6 V: a 24 V system
+    standing = attrs.evolve(dtg_body(7200, speed_kmh=0, status_code=11), rpm=0)  # no reading while driving
+    messages, state = run([basic_info(), first, dtg(standing, key_on=later),
+                           key_off(minutes=121, battery_v=17.0, key_off_time=later)])
+    assert [m.payload["pld"]["pdsc"] for m in by_ty(messages, 900)] == ["00"]  # 11 from the start, once
+    assert state is not None and state.tid == TID + 7200 and state.status_code == 11
+    assert (state.fwv, state.vehicle_type, state.system_v) == ("1.0.2", "31", 24)
+    assert by_ty(messages, 23) != []  # 17 V on a 24 V system: low (on a 12 V one it would not be)
+    assert [m.payload["pld"]["fwv"] for m in by_ty(messages, 1)] == ["1.0.2", "1.0.2"]
+    # a trip of bodies that carry no device status (OBD) keeps the terminal's
+    _, state = run([first, wire(attrs.evolve(obd(7200), key_on_time=later))])
+    assert state is not None and state.tid == TID + 7200 and state.status_code == 11
+
+
+def test_a_key_off_at_the_key_on_of_the_trip_to_come_is_its_end() -> None:
+    # an outage: the KEY OFF first, then the trip's data; a KEY OFF at its very KEY ON time is its end
+    messages, state = run([key_off(minutes=0, key_off_time=KEY_ON), dtg(dtg_body(0, speed_kmh=0))])
+    (trip,) = [m.payload["pld"] for m in by_ty(messages, 1)]
+    assert trip["stt"] == trip["edt"] == KEY_ON_MS and state is not None and state.trip_sent
