@@ -718,6 +718,18 @@ def test_the_bodies_summary_read_from_bytes_is_the_one_read_from_records(frame: 
         layout = realtime_layout(frame)
         assert layout is not None
         assert summarize_raw(frame, layout) == summarize(record.bodies)
+        assert_summary_from_columns(frame, record)
+
+
+def assert_summary_from_columns(frame: bytes, record: Realtime) -> None:
+    """The summary and the body times `realtime_advance` reads from the packet's columns are the records' too."""
+    from dtgserver.bridge.trips import _summary, body_times_ms
+
+    layout = realtime_layout(frame)
+    assert layout is not None
+    times = body_times_ms(frame, layout)
+    assert times == [to_ms(body.time) for body in record.bodies]
+    assert _summary(frame, layout, layout.transposed(frame), times) == summarize(record.bodies)
 
 
 @settings(max_examples=300, deadline=None)
@@ -854,6 +866,9 @@ def test_the_bodies_summary_of_a_real_packet() -> None:
     assert layout is not None
     summary = summarize_raw(raw, layout)
     assert summary == summarize(record.bodies)
+    assert_summary_from_columns(raw, record)
+    for kind in (obd(0, 1, 2), mdt(0, 1)):  # no status; no status nor fuel
+        assert_summary_from_columns(encode(kind), kind)
     assert (summary.first_ms, summary.last_ms) == (KEY_ON_MS, KEY_ON_MS + 3000)
     assert (summary.max_speed_kmh, summary.speed_sum_kmh, summary.driving_s) == (55, 95, 2)
     assert summary.max_total_km == 120_003
