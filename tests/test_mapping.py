@@ -958,3 +958,16 @@ def test_a_key_off_at_the_key_on_of_the_trip_to_come_is_its_end() -> None:
     messages, state = run([key_off(minutes=0, key_off_time=KEY_ON), dtg(dtg_body(0, speed_kmh=0))])
     (trip,) = [m.payload["pld"] for m in by_ty(messages, 1)]
     assert trip["stt"] == trip["edt"] == KEY_ON_MS and state is not None and state.trip_sent
+
+
+def test_bodies_without_a_calendar_time_keep_the_trips_last_time_and_a_packet_without_any_time_is_kept_back() -> None:
+    bad = BadTime(bytes((26, 13, 1, 0, 0, 0, 0)))
+    later = KEY_ON + timedelta(hours=2)
+    messages, _ = run([dtg(dtg_body(0), dtg_body(2)), dtg(dtg_body(3, time=bad)), dtg(dtg_body(7200), key_on=later)])
+    (trip,) = [m.payload["pld"] for m in by_ty(messages, 1)]
+    assert trip["edt"] == KEY_ON_MS + 2000 and trip["dtvt"] == 3  # the timeless body counted, not timed
+    # neither a KEY ON nor any body with a calendar time, and no open trip: nothing to name a trip by
+    nameless = dtg(dtg_body(0, time=bad), key_on=bad)
+    assert map_record(nameless, None, packet_id="n") == ([], None)
+    sent = TripState(tid=TID, key_on_ms=KEY_ON_MS, trip_sent=True)
+    assert map_record(nameless, sent, packet_id="n") == ([], sent)
