@@ -368,3 +368,27 @@ def test_the_usual_packet_never_goes_body_by_body(kind: str, profile: str, monke
         raw = template.render(b"01099998888", bytes((26, 11, 21, 17, 0, 0, 0)), bytes((26, 11, 21, 17, minute)))
         out, state = messages.build(raw, state, packet_id=f"m{minute}", profile=profile)
         assert len(out[0].payload["pld"]) == 60
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_an_unusual_packet_built_body_by_body_has_the_usual_keys_in_order_and_cdit_from_the_speed(profile: str) -> None:
+    # a body without a calendar time: the packet goes body by body (`elements_builder`), yet its
+    # elements have the profile's keys in the profile's order, `cdit` the trip's metres from the speed
+    from dtgserver.bridge.trips import realtime_advance
+    from dtgserver.protocol.layout import realtime
+
+    bad = BadTime(bytes((26, 13, 1, 0, 0, 0, 0)))
+    bodies = [attrs.evolve(dtg_body(s, speed_kmh=36, total_km=120_000 + s), lon=round(127.0 + s * 1e-4, 6))
+              for s in range(4)]
+    bodies[2] = attrs.evolve(bodies[2], time=bad)
+    raw = encode_packet(dtg(*bodies))
+    layout = realtime(raw)
+    assert layout is not None
+    moved = realtime_advance(raw, layout, None)
+    assert moved is not None and moved.cdit is not None
+    messages, _ = map_record(dtg(*bodies), None, packet_id="u", profile=profile)
+    elements = messages[0].payload["pld"]
+    keys = PROFILES[profile].microtrip_keys["dtg"]
+    assert [list(e) for e in elements] == [[k for k in keys if k != "clt" or n != 2] for n in range(4)]
+    if "cdit" in keys:
+        assert [e["cdit"] for e in elements] == moved.cdit and moved.cdit[-1] > 0
