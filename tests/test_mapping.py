@@ -855,7 +855,8 @@ def test_a_packet_without_bodies_summarizes_to_nothing_and_no_state_stays_none()
     assert tuple(BodySummary()) == (0, None, None, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0, None, None, None)
     # its state: a trip begun at its KEY ON, nothing accounted
     state = next_state(empty, None)
-    assert state is not None and (state.tid, state.speed_count, state.first_total_km, state.last_ms) == (TID, 0, None, None)
+    assert state is not None
+    assert (state.tid, state.speed_count, state.first_total_km, state.last_ms) == (TID, 0, None, None)
     assert sent(None) is None
     assert sent(TripState(tid=TID)) == TripState(tid=TID, trip_sent=True)
 
