@@ -325,6 +325,15 @@ def test_a_key_on_that_is_no_calendar_time_continues_the_open_trip() -> None:
     # 100 km/h × 1 s by the speeds, but the odometer moved 2 km: at least 1 km
     assert messages[0].payload["pld"][0]["tid"] == TID and messages[0].payload["pld"][0]["cdit"] == 1000
     assert state is not None and state.speed_count == 2
+    # bodies without a calendar time either: the microtrip's ts is the open trip's KEY ON
+    messages, state = map_record(dtg(dtg_body(2, time=bad), key_on=bad), state, packet_id="y")
+    assert messages[0].payload["ts"] == KEY_ON_MS and messages[0].payload["pld"][0]["tid"] == TID
+    assert state is not None
+    # no trip open (none, or its Trip sent): the first body's time stands in for KEY ON
+    for before in (None, attrs.evolve(state, trip_sent=True)):
+        messages, after = map_record(dtg(dtg_body(5, time=bad), dtg_body(6), key_on=bad), before, packet_id="z")
+        assert [e["tid"] for e in messages[0].payload["pld"]] == [TID + 6] * 2
+        assert after is not None and after.tid == TID + 6 and after.key_on_ms == KEY_ON_MS + 6000
 
 
 # -- basic info → retained attributes --------------------------------------------------------------------
