@@ -333,6 +333,7 @@ def test_a_key_on_that_is_no_calendar_time_continues_the_open_trip() -> None:
     for before in (None, attrs.evolve(state, trip_sent=True)):
         messages, after = map_record(dtg(dtg_body(5, time=bad), dtg_body(6), key_on=bad), before, packet_id="z")
         assert [e["tid"] for e in messages[0].payload["pld"]] == [TID + 6] * 2
+        assert b'"tid":%d,' % (TID + 6) in encode_payload(messages[0].payload)  # whole seconds, an integer
         assert after is not None and after.tid == TID + 6 and after.key_on_ms == KEY_ON_MS + 6000
 
 
@@ -862,6 +863,9 @@ def test_a_packet_without_bodies_summarizes_to_nothing_and_no_state_stays_none()
     layout = realtime_layout(empty)
     assert layout is not None and summarize_raw(empty, layout) == BodySummary()
     assert tuple(BodySummary()) == (0, None, None, 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0, None, None, None)
+    # an older trip's, against a trip whose odometer reads 0 km: it cannot show the vehicle drove on
+    newer = TripState(tid=TID + 3600, key_on_ms=KEY_ON_MS + 3_600_000, first_total_km=0, last_total_km=0)
+    assert next_state(empty, newer) == newer
     # its state: a trip begun at its KEY ON, nothing accounted
     state = next_state(empty, None)
     assert state is not None
