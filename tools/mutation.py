@@ -47,9 +47,10 @@ PROTOCOL_TESTS = ["tests/test_protocol_fixtures.py", "tests/test_protocol_framin
                   "tests/test_protocol_fields.py", "tests/test_protocol_layout.py", "tests/test_protocol_json.py",
                   "tests/test_protocol_schema.py",
                   "tests/test_protocol_docs.py", "tests/test_protocol_hypothesis.py"]
-# test_trip_*: what a trip's messages are (when its Trip goes out, its measures and behaviours), no network
-BRIDGE_TESTS = ["tests/test_messages.py", "tests/test_mapping.py", "tests/test_derive.py",
-                "tests/test_trip_completion.py", "tests/test_trip_messages.py", "tests/test_trip_sim.py"]
+# test_trip_*: what a trip's messages are (when its Trip goes out, its measures and behaviours), no network;
+# the quick trip files first, the hypothesis-heavy test_mapping and test_messages after them
+BRIDGE_TESTS = ["tests/test_trip_completion.py", "tests/test_trip_messages.py", "tests/test_derive.py",
+                "tests/test_mapping.py", "tests/test_messages.py", "tests/test_trip_sim.py"]
 TARGETS: dict[str, list[str]] = {
     "dtgserver/protocol/framing.py": PROTOCOL_TESTS,
     "dtgserver/protocol/fields.py": PROTOCOL_TESTS,
