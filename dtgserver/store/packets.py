@@ -74,6 +74,22 @@ class Pending:
     result: Result = Result.OVERLOADED
 
 
+class QueuedSubmit:
+    """`submit` for a store that queues packets with `enqueue` and sets each one's `done` once it
+    is durable (or refused): the SQLite shard and the JetStream stream alike."""
+
+    def enqueue(self, received: Received, peer: str, received_at: float | None = None) -> Pending | None:
+        raise NotImplementedError
+
+    async def submit(self, received: Received, peer: str) -> Result:
+        """Store one packet; returns OK only once it is durable, OVERLOADED when it was not stored."""
+        item = self.enqueue(received, peer)
+        if item is None:
+            return Result.OVERLOADED
+        await item.done.wait()
+        return item.result
+
+
 @attrs.define
 class _Staged:
     """What a batch's chunks staged so far in its transaction."""
@@ -111,7 +127,7 @@ def digest(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()[:DIGEST_SIZE]
 
 
-class PacketStore:
+class PacketStore(QueuedSubmit):
     """One shard: `DIR/store-<shard>.db`, with the status log files under `DIR/logs/`.
 
     Start `run()` in a nursery (the writer task), then `await submit(...)` from sessions.
@@ -167,14 +183,6 @@ class PacketStore:
             if lag >= self.consumer_high_water:
                 return f"MQTT backlog at {lag} packets"
         return None
-
-    async def submit(self, received: Received, peer: str) -> Result:
-        """Store one packet; returns OK only once it is committed, OVERLOADED when it was not stored."""
-        item = self.enqueue(received, peer)
-        if item is None:
-            return Result.OVERLOADED
-        await item.done.wait()
-        return item.result
 
     def enqueue(self, received: Received, peer: str, received_at: float | None = None) -> Pending | None:
         """Queue one packet for the next commit without waiting for it; None when it must be

@@ -28,7 +28,7 @@ import nats.errors
 import trio
 
 from ...protocol import Received, Result
-from ..packets import Pending, StoredPacket, StoreStats, digest, shard_of
+from ..packets import Pending, QueuedSubmit, StoredPacket, StoreStats, digest, shard_of
 from .backend import JS_API_TIMEOUT_S, STREAM, SUBJECT_PREFIX, UNAVAILABLE, NatsBackend, partition_of_subject, subject
 from .backlog import NatsBacklog
 
@@ -46,7 +46,7 @@ READER_OPEN_S = 30.0  # export: how long to wait for JetStream to make the readi
 _Message = tuple[str, bytes, dict[str, str]]  # subject, payload, headers
 
 
-class JetStreamStore:
+class JetStreamStore(QueuedSubmit):
     """Every partition of the cluster's packet stream, for one server process."""
 
     def __init__(self, backend: NatsBackend, *, queue_high_water: int = 2048, control: Any = None):
@@ -104,13 +104,6 @@ class JetStreamStore:
         if self.queued >= self.queue_high_water:
             return f"{self.queued} publishes waiting for a PubAck"
         return None
-
-    async def submit(self, received: Received, peer: str) -> Result:
-        item = self.enqueue(received, peer)
-        if item is None:
-            return Result.OVERLOADED
-        await item.done.wait()
-        return item.result
 
     def enqueue(self, received: Received, peer: str, received_at: float | None = None) -> Pending | None:
         if self._refusal() or self._backlog_refusal(shard_of(received.modem, self.backend.partitions)):
