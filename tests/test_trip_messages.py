@@ -194,3 +194,12 @@ def test_the_state_without_messages_takes_the_same_options() -> None:
     assert [m.payload["pld"]["xpartial"] for m in messages if m.payload.get("ty") == 1] == [True]
     judged = next_state(encode(records[0]), None)
     assert judged is not None and judged.drive is not None  # by the default criteria
+
+
+def test_a_turn_under_way_at_the_trips_last_body_is_counted_in_its_trip() -> None:
+    headings = [90, 90, 90, 90, 120, 150]  # 60° right in the last 2 s, at 40 km/h (a taxi: 60° within 2 s)
+    bodies = [attrs.evolve(moving(s, 40), azimuth_deg=h) for s, h in enumerate(headings)]
+    end = key_off(minutes=1, key_off_time=KEY_ON + timedelta(seconds=5))
+    messages, _ = run([dtg(*bodies), end])
+    (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]
+    assert trip["xdd"]["right_turn"] == 1
