@@ -300,6 +300,10 @@ def test_realtime_backlog_of_an_older_trip_is_published_but_leaves_the_state_alo
     (element,) = messages[0].payload["pld"]
     assert element["tid"] == TID and "cdit" not in element
     assert after == state
+    # its bodies without a calendar time: the microtrip's ts is that older trip's KEY ON
+    bad = BadTime(bytes((26, 13, 1, 0, 0, 0, 0)))
+    messages, after = map_record(dtg(dtg_body(6, time=bad)), state, packet_id="old")
+    assert messages[0].payload["ts"] == KEY_ON_MS and messages[0].payload["pld"][0]["tid"] == TID and after == state
 
 
 def test_a_terminal_clock_that_went_back_starts_new_trips_once_the_odometer_moves_on() -> None:
