@@ -248,3 +248,20 @@ def test_text_that_is_no_cp949_is_kept_with_a_warning() -> None:
     assert record.model == "DTG-\ufffd\ufffd00" and isinstance(record.model, WireStr)
     assert record.warnings == [f"model: bytes {record.model.wire.hex()} are not CP949 text"]
     assert encode(record) == bytes(raw)
+
+
+def test_a_text_field_given_no_text_is_refused_saying_so() -> None:
+    number: Any = 5
+    with pytest.raises(ValueError, match=r"^model: expected text, got 5$"):
+        encode(attrs.evolve(basic_info(), model=number))
+    with pytest.raises(JsonError, match=r"^model: expected text, got 5$"):
+        from_json(to_json(basic_info()) | {"model": 5})
+
+
+def test_text_that_is_no_cp949_loses_only_its_padding() -> None:
+    raw = bytearray(encode(basic_info()))
+    raw[12:32] = b"#" * 17 + b"X\xffX"  # the model, 20 bytes: an X either side of no CP949
+    record = decode(bytes(raw))
+    assert isinstance(record, BasicInfo) and isinstance(record.model, WireStr)
+    assert record.model == "X\ufffdX" and to_json(record)["model"] == "X\ufffdX"
+    assert encode(record) == bytes(raw)
