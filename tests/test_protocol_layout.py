@@ -32,7 +32,7 @@ from dtgserver.protocol import (
 )
 from dtgserver.protocol.fields import KstTime
 from dtgserver.protocol.layout import REALTIME, protocol_id, realtime, time_bytes, time_ms, wire_time_ms
-from dtgserver.testing import dtg_bytes, frames, records
+from dtgserver.testing import dtg, dtg_bytes, frames, records
 
 REALTIME_IDS = tuple(REALTIME)
 EPOCH = datetime(1970, 1, 1, tzinfo=KST) + timedelta(hours=9)
@@ -107,6 +107,20 @@ def test_time_bytes_are_what_the_decoder_reads_back() -> None:
     assert time_bytes(t) == bytes((26, 11, 21, 8, 0, 59, 99)) and KstTime().decode(time_bytes(t)) == t
     with pytest.raises(ValueError):
         time_bytes(datetime(1999, 12, 31, tzinfo=KST))
+
+
+def test_the_times_of_a_packet_of_calendar_times_are_int_utc_ms() -> None:
+    # random frames almost never hold a calendar time: a packet as a terminal sends it
+    record = dtg(bodies=3)
+    raw = encode(record)
+    layout = REALTIME[0x03]
+    first, last = ms(record.bodies[0].time), ms(record.bodies[-1].time)
+    assert first is not None and last == first + 2000
+    assert layout.times_ms(raw) == (first, last) and layout.key_on_ms(raw) == ms(record.key_on_time)
+    assert [layout.body_time_ms(raw, i) for i in range(3)] == [first, first + 1000, last]
+    found = [time_ms(record.bodies[0].time), wire_time_ms(*raw[29:36]), *layout.times_ms(raw), layout.key_on_ms(raw)]
+    assert found[:2] == [first, first] and all(type(t) is int for t in found)
+    assert time_ms(datetime(1970, 1, 1, 9, 0, 0, 10000, tzinfo=KST)) == 10 and time_ms(BadTime(bytes(7))) is None
 
 
 # -- bodies -----------------------------------------------------------------------------------------
