@@ -31,7 +31,15 @@ from dtgserver.protocol import (
     frame_length,
 )
 from dtgserver.protocol.fields import KstTime
-from dtgserver.protocol.layout import REALTIME, protocol_id, realtime, time_bytes, time_ms, wire_time_ms
+from dtgserver.protocol.layout import (
+    REALTIME,
+    REALTIME_BY_KIND,
+    protocol_id,
+    realtime,
+    time_bytes,
+    time_ms,
+    wire_time_ms,
+)
 from dtgserver.testing import dtg, dtg_bytes, frames, records
 
 REALTIME_IDS = tuple(REALTIME)
@@ -77,6 +85,9 @@ def test_protocol_id_and_realtime_layouts() -> None:
     assert protocol_id(raw) == 0x04 and realtime(raw) is None
     assert {layout.kind: (pid, layout.header_size, layout.body_size) for pid, layout in REALTIME.items()} == {
         "dtg": (0x03, 23, 51), "obd": (0x06, 23, 42), "mdt": (0x07, 23, 30)}
+    for pid, layout in REALTIME.items():
+        assert layout.protocol_id == layout.record.PROTOCOL_ID == pid and layout.record.KIND == layout.kind
+        assert REALTIME_BY_KIND[layout.kind] is layout
     assert protocol_id(encode(Response(0))) == 0x09
     assert protocol_id(encode(StatusLog("1", datetime(2026, 1, 1, tzinfo=KST), "x", protocol_id=0x99))) == 0x99
 
