@@ -132,6 +132,18 @@ def test_the_times_of_a_packet_of_calendar_times_are_int_utc_ms() -> None:
     found = [time_ms(record.bodies[0].time), wire_time_ms(*raw[29:36]), *layout.times_ms(raw), layout.key_on_ms(raw)]
     assert found[:2] == [first, first] and all(type(t) is int for t in found)
     assert time_ms(datetime(1970, 1, 1, 9, 0, 0, 10000, tzinfo=KST)) == 10 and time_ms(BadTime(bytes(7))) is None
+    # the first and the last calendar time, past bodies whose time is none (None: a BadTime)
+    start, bad = datetime(2026, 11, 21, 8, 0, tzinfo=KST), BadTime(bytes(7))
+    base = ms(start)
+    assert base is not None
+    cases: list[tuple[tuple[int | None, ...], tuple[int | None, int | None]]] = [
+        ((None, 1, 2, 3), (1, 3)), ((None, None, None, 3), (3, 3)), ((1, 2, None, None), (1, 2)),
+        ((None, 2, None, None), (2, 2)), ((None,) * 4, (None, None))]
+    for seconds, expected in cases:
+        bodies = [attrs.evolve(body, time=bad if s is None else start + timedelta(seconds=s))
+                  for body, s in zip(dtg(bodies=4).bodies, seconds, strict=True)]
+        raw = encode(attrs.evolve(record, bodies=bodies))
+        assert layout.times_ms(raw) == tuple(None if s is None else base + 1000 * s for s in expected), seconds
 
 
 # -- bodies -----------------------------------------------------------------------------------------
