@@ -132,8 +132,9 @@ def test_the_times_of_a_packet_of_calendar_times_are_int_utc_ms() -> None:
     found = [time_ms(record.bodies[0].time), wire_time_ms(*raw[29:36]), *layout.times_ms(raw), layout.key_on_ms(raw)]
     assert found[:2] == [first, first] and all(type(t) is int for t in found)
     assert time_ms(datetime(1970, 1, 1, 9, 0, 0, 10000, tzinfo=KST)) == 10 and time_ms(BadTime(bytes(7))) is None
-    # the first and the last calendar time, past bodies whose time is none (None: a BadTime)
-    start, bad = datetime(2026, 11, 21, 8, 0, tzinfo=KST), BadTime(bytes(7))
+    # the first and the last calendar time, past bodies whose time is none (None: a BadTime; hour 24,
+    # though its last six bytes and the speed after them would read as 2001-01-24 00:00:00.40)
+    start, bad = datetime(2026, 11, 21, 8, 0, tzinfo=KST), BadTime(bytes((26, 1, 1, 24, 0, 0, 0)))
     base = ms(start)
     assert base is not None
     cases: list[tuple[tuple[int | None, ...], tuple[int | None, int | None]]] = [
