@@ -495,6 +495,18 @@ def test_a_packet_kind_without_messages_is_an_error_not_silence(monkeypatch: pyt
         map_record(wire(StatusLog(MODEM, KEY_ON, "GPS ok")), None, packet_id="s")
 
 
+def test_a_packet_kind_without_trip_state_is_an_error_not_silence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consumer that keeps trip states only (`next_state`) refuses a kind it has no rule for,
+    naming it, as `build` does: never a state left alone in silence."""
+    import dtgserver.bridge.trips as module
+
+    log = encode(StatusLog(MODEM, KEY_ON, "GPS ok"))
+    assert next_state(log, None) is None  # the status log: stored as a file, no trip state
+    monkeypatch.setattr(module, "StatusLog", Response)  # as if the status log were a kind added without rules
+    with pytest.raises(ValueError, match=r"^no trip state is defined for a packet of kind 'status_log'$"):
+        next_state(log, None)
+
+
 # -- payload size ----------------------------------------------------------------------------------------
 
 

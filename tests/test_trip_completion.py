@@ -81,6 +81,13 @@ def test_a_three_hour_outage_backlog() -> None:
     assert messages[-1] is trip  # after the last of the backlog's microtrips
     assert trip.payload["pld"]["dis"] == 108_000 and trip.payload["pld"]["dtvt"] == 180 * 60
     assert "xpartial" not in trip.payload["pld"]
+    # the trip ends where, and with the battery that, the KEY OFF received before its data says,
+    # not at its last body: the KEY OFF is taken up whole by the trip that arrives after it
+    moved = attrs.evolve(records[0], lat=37.61, lon=127.21, battery_v=23.9)
+    (trip,) = trips(received([moved, *backlog], [180] + [300 + m / 10 for m in range(180)])[0])
+    pld = trip.payload["pld"]
+    assert (pld["edlat"], pld["edlon"], pld["btv"]) == (37.61, 127.21, 23.9), pld
+    assert pld["edt"] == KEY_ON_MS + (180 * 60 - 1) * 1000
 
 
 def test_a_trip_whose_rest_never_comes_goes_out_at_the_deadline_marked_partial() -> None:

@@ -500,7 +500,7 @@ def next_state(raw: bytes, state: TripState | None, driving: DrivingConfig = DEF
                received_ms: int | None = None, trip_deadline_ms: int = DEFAULT_TRIP_DEADLINE_MS) -> TripState | None:
     """The terminal's state after one framed packet, without building its messages: what a
     consumer that only keeps trip state computes per packet. The state `messages.build` returns
-    with the messages (tests/test_trips.py)."""
+    with the messages (tests/test_mapping.py::test_next_state_from_bytes_is_the_state_map_record_gives)."""
     layout = realtime_layout(raw)
     if layout is not None:
         moved = realtime_advance(raw, layout, state, driving)
