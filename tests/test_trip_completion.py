@@ -90,6 +90,20 @@ def test_a_three_hour_outage_backlog() -> None:
     assert pld["edt"] == KEY_ON_MS + (180 * 60 - 1) * 1000
 
 
+def test_an_outage_trip_whose_rest_never_comes_goes_out_at_the_deadline_from_its_key_off() -> None:
+    # the KEY OFF first (received at minute 180), then only two minutes of the backlog: the deadline
+    # (an hour here) runs from that KEY OFF's receipt, taken up by the trip with its end and battery
+    off = attrs.evolve(parked(180, 180 * 60 - 1), lat=37.61, lon=127.21, battery_v=23.9)
+    messages, state = received([off, minute(0), minute(1), basic_info()], [180, 200, 200.1, 240.5])
+    (trip,) = trips(messages)
+    assert trip.payload["id"] == "p3:0"  # the first packet received an hour after the KEY OFF
+    pld = trip.payload["pld"]
+    assert pld["xpartial"] is True and pld["dtvt"] == 120
+    assert (pld["edt"], pld["edlat"], pld["edlon"], pld["btv"]) == (KEY_ON_MS + (180 * 60 - 1) * 1000, 37.61,
+                                                                    127.21, 23.9)
+    assert state.trip_sent
+
+
 def test_a_trip_whose_rest_never_comes_goes_out_at_the_deadline_marked_partial() -> None:
     records = [minute(0), parked(1.5, 89), parked(11.5, 89), parked(61.4, 89), parked(61.6, 89), minute(1, 30)]
     messages, state = received(records, [1, 1.5, 11.5, 61.4, 61.6, 600])
