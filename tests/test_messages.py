@@ -314,6 +314,46 @@ def test_the_usual_drive_is_built_from_the_columns() -> None:
         state = moved.state
 
 
+@pytest.mark.parametrize(("keys", "string_keys"), [
+    (("clt", "lat", "lon", "sp", "em"), frozenset()),  # no tid, no tmp: a profile that leaves them out
+    (("tid", "sp", "vv", "lat", "cdit", "fc", "tmp"), frozenset({"vv"})),  # a value as text, no em
+])
+def test_a_profile_of_other_keys_is_built_from_the_columns_as_body_by_body(keys: tuple[str, ...],
+                                                                           string_keys: frozenset[str]) -> None:
+    """A profile is data: one whose microtrip leaves out `tid`, `tmp` or `em`, or sends values as
+    text, gets from the column-wise builder what the body-by-body one gives (the seed and sf2019
+    profiles have all of them, so only such a profile reaches those paths)."""
+    import random
+    import types
+    from datetime import UTC, datetime
+
+    from dtgserver.bridge import trips
+    from dtgserver.bridge.messages import _EM_HEX, columns_builder
+    from dtgserver.protocol.layout import realtime
+    from dtgserver.sim.load import drive_templates
+
+    table = types.SimpleNamespace(microtrip_keys={"dtg": keys}, string_keys=string_keys)
+    rng = random.Random(11)
+    start = int(datetime(2026, 11, 21, 8, 0, tzinfo=UTC).timestamp()) // 60 * 60
+    state = None
+    for minute, template in enumerate(drive_templates("dtg", rng, start, 2)):
+        raw = template.render(b"01099998888", bytes((26, 11, 21, 17, 0, 0, 0)), bytes((26, 11, 21, 17, minute)))
+        layout = realtime(raw)
+        assert layout is not None
+        moved = trips.realtime_advance(raw, layout, state)
+        assert moved is not None and moved.columns is not None and moved.times is not None
+        assert moved.cdit is not None and moved.masks is not None
+        built = columns_builder("dtg", keys, string_keys)(
+            moved.columns, moved.tid, _first_km(moved), moved.trip.first_total_fuel_ml, moved.times, moved.cdit,
+            [_EM_HEX[mask & 0x7F] for mask in moved.masks])
+        expected = _element_by_element(raw, moved, table)
+        assert built is not None and [list(e) for e in built] == [list(e) for e in expected]
+        assert all(list(e) == [key for key in keys if key in e] for e in built)
+        assert {key for e in built for key in e} == set(keys) - {"tmp"}  # no temperature sensor on this truck
+        assert encode(built) == encode(expected)
+        state = moved.state
+
+
 @pytest.mark.parametrize("lat", [0.0, 0.00005, -0.00005, 0.0001, -0.0001, 37.5])
 @pytest.mark.parametrize("temps", [(4.5, SensorState.ABSENT), (SensorState.ABSENT, SensorState.OFF)])
 def test_the_columns_give_the_body_by_body_bytes_near_zero_and_with_mixed_sensors(lat: float, temps: Any) -> None:
