@@ -1004,3 +1004,58 @@ def test_bodies_without_a_calendar_time_keep_the_trips_last_time_and_a_packet_wi
     assert map_record(nameless, None, packet_id="n") == ([], None)
     sent = TripState(tid=TID, key_on_ms=KEY_ON_MS, trip_sent=True)
     assert map_record(nameless, sent, packet_id="n") == ([], sent)
+
+
+def _advanced(*bodies: DtgBody) -> Any:
+    from dtgserver.bridge import trips
+
+    raw = encode(dtg(*bodies))
+    layout = realtime_layout(raw)
+    assert layout is not None
+    moved = trips.realtime_advance(raw, layout, None)
+    assert moved is not None and moved.masks is not None
+    return moved
+
+
+def test_a_dtg_speed_sensor_fault_is_no_harsh_deceleration_through_the_packet_path() -> None:
+    """The DTG bodies' device status reaches the detector from the packet's bytes: a drop of 20 km/h
+    in a second is a harsh deceleration, but not while the body says the speed sensor is at fault
+    (status 12; the GPS fault, 11, likewise for the heading behaviours)."""
+    from dtgserver.bridge.driving import BIT
+
+    def drive(status: int) -> list[int]:
+        speeds = [60] * 5 + [40] * 5
+        return list(_advanced(*(attrs.evolve(dtg_body(s, speed_kmh=v), status_code=status if s >= 4 else 0)
+                                for s, v in enumerate(speeds))).masks)
+
+    assert any(mask >> BIT["deceleration"] & 1 for mask in drive(0))
+    assert not any(drive(12))
+
+
+def test_idle_counts_standing_bodies_with_the_engine_running_through_the_packet_path() -> None:
+    """The DTG bodies' RPM reaches the trip's measures from the packet's bytes: of ten standing
+    seconds, the four with the engine off (RPM 0) are no idling."""
+    from dtgserver.bridge.tripmetrics import TripMeter
+
+    moved = _advanced(*(attrs.evolve(dtg_body(s, speed_kmh=0), rpm=0 if s < 4 else 800) for s in range(10)))
+    assert moved.trip.meter is not None and TripMeter.from_list(moved.trip.meter).idle_s == 6
+
+
+@pytest.mark.parametrize("times", [
+    ["2026-11-21 23:59:58", "2026-11-21 23:59:59", "2026-11-22 00:00:00", "2026-11-22 00:00:01"],  # midnight
+    ["2026-11-21 10:00:00", "2026-12-21 10:00:01"],  # another month, the same day of it
+    ["2026-11-21 10:00:00", "2027-11-21 10:00:01"],  # another year, the same day of it
+    ["2026-12-31 23:59:59", "2027-01-01 00:00:00"],  # new year
+])
+def test_body_times_across_a_day_month_or_year_are_each_bodys_own(times: list[str]) -> None:
+    """The usual packet's times are computed from one midnight; a packet whose bodies are not all of
+    one calendar day (a drive through midnight KST) gets each body's own time."""
+    from datetime import datetime
+
+    from dtgserver.bridge.trips import body_times_ms
+
+    stamps = [datetime.fromisoformat(t).replace(tzinfo=KST) for t in times]
+    raw = encode(dtg(*(dtg_body(0, time=t) for t in stamps)))
+    layout = realtime_layout(raw)
+    assert layout is not None
+    assert body_times_ms(raw, layout) == [int(t.timestamp() * 1000) for t in stamps]
