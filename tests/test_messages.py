@@ -4,7 +4,7 @@ records at the wire's limits, the JSON is exactly the documented encoding, the t
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -285,33 +285,41 @@ def test_elements_from_the_columns_are_the_elements_built_body_by_body(packets: 
         assert encode(built) == encode(expected)
 
 
-def test_the_usual_drive_is_built_from_the_columns() -> None:
-    """The shortcut is taken where it matters: a minute of a simulated drive (bench/bridge.py's
-    packet) goes through `columns_builder`, and gives the body-by-body elements."""
+def _simulated_minutes(*, seed: int, minutes: int) -> Iterator[tuple[bytes, Any]]:
+    """Consecutive one-minute DTG packets of a simulated drive, each with where it took the trip
+    (`realtime_advance`, the state carried from the minute before)."""
     import random
     from datetime import UTC, datetime
 
     from dtgserver.bridge import trips
-    from dtgserver.bridge.messages import _EM_HEX, columns_builder
     from dtgserver.protocol.layout import realtime
     from dtgserver.sim.load import drive_templates
 
-    rng = random.Random(7)
     start = int(datetime(2026, 11, 21, 8, 0, tzinfo=UTC).timestamp()) // 60 * 60
     state = None
-    for minute, template in enumerate(drive_templates("dtg", rng, start, 3)):
+    for minute, template in enumerate(drive_templates("dtg", random.Random(seed), start, minutes)):
         raw = template.render(b"01099998888", bytes((26, 11, 21, 17, 0, 0, 0)), bytes((26, 11, 21, 17, minute)))
         layout = realtime(raw)
         assert layout is not None
         moved = trips.realtime_advance(raw, layout, state)
         assert moved is not None and moved.columns is not None and moved.times is not None
         assert moved.cdit is not None and moved.masks is not None
+        yield raw, moved
+        state = moved.state
+
+
+def test_the_usual_drive_is_built_from_the_columns() -> None:
+    """The shortcut is taken where it matters: a minute of a simulated drive (bench/bridge.py's
+    packet) goes through `columns_builder`, and gives the body-by-body elements."""
+
+    from dtgserver.bridge.messages import _EM_HEX, columns_builder
+
+    for raw, moved in _simulated_minutes(seed=7, minutes=3):
         table = PROFILES["seed"]
         built = columns_builder("dtg", table.microtrip_keys["dtg"], table.string_keys)(
             moved.columns, moved.tid, _first_km(moved), moved.trip.first_total_fuel_ml, moved.times, moved.cdit,
             [_EM_HEX[mask & 0x7F] for mask in moved.masks])
         assert built is not None and encode(built) == encode(_element_by_element(raw, moved, table))
-        state = moved.state
 
 
 @pytest.mark.parametrize(("keys", "string_keys"), [
@@ -323,26 +331,12 @@ def test_a_profile_of_other_keys_is_built_from_the_columns_as_body_by_body(keys:
     """A profile is data: one whose microtrip leaves out `tid`, `tmp` or `em`, or sends values as
     text, gets from the column-wise builder what the body-by-body one gives (the seed and sf2019
     profiles have all of them, so only such a profile reaches those paths)."""
-    import random
     import types
-    from datetime import UTC, datetime
 
-    from dtgserver.bridge import trips
     from dtgserver.bridge.messages import _EM_HEX, columns_builder
-    from dtgserver.protocol.layout import realtime
-    from dtgserver.sim.load import drive_templates
 
     table = types.SimpleNamespace(microtrip_keys={"dtg": keys}, string_keys=string_keys)
-    rng = random.Random(11)
-    start = int(datetime(2026, 11, 21, 8, 0, tzinfo=UTC).timestamp()) // 60 * 60
-    state = None
-    for minute, template in enumerate(drive_templates("dtg", rng, start, 2)):
-        raw = template.render(b"01099998888", bytes((26, 11, 21, 17, 0, 0, 0)), bytes((26, 11, 21, 17, minute)))
-        layout = realtime(raw)
-        assert layout is not None
-        moved = trips.realtime_advance(raw, layout, state)
-        assert moved is not None and moved.columns is not None and moved.times is not None
-        assert moved.cdit is not None and moved.masks is not None
+    for raw, moved in _simulated_minutes(seed=11, minutes=2):
         built = columns_builder("dtg", keys, string_keys)(
             moved.columns, moved.tid, _first_km(moved), moved.trip.first_total_fuel_ml, moved.times, moved.cdit,
             [_EM_HEX[mask & 0x7F] for mask in moved.masks])
@@ -351,7 +345,6 @@ def test_a_profile_of_other_keys_is_built_from_the_columns_as_body_by_body(keys:
         assert all(list(e) == [key for key in keys if key in e] for e in built)
         assert {key for e in built for key in e} == set(keys) - {"tmp"}  # no temperature sensor on this truck
         assert encode(built) == encode(expected)
-        state = moved.state
 
 
 @pytest.mark.parametrize("lat", [0.0, 0.00005, -0.00005, 0.0001, -0.0001, 37.5])
