@@ -171,7 +171,6 @@ def map_record(record: Packet, state: TripState | None, *, packet_id: str, profi
 # Microtrip keys read straight from one body field: key -> (field, what of it).
 #   "value": the wire integer as it is (a flag's byte too: 0/1, any other byte passed as it came)
 #   "scaled": the field's value, wire / scale
-#   "milli": the field's value × 1000, an integer (litres → mL)
 BODY_FIELDS: Mapping[str, tuple[str, str]] = {
     "lat": ("lat", "scaled"),
     "lon": ("lon", "scaled"),
@@ -268,8 +267,6 @@ def _element_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
                 expr = plain = at(name)
             elif what == "scaled":
                 expr, plain = scaled(name), f"{at(name)} / {scale(name)}"
-            elif what == "milli":
-                expr = plain = milli(name)
             else:
                 raise ValueError(f"{key}: no way to read {what!r}")
             if key in string_keys:  # `%g` text: wire values have at most 5 digits, so it is exact
@@ -390,8 +387,6 @@ def _columns_source(layout: RealtimeLayout, keys: tuple[str, ...], string_keys: 
                 if small > 1 and key not in string_keys:
                     lines.append(f"    if not (min({column}) >= {small} or max({column}) <= -{small}) and "
                                  f"any(v and -{small} < v < {small} for v in {column}):\n        return None")
-            elif what == "milli":
-                plain = expr = "v" if scale(name) == 1000 else f"round(v / {scale(name)} * 1000)"
             else:
                 raise ValueError(f"{key}: no way to read {what!r}")
             if key in string_keys:
