@@ -203,3 +203,21 @@ def test_a_turn_under_way_at_the_trips_last_body_is_counted_in_its_trip() -> Non
     messages, _ = run([dtg(*bodies), end])
     (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]
     assert trip["xdd"]["right_turn"] == 1
+
+
+def test_the_behaviours_found_outlive_a_stretch_of_the_trip_without_a_class() -> None:
+    """A basic info in mid-trip that names a type no class is configured for stops the judging (no
+    `em` on those bodies), but what was found before it is not forgotten: once a class applies
+    again, the Trip counts it."""
+    driving = DrivingConfig(default_class=None)
+    first = dtg(*(moving(s, 20) for s in range(30)), *(moving(s, 30) for s in range(30, 60)))  # +10 km/h
+    middle = dtg(*(moving(60 + s, 30) for s in range(60)))
+    last = dtg(*(moving(120 + s, 30) for s in range(60)))
+    unclassed = attrs.evolve(basic_info(), vehicle_type="41")
+    end = key_off(minutes=3, key_off_time=KEY_ON + timedelta(seconds=179))
+    messages, _ = run([truck_info(), first, unclassed, middle, truck_info(), last, end], driving=driving)
+    ems = [e.get("em") for e in elements(messages)]
+    assert ems[:60] == ["00"] * 30 + ["20"] + ["00"] * 29  # harsh acceleration at the step
+    assert ems[60:120] == [None] * 60 and ems[120:] == ["00"] * 60
+    (trip,) = [m.payload["pld"] for m in messages if m.payload.get("ty") == 1]
+    assert trip["xdd"]["acceleration"] == 1 and sum(trip["xdd"].values()) == 1
