@@ -9,8 +9,9 @@ from datetime import timedelta
 from typing import Any
 
 import attrs
-from test_mapping import KEY_ON, KEY_ON_MS, TID, basic_info, dtg, dtg_body, key_off, run
+from test_mapping import KEY_ON, KEY_ON_MS, MODEM, TID, basic_info, dtg, dtg_body, key_off, run
 
+from dtgserver.bridge.driving import BEHAVIOURS, DrivingConfig
 from dtgserver.bridge.messages import map_record
 from dtgserver.protocol import DtgBody, KeyOff
 
@@ -189,3 +190,27 @@ def test_a_trip_standing_still_and_the_default_deadline_of_a_day() -> None:
             assert pld["wut"] == 29  # never moved: warming up to its last body
     # the status stayed 0 (ok) from the start: no Device Status event, no device health
     assert all(m.payload.get("ty") in (1, 2, None) and not m.topic.endswith("/health") for m in messages)
+
+
+def test_a_trip_closed_later_is_judged_by_its_terminals_class() -> None:
+    """A vehicle class configured for the modem alone (no basic info names a type) applies to the
+    Trip however it closes: at the KEY OFF, when its late bodies come, when the next trip begins,
+    at the deadline."""
+    by_modem = DrivingConfig(default_class=None, classes={MODEM: "bus"})
+    later = KEY_ON + timedelta(hours=2)
+    cases = {  # the packets, and the minute after KEY ON each is received
+        "at the key off": ([minute(0), parked(1.1, 59)], [1, 1.1]),
+        "when its last bodies come": ([minute(0), parked(1.5, 89), minute(1, 30)], [1, 1.5, 40]),
+        "when the next trip begins": ([minute(0), parked(1.5, 89), minute(0, key_on=later, start=7200)], [1, 1.5, 121]),
+        "at the deadline": ([minute(0), parked(1.5, 89), parked(61.6, 89)], [1, 1.5, 61.6]),
+    }
+    for case, (records, minutes) in cases.items():
+        state = None
+        closed: list[Any] = []
+        for n, (record, at) in enumerate(zip(records, minutes, strict=True)):
+            out, state = map_record(record, state, packet_id=f"p{n}", trip_deadline_ms=60 * MINUTE_MS,
+                                    received_ms=KEY_ON_MS + round(at * MINUTE_MS), driving=by_modem)
+            closed += [m.payload["pld"] for m in trips(out) if m.payload["pld"]["tid"] == TID]
+        assert len(closed) == 1, case
+        assert closed[0]["xdd"] == dict.fromkeys(BEHAVIOURS, 0), case
+        assert ("xpartial" in closed[0]) is (case == "at the deadline"), case
