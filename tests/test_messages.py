@@ -12,7 +12,7 @@ import attrs
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from test_mapping import KEY_ON, KEY_ON_MS, TID, dtg, dtg_body, key_off, run, wire
+from test_mapping import KEY_ON, KEY_ON_MS, MODEM, TID, dtg, dtg_body, key_off, run, wire
 
 from dtgserver.bridge.messages import MAX_PAYLOAD_BYTES, encode, exact, map_record
 from dtgserver.bridge.profiles import PROFILES
@@ -425,3 +425,46 @@ def test_an_unusual_packet_built_body_by_body_has_the_usual_keys_in_order_and_cd
     assert [list(e) for e in elements] == [[k for k in keys if k != "clt" or n != 2] for n in range(4)]
     if "cdit" in keys:
         assert [e["cdit"] for e in elements] == moved.cdit and moved.cdit[-1] > 0
+
+
+def test_every_entry_point_warns_of_the_battery_at_the_same_voltage_by_default() -> None:
+    """`build` (what a library user calls), `map_record`, `serve` and `bridge` without the option
+    warn at the same battery voltage."""
+    import inspect
+
+    from dtgserver.bridge.consumer import BridgeOptions
+    from dtgserver.bridge.messages import build
+    from dtgserver.cli import main
+    from dtgserver.server.config import ServerConfig
+
+    warning_ty = PROFILES["seed"].battery_warning_ty
+
+    def warned(messages: list[Any]) -> bool:
+        return any(m.payload["ty"] == warning_ty for m in messages)
+
+    seen = set()
+    for volts in (11.3, 11.4, 11.6, 12.0, 12.4):
+        record = key_off(battery_v=volts)
+        by_record = warned(map_record(record, None, packet_id="p")[0])
+        assert warned(build(encode_packet(record), None, packet_id="p")[0]) is by_record, volts
+        seen.add(by_record)
+    assert seen == {True, False}  # the voltages straddle the default
+    default = inspect.signature(build).parameters["battery_warning_v"].default
+    assert ServerConfig().battery_warning_v == default == attrs.fields(BridgeOptions).battery_warning_v.default
+    for command in ("serve", "bridge", "replay"):
+        (option,) = [p for p in main.commands[command].params if p.name == "battery_warning_v"]
+        assert option.default == default, command
+
+
+def test_a_packet_of_more_bodies_than_the_framers_default_is_derived() -> None:
+    """The server may be run with a higher --max-body-count than the framer's default: a packet it
+    stored with more bodies is read back and published whole (in chunks under 64 KiB)."""
+    from dtgserver.bridge.messages import build
+    from dtgserver.protocol.framing import DEFAULT_MAX_BODY_COUNT
+
+    count = DEFAULT_MAX_BODY_COUNT + 1
+    raw = encode_packet(DtgRealtime(MODEM, 1, KEY_ON, [dtg_body(second) for second in range(count)]))
+    messages, _ = build(raw, None, packet_id="p")
+    elements = [e for m in messages if m.payload["ty"] == 2 for e in m.payload["pld"]]
+    assert len(messages) > 1 and len(elements) == count
+    assert elements[-1]["clt"] == KEY_ON_MS + (count - 1) * 1000
