@@ -468,3 +468,25 @@ def test_a_packet_of_more_bodies_than_the_framers_default_is_derived() -> None:
     elements = [e for m in messages if m.payload["ty"] == 2 for e in m.payload["pld"]]
     assert len(messages) > 1 and len(elements) == count
     assert elements[-1]["clt"] == KEY_ON_MS + (count - 1) * 1000
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(records(DtgRealtime, max_bodies=4), records(ObdRealtime, max_bodies=4),
+                 records(MdtRealtime, max_bodies=4)), st.sampled_from(sorted(PROFILES)), st.randoms())
+def test_a_profile_may_list_its_microtrip_keys_in_any_order(packet: Realtime, profile: str, rng: Any) -> None:
+    """A profile is data: the order of its microtrip keys is the JSON's order, and nothing else
+    (no key's value depends on which keys come before it)."""
+    from dtgserver.bridge.messages import elements_builder
+    from dtgserver.protocol.layout import realtime
+
+    raw = encode_packet(packet)
+    layout = realtime(raw)
+    assert layout is not None
+    keys = PROFILES[profile].microtrip_keys[layout.kind]
+    shuffled = tuple(rng.sample(keys, len(keys)))
+    string_keys = PROFILES[profile].string_keys
+    args = (layout.bodies(raw), 1_795_215_600, 0, 0)
+    usual = elements_builder(layout.kind, keys, string_keys)(*args)
+    reordered = elements_builder(layout.kind, shuffled, string_keys)(*args)
+    assert reordered == usual
+    assert [list(element) for element in reordered] == [[k for k in shuffled if k in element] for element in usual]
