@@ -490,3 +490,47 @@ def test_a_profile_may_list_its_microtrip_keys_in_any_order(packet: Realtime, pr
     reordered = elements_builder(layout.kind, shuffled, string_keys)(*args)
     assert reordered == usual
     assert [list(element) for element in reordered] == [[k for k in shuffled if k in element] for element in usual]
+
+
+def _widest(chunk: list[dict[str, Any]], ty: int, packet_id: str) -> int:
+    """Bytes of a chunk's payload in its widest form: json.dumps' separators, the widest `ts` and
+    message number (what must stay below the platform's limit)."""
+    payload = {"ts": 10**13, "ty": ty, "pld": chunk, "id": f"{packet_id}:99999"}
+    return len(json.dumps(payload, ensure_ascii=False).encode())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(["a", "bb", "키"]), st.one_of(st.integers(), st.text(max_size=40)),
+                                max_size=3), max_size=12),
+       st.sampled_from([1, 2, 3, 4]),
+       st.one_of(st.text(max_size=8), st.text("0123456789abcdef", max_size=32), st.text("가키0a", max_size=8)),
+       st.integers(90, 400), st.booleans())
+def test_a_split_packs_each_message_as_full_as_the_limit_allows(elements: list[dict[str, Any]], ty: int,
+                                                                packet_id: str, limit: int, bounded: bool) -> None:
+    """The chunks are the elements in order, each below the limit in its widest form (whatever the
+    packet id holds: escapes, Korean), and as full as it can be: one element more would reach the
+    limit. No elements, no message. (An element too wide on its own goes alone.)"""
+    from dtgserver.bridge.messages import element_bound, split
+
+    bound = element_bound(("a", "bb", "키")) if bounded and all(
+        len(json.dumps(value, ensure_ascii=False).encode()) <= 32 for e in elements for value in e.values()) else None
+    chunks = split(elements, ty, packet_id, limit, bound)
+    assert [e for chunk in chunks for e in chunk] == elements and all(chunks)
+    for n, chunk in enumerate(chunks):
+        assert len(chunk) == 1 or _widest(chunk, ty, packet_id) < limit
+        if n + 1 < len(chunks):
+            assert _widest([*chunk, chunks[n + 1][0]], ty, packet_id) >= limit
+
+
+@pytest.mark.parametrize("per_chunk", [1, 2, 3, 7])
+def test_a_split_with_no_slack_at_all(per_chunk: int) -> None:
+    """A limit exactly the widest form of one element more than `per_chunk`: every message holds
+    `per_chunk` elements, none reaches the limit (the ", " before a chunk's first element is not
+    counted, nor any byte more)."""
+    from dtgserver.bridge.messages import split
+
+    elements = [{"a": n % 10} for n in range(4 * per_chunk + 1)]
+    limit = _widest(elements[:per_chunk + 1], 2, "p")
+    chunks = split(elements, 2, "p", limit)
+    assert [len(chunk) for chunk in chunks] == [per_chunk] * 4 + [1]
+    assert all(_widest(chunk, 2, "p") < limit for chunk in chunks)
