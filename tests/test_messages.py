@@ -425,6 +425,10 @@ def test_an_unusual_packet_built_body_by_body_has_the_usual_keys_in_order_and_cd
     assert [list(e) for e in elements] == [[k for k in keys if k != "clt" or n != 2] for n in range(4)]
     if "cdit" in keys:
         assert [e["cdit"] for e in elements] == moved.cdit and moved.cdit[-1] > 0
+    if "em" in keys:  # the detector's marks, as on the usual packet: a hex string per body
+        from dtgserver.bridge.driving import em_hex
+
+        assert moved.masks is not None and [e["em"] for e in elements] == [em_hex(m) for m in moved.masks]
 
 
 def test_every_entry_point_warns_of_the_battery_at_the_same_voltage_by_default() -> None:
@@ -534,3 +538,13 @@ def test_a_split_with_no_slack_at_all(per_chunk: int) -> None:
     chunks = split(elements, 2, "p", limit)
     assert [len(chunk) for chunk in chunks] == [per_chunk] * 4 + [1]
     assert all(_widest(chunk, 2, "p") < limit for chunk in chunks)
+
+
+def test_a_message_whose_time_is_no_calendar_time_has_no_ts() -> None:
+    """A KEY OFF sent at no calendar time: its parking microtrip goes out without `ts` (none is
+    invented), not with `"ts": null`."""
+    bad = BadTime(bytes((26, 13, 1, 0, 0, 0, 0)))
+    record = attrs.evolve(key_off(minutes=1), sent_time=bad)
+    (parking,), _ = map_record(wire(record), None, packet_id="k")
+    assert parking.payload["ty"] == 2 and "ts" not in parking.payload
+    assert "clt" not in parking.payload["pld"] and b'"ts"' not in encode(parking.payload)
