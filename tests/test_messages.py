@@ -71,6 +71,15 @@ def test_encode_writes_every_wire_float_as_json_dumps_does(wire_value: int, scal
     assert encode({"v": value, "l": [value]}) == compact({"v": wire_value / scale, "l": [wire_value / scale]})
 
 
+
+@pytest.mark.parametrize("value", [0.0, -0.0, 1e-4, 9.9e-5, -1e-4, 1.5, 1e15, 9999999999999998.0, 1e16, -1e16, 1e17,
+                                   5e-324, 1.7976931348623157e308])
+def test_exact_is_json_dumps_at_either_end_of_orjsons_plain_range(value: float) -> None:
+    """`exact` on any float, not only a wire value: where orjson and json.dumps part (below 1e-4,
+    from 1e16 on) and on both sides of each end."""
+    assert encode([exact(value)]) == compact([value])
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.one_of(records(DtgRealtime), records(ObdRealtime), records(MdtRealtime), records(KeyOff)),
                 min_size=1, max_size=4), st.sampled_from(sorted(PROFILES)))
