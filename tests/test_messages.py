@@ -537,16 +537,17 @@ def test_a_split_packs_each_message_as_full_as_the_limit_allows(elements: list[d
 
 @pytest.mark.parametrize("per_chunk", [1, 2, 3, 7])
 def test_a_split_with_no_slack_at_all(per_chunk: int) -> None:
-    """A limit exactly the widest form of one element more than `per_chunk`: every message holds
-    `per_chunk` elements, none reaches the limit (the ", " before a chunk's first element is not
-    counted, nor any byte more)."""
+    """The smallest limit that lets `per_chunk` elements into a message (their widest form plus
+    one byte) and the largest (the widest form of one element more): every message holds
+    `per_chunk` elements, none reaches the limit. Nothing is counted that is not written (the
+    ", " before a chunk's first element), nothing written goes uncounted."""
     from dtgserver.bridge.messages import split
 
     elements = [{"a": n % 10} for n in range(4 * per_chunk + 1)]
-    limit = _widest(elements[:per_chunk + 1], 2, "p")
-    chunks = split(elements, 2, "p", limit)
-    assert [len(chunk) for chunk in chunks] == [per_chunk] * 4 + [1]
-    assert all(_widest(chunk, 2, "p") < limit for chunk in chunks)
+    for limit in (_widest(elements[:per_chunk], 2, "p") + 1, _widest(elements[:per_chunk + 1], 2, "p")):
+        chunks = split(elements, 2, "p", limit)
+        assert [len(chunk) for chunk in chunks] == [per_chunk] * 4 + [1], limit
+        assert all(_widest(chunk, 2, "p") < limit for chunk in chunks)
 
 
 def test_a_message_whose_time_is_no_calendar_time_has_no_ts() -> None:
