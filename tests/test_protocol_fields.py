@@ -265,3 +265,13 @@ def test_text_that_is_no_cp949_loses_only_its_padding() -> None:
     assert isinstance(record, BasicInfo) and isinstance(record.model, WireStr)
     assert record.model == "X\ufffdX" and to_json(record)["model"] == "X\ufffdX"
     assert encode(record) == bytes(raw)
+
+
+def test_a_wire_strings_repr_rebuilds_it() -> None:
+    """What a log line or a failing test shows of non-canonical text: its value and its bytes, as
+    Python that rebuilds it."""
+    from dtgserver.protocol.fields import WireStr
+
+    text = WireStr("서울", "서울".encode("euc-kr") + b"\x00#")
+    again = eval(repr(text), {"WireStr": WireStr})  # our own repr, of our own text
+    assert again == "서울" and again.wire == text.wire and isinstance(again, WireStr)
