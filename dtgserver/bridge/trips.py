@@ -207,8 +207,10 @@ class Advance(NamedTuple):
     cdit: list[int] | None = None  # per body, metres since the trip's first body (not stale)
     closed: TripState | None = None  # the terminal's previous trip, complete now: its Trip goes first
     completes: bool = False  # the packet's bodies reach the trip's KEY OFF: its Trip goes after them
-    columns: Sequence[Sequence[Any]] | None = None  # the bodies' wire values (`RealtimeLayout.transposed`)
-    times: list[int | None] | None = None  # UTC ms of each body, None where no calendar time
+    # the bodies' wire values (`RealtimeLayout.transposed`) and UTC ms (None where no calendar
+    # time), for the messages; None for an older trip's backlog, which is built body by body
+    columns: Sequence[Sequence[Any]] | None = None
+    times: list[int | None] | None = None
 
 
 def advance(kind: str, key_on_ms: int | None, summary: BodySummary, state: TripState | None) -> Advance | None:
@@ -379,8 +381,8 @@ def realtime_advance(raw: bytes, layout: RealtimeLayout, state: TripState | None
     moved = advance(layout.kind, layout.key_on_ms(raw), _summary(raw, layout, columns, times), state)
     if moved is None:
         return None
-    if moved.stale:
-        return Advance(moved.tid, moved.key_on_ms, True, moved.trip, moved.state, columns=columns, times=times)
+    if moved.stale:  # an older trip's backlog: published as it comes, no detector, no measures
+        return moved
     masks, cdit, trip = _drive_and_measure(moved.trip, layout, columns, times, layout.modem(raw), driving)
     # a new Advance, not `_replace` (a NamedTuple's _replace costs a map over every field by name)
     return Advance(moved.tid, moved.key_on_ms, False, trip, trip, masks, cdit, moved.closed, moved.completes,
