@@ -46,6 +46,7 @@ from .derive import Outgoing, derive
 from .driving import DrivingConfig
 from .outbox import OutboxRow
 from .published import HORIZON_S, PublishedDigests
+from .tripmetrics import DEFAULT_BATTERY_WARNING_V
 from .trips import DEFAULT_DRIVING, DEFAULT_TRIP_DEADLINE_MS, TripState
 
 log = logging.getLogger("dtgserver.bridge")
@@ -61,7 +62,7 @@ class BridgeOptions:
     """How messages are built and how the consumer batches its work."""
 
     profile: str = "seed"
-    battery_warning_v: float = 11.5
+    battery_warning_v: float = DEFAULT_BATTERY_WARNING_V
     driving: DrivingConfig = DEFAULT_DRIVING  # the dangerous-driving edition and vehicle classes
     trip_deadline_ms: int = DEFAULT_TRIP_DEADLINE_MS  # a trip waiting this long after its KEY OFF goes out partial
     read_batch: int = 256  # packets per read of the log

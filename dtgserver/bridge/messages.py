@@ -106,7 +106,7 @@ Built = list[tuple[str, dict[str, Any], bool]]
 
 
 def build(raw: bytes, state: TripState | None, *, packet_id: str, profile: str = "seed",
-          battery_warning_v: float = 11.5, received_ms: int | None = None,
+          battery_warning_v: float = tripmetrics.DEFAULT_BATTERY_WARNING_V, received_ms: int | None = None,
           max_payload_bytes: int = MAX_PAYLOAD_BYTES, driving: DrivingConfig = DEFAULT_DRIVING,
           trip_deadline_ms: int = DEFAULT_TRIP_DEADLINE_MS) -> tuple[list[Message], TripState | None]:
     """The messages of one framed packet in publish order, and the terminal's next trip state.
@@ -156,7 +156,7 @@ SILENT_KINDS = frozenset({"status_log"})
 
 
 def map_record(record: Packet, state: TripState | None, *, packet_id: str, profile: str = "seed",
-               battery_warning_v: float = 11.5, received_ms: int | None = None,
+               battery_warning_v: float = tripmetrics.DEFAULT_BATTERY_WARNING_V, received_ms: int | None = None,
                max_payload_bytes: int = MAX_PAYLOAD_BYTES, driving: DrivingConfig = DEFAULT_DRIVING,
                trip_deadline_ms: int = DEFAULT_TRIP_DEADLINE_MS) -> tuple[list[Message], TripState | None]:
     """`build` for a record: the messages of the packet it encodes to."""

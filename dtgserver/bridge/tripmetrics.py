@@ -154,6 +154,11 @@ def system_voltage(driving_v: float | None) -> int | None:
     return 24 if driving_v > SYSTEM_VOLTAGE_SPLIT_V else 12
 
 
+DEFAULT_BATTERY_WARNING_V = 11.5
+"""The Battery Warning threshold of a 12 V system unless configured (`--battery-warning-v`): a
+resting lead-acid battery at about 11.5 V is nearly flat."""
+
+
 def battery_warning_threshold_v(system_v: int | None, warning_12v: float, reading_v: float) -> float:
     """The Battery Warning threshold for a vehicle: `warning_12v` on a 12 V system, twice it on a
     24 V one (two 12 V batteries in series). A vehicle whose system is not known yet is judged by

@@ -17,6 +17,7 @@ import click
 import trio
 
 from ..bridge.profiles import PROFILES
+from ..bridge.tripmetrics import DEFAULT_BATTERY_WARNING_V
 from . import checks
 from .server_cmds import _parse_time, data_dir_option, driving_options, store_options
 
@@ -45,7 +46,7 @@ def _mqtt_options(default_client_id: str | None) -> Callable[[F], F]:
             # the variables `serve` reads too: a replay or a bridge beside `serve` builds the same messages
             click.option("--profile", type=click.Choice(list(PROFILES)), default="seed", envvar="DTGSERVER_PROFILE",
                          show_envvar=True, help="Smart[Fleet] message numbering."),
-            click.option("--battery-warning-v", type=checks.FiniteFloat(min=0), default=11.5,
+            click.option("--battery-warning-v", type=checks.FiniteFloat(min=0), default=DEFAULT_BATTERY_WARNING_V,
                          envvar="DTGSERVER_BATTERY_WARNING_V", show_envvar=True,
                          help="KEY OFF battery below this raises a Battery Warning event (0 disables)."),
         ]):

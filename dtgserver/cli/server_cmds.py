@@ -20,6 +20,7 @@ import trio
 
 from ..bridge.driving import DEFAULT_EDITION, EDITIONS, VEHICLE_CLASSES
 from ..bridge.profiles import PROFILES
+from ..bridge.tripmetrics import DEFAULT_BATTERY_WARNING_V
 from ..protocol import DEFAULT_MAX_BODY_COUNT, KST
 from ..server.config import DEFAULT_PORT, MAX_TRIP_DEADLINE_H, ServerConfig
 from . import checks
@@ -230,7 +231,8 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
               help="MQTT client id (default: generated).")
 @click.option("--profile", type=click.Choice(list(PROFILES)), default="seed", **_env("PROFILE"),
               help="Smart[Fleet] message numbering.")
-@click.option("--battery-warning-v", type=checks.FiniteFloat(min=0), default=11.5, **_env("BATTERY_WARNING_V"),
+@click.option("--battery-warning-v", type=checks.FiniteFloat(min=0), default=DEFAULT_BATTERY_WARNING_V,
+              **_env("BATTERY_WARNING_V"),
               help="KEY OFF battery below this raises a Battery Warning event (0 disables).")
 @click.option("--backlog-high-water", "--outbox-high-water", "backlog_high_water", type=click.IntRange(1),
               default=100_000, **_env("BACKLOG_HIGH_WATER"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import attrs
 
 from ..bridge.driving import DEFAULT_EDITION, DrivingConfig
+from ..bridge.tripmetrics import DEFAULT_BATTERY_WARNING_V
 from ..protocol import DEFAULT_MAX_BODY_COUNT, max_frame_length
 
 SECONDS = 1.0
@@ -39,7 +40,7 @@ class ServerConfig:
     topic_prefix: str = ""
     client_id: str | None = None
     profile: str = "seed"
-    battery_warning_v: float = 11.5
+    battery_warning_v: float = DEFAULT_BATTERY_WARNING_V
     backlog_high_water: int = 100_000  # packets after the bridge's cursor before new packets get 4
     external_bridge: bool = False  # a `dtgserver bridge` process consumes the data dir: its backlog counts
     trip_cache: int = 100_000  # terminals whose trip state the bridge keeps in memory
