@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nats.errors
 import pytest
 import trio
+from nats.js.api import AckPolicy, ConsumerConfig
 from natscluster import NatsCluster, nats_cluster_fixture
 from test_nats_store import opened, running, until_ok
 from test_server import OK, exchange
 
-from dtgserver.store.nats.backend import NatsBackend
+from dtgserver.store.nats.backend import STREAM, SUBJECT_PREFIX, NatsBackend, subject
+from dtgserver.store.nats.backlog import NatsBacklog, backlog_consumer
 from dtgserver.store.nats.log import CursorBusy, JetStreamLog, KvCursor
 from dtgserver.store.packets import digest, shard_of
 from dtgserver.testing import dtg_bytes
@@ -140,3 +143,62 @@ def test_log_partitions_are_the_stream_partitions(nats_cluster: NatsCluster) -> 
     with opened(nats_cluster.url) as backend:
         assert isinstance(backend, NatsBackend)
         assert JetStreamLog(backend).shards == backend.partitions == 16
+
+
+def test_the_backlog_is_read_from_one_listing_of_the_consumers_a_page_at_a_time(nats_cluster: NatsCluster) -> None:
+    """`NatsBacklog` reads every partition's backlog consumer from the stream's consumer list: one
+    request when they fit on a page (not one per partition), the next pages when other consumers
+    fill the first; a partition without its consumer keeps the figure last read."""
+    with opened(nats_cluster.url) as backend:
+        partitions = backend.partitions
+        nc = backend.link.nc
+        assert nc is not None
+
+        async def setup() -> None:
+            js = backend.js
+            for partition in range(partitions):
+                for n in range(partition % 4):  # 0–3 packets waiting per partition
+                    await js.publish(subject(partition, f"0101111{n:04d}"), b"packet")
+                await js.add_consumer(STREAM, ConsumerConfig(
+                    durable_name=backlog_consumer(partition), filter_subject=f"{SUBJECT_PREFIX}.{partition}.>",
+                    ack_policy=AckPolicy.ALL, headers_only=True))
+
+        backend.link.call_blocking(setup())
+        requests = backend.link.call_blocking(nc.subscribe("$JS.API.CONSUMER.>"))  # every consumer API request
+        backend.link.call_blocking(nc.flush())
+        backlog = NatsBacklog(backend)
+
+        async def seen() -> list[str]:
+            subjects = []
+            while True:
+                try:
+                    subjects.append((await requests.next_msg(timeout=0.3)).subject)
+                except nats.errors.TimeoutError:
+                    return [s.rsplit(".", 1)[0] for s in subjects]  # without the stream's name
+
+        def read() -> list[str]:
+            backend.link.call_blocking(seen())  # not the setting up's own requests
+            trio.run(backlog.read)
+            return backend.link.call_blocking(seen())
+
+        expected = {partition: partition % 4 for partition in range(partitions)}
+        assert read() == ["$JS.API.CONSUMER.LIST"]
+        assert backlog.partitions == expected and backlog.total() == sum(expected.values())
+
+        backend.link.call_blocking(backend.js.delete_consumer(STREAM, backlog_consumer(3)))
+        backend.link.call_blocking(backend.js.publish(subject(3, "01011119999"), b"packet"))
+        assert read() == ["$JS.API.CONSUMER.LIST"] * 2  # the page it is not on, then an empty one
+        assert backlog.partitions == expected  # partition 3 as last read (3), not 4, not 0
+
+        async def crowd() -> None:  # 300 consumers whose names sort before the backlog's
+            for n in range(300):
+                await backend.js.add_consumer(STREAM, ConsumerConfig(
+                    durable_name=f"another_{n:03d}", ack_policy=AckPolicy.NONE, headers_only=True,
+                    mem_storage=True, num_replicas=1))
+            await backend.js.add_consumer(STREAM, ConsumerConfig(
+                durable_name=backlog_consumer(3), filter_subject=f"{SUBJECT_PREFIX}.3.>",
+                ack_policy=AckPolicy.ALL, headers_only=True))
+
+        backend.link.call_blocking(crowd(), timeout=120)
+        assert read() == ["$JS.API.CONSUMER.LIST"] * 2  # 256 others, then the rest with every partition's
+        assert backlog.partitions == expected | {3: 4}

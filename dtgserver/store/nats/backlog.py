@@ -7,9 +7,10 @@ delivered) plus `num_ack_pending` (delivered, not acknowledged) is then the numb
 partition's packets after the cursor: what the SQLite store's backlog means, counted by the
 cluster, whichever bridge owns the partition, and growing while none does.
 
-`NatsBacklog` reads the consumers of every partition about once a second (on the NATS thread,
-never on a session's path), for a server (`dtg_mqtt_backlog`, and 4 for the packets of a
-partition at `--backlog-high-water`) and for `dtgserver bridge` (its `dtg_mqtt_backlog`). A
+`NatsBacklog` reads the consumers of every partition about once a second, all from one listing
+of the stream's consumers (a page of up to 256 per request, not a request per partition; on the
+NATS thread, never on a session's path), for a server (`dtg_mqtt_backlog`, and 4 for the packets
+of a partition at `--backlog-high-water`) and for `dtgserver bridge` (its `dtg_mqtt_backlog`). A
 partition without its consumer has never been consumed (or its bridge is making it again on a
 takeover): it counts as what was last read, 0 at first, and turns nothing away, like a SQLite
 shard whose bridge has saved no cursor.
@@ -17,11 +18,9 @@ shard whose bridge has saved no cursor.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
-import nats.js.errors
 import trio
 
 from .backend import STREAM, UNAVAILABLE, NatsBackend
@@ -55,16 +54,23 @@ class NatsBacklog:
         gauges["mqtt_backlog"] = self.total
 
     async def _read(self) -> dict[int, int | None]:
+        """Every partition's backlog (None: no consumer), from the stream's consumer list: one API
+        request for up to a page of consumers (the server's limit, 256), not one per partition."""
         js = self.backend.js
-
-        async def one(partition: int) -> tuple[int, int | None]:
-            try:
-                info = await js.consumer_info(STREAM, backlog_consumer(partition))
-            except nats.js.errors.NotFoundError:
-                return partition, None
-            return partition, int(info.num_pending) + int(info.num_ack_pending)
-
-        return dict(await asyncio.gather(*(one(p) for p in range(self.backend.partitions))))
+        names = {backlog_consumer(p): p for p in range(self.backend.partitions)}
+        found: dict[int, int | None] = dict.fromkeys(names.values())
+        offset, left = 0, len(names)
+        while left:
+            page = await js.consumers_info(STREAM, offset or None)
+            for info in page:
+                partition = names.get(info.name or "")
+                if partition is not None and found[partition] is None:
+                    found[partition] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+                    left -= 1
+            if not page:
+                break
+            offset += len(page)
+        return found
 
     async def read(self) -> None:
         """Read every partition's consumer once (nothing before the backend is set up)."""
