@@ -46,7 +46,7 @@ import orjson
 try:
     import msgspec  # measured for the choice of encoder; not a dependency
 except ImportError:
-    msgspec = None
+    msgspec = None  # type: ignore[assignment, unused-ignore]  # an error only where msgspec is installed
 
 from dtgserver.bridge.derive import derive
 from dtgserver.bridge.driving import DriveState, detect

@@ -252,8 +252,11 @@ def test_bad_value_in_environment_names_the_variable(configs: list[ServerConfig]
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ('port = 1111\n[serve]\nhost = "127.0.0.2"\n', "put every option under [serve] or none of them (found port)"),
-    ("serve = 5\n", "put every option under [serve] or none of them (found serve = 5)"),
+    ('port = 1111\n[serve]\nhost = "127.0.0.2"\n', "put every option under [serve] and [bridge] or none of them "
+                                                   "(found port)"),
+    ("serve = 5\n", "put every option under [serve] and [bridge] or none of them (found serve = 5)"),
+    ('bridge = "x"\n[serve]\nport = 1111\n', "or none of them (found bridge = 'x')"),
+    ('[bridge]\nquiet = true\n', "dtg.toml has no [serve] table (it has [bridge])"),
 ])
 def test_options_beside_the_serve_table_are_refused(configs: list[ServerConfig], tmp_path: Path, text: str,
                                                     expected: str) -> None:
@@ -379,3 +382,73 @@ def test_a_bad_mqtt_url_with_workers_exits_at_once(tmp_path: Path) -> None:
     assert result.stderr.splitlines()[-1] == ("Error: Invalid value for '--mqtt': broker URL must start with "
                                               "mqtt:// or mqtts://, got 'http://x'")
     assert not (tmp_path / "control.db").exists()
+
+
+# -- one file for a server and its bridge ---------------------------------------------------------
+
+BOTH = """\
+[serve]
+port = 1111
+external-bridge = true
+
+[bridge]
+mqtt = "mqtt://127.0.0.1:1"
+trip-cache = 7
+profile = "sf2019"
+"""
+
+
+@pytest.fixture
+def bridges(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[Any, ...]]:
+    """What `bridge` would have run: (the data dir's packet log's path, the MQTT options, the message options);
+    the data dir is a store with one shard (`bridge` refuses a directory without)."""
+    import trio
+    from test_export import fill
+
+    import dtgserver.bridge.service
+    from dtgserver.testing import dtg_bytes
+
+    trio.run(fill, tmp_path / "data", [dtg_bytes()])
+    seen: list[tuple[Any, ...]] = []
+
+    def capture(packet_log: Any, shards: Any, cursor: Any, mqtt: Any, options: Any) -> None:
+        seen.append((packet_log.data_dir, mqtt, options))
+        raise ValueError("no bridge in this test")
+
+    monkeypatch.setattr(dtgserver.bridge.service, "Bridge", capture)
+    return seen
+
+
+def test_serve_and_bridge_each_read_their_table_of_one_file(configs: list[ServerConfig], bridges: list[Any],
+                                                           tmp_path: Path) -> None:
+    path = write(tmp_path / "dtg.toml", BOTH)
+    config = config_of(configs, "--config", path)
+    assert (config.port, config.external_bridge, config.mqtt_url) == (1111, True, None)
+    result = CliRunner().invoke(main, ["bridge", "--config", path, "--data-dir", str(tmp_path / "data")])
+    assert result.exit_code == 1 and "no bridge in this test" in result.stderr, result.output
+    ((data_dir, mqtt, options),) = bridges
+    assert data_dir == tmp_path / "data"
+    assert (mqtt.url, options.trip_cache, options.profile) == ("mqtt://127.0.0.1:1", 7, "sf2019")
+
+
+def test_bridge_reads_dtgserver_config_too_and_names_a_bad_value_by_file_and_key(bridges: list[Any],
+                                                                                  tmp_path: Path) -> None:
+    path = write(tmp_path / "dtg.toml", BOTH.replace("trip-cache = 7", "trip-cache = 0"))
+    result = CliRunner().invoke(main, ["bridge", "--data-dir", str(tmp_path / "data")],
+                                env={"DTGSERVER_CONFIG": path})
+    message = " ".join(failure(result).split())
+    assert f"Invalid value for 'trip-cache' in {path}: " in message
+    assert bridges == []
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('[serve]\nport = 1111\n', "dtg.toml has no [bridge] table (it has [serve])"),
+    ('[bridge]\nport = 1111\n', "unknown option 'port'"),  # a server's option, not the bridge's
+    ('mqtt = "mqtt://127.0.0.1:1"\n[bridge]\nquiet = true\n', "or none of them (found mqtt)"),
+])
+def test_bridge_refuses_a_file_without_its_table_or_with_options_it_has_not(bridges: list[Any], tmp_path: Path,
+                                                                            text: str, expected: str) -> None:
+    path = write(tmp_path / "dtg.toml", text)
+    result = CliRunner().invoke(main, ["bridge", "--config", path, "--data-dir", str(tmp_path / "data")])
+    assert expected in " ".join(failure(result).split())
+    assert bridges == []

@@ -19,7 +19,7 @@ import trio
 from ..bridge.profiles import PROFILES
 from ..bridge.tripmetrics import DEFAULT_BATTERY_WARNING_V
 from . import checks
-from .server_cmds import _parse_time, data_dir_option, driving_options, store_options
+from .server_cmds import _parse_time, config_option, data_dir_option, driving_options, store_options
 
 log = logging.getLogger("dtgserver.bridge")
 
@@ -78,6 +78,7 @@ def _store_shards(data_dir: Path) -> int:
 
 
 @click.command(cls=checks.ConfigCommand)
+@config_option
 @data_dir_option
 @_mqtt_options(None)
 @driving_options()

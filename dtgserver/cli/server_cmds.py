@@ -33,8 +33,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 DATA_DIR_HELP = "Directory of the databases and status log files."
 
 
+CONFIG_SECTIONS = ("serve", "bridge")
+"""The tables a config file may hold, one per long-running command: each reads its own."""
+
+
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--config FILE: a TOML table of option names (dashes or underscores) → values, under the CLI and env."""
+    """--config FILE: a TOML table of option names (dashes or underscores) → values, under the CLI and env.
+
+    The options sit at the top level, or all of them under tables named after the commands
+    (`[serve]`, `[bridge]`), each command reading its own: one file for a server and its bridge."""
     if value is None:
         return None
     try:
@@ -42,13 +49,18 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
             table = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-    if "serve" in table:  # all options under [serve], or none: a key beside it would be silently ignored
-        outside = sorted(set(table) - {"serve"})
-        if not isinstance(table["serve"], dict) or outside:
-            raise click.BadParameter(f"in {value}, put every option under [serve] or none of them "
-                                     f"(found {', '.join(outside) or 'serve = ' + repr(table['serve'])})",
-                                     ctx=ctx, param=param)
-        table = table["serve"]
+    sections = [name for name in CONFIG_SECTIONS if name in table]
+    if sections:  # all options under the tables, or none: a key beside them would be silently ignored
+        outside = [key if key not in CONFIG_SECTIONS else f"{key} = {table[key]!r}" for key in sorted(table)
+                   if key not in CONFIG_SECTIONS or not isinstance(table[key], dict)]
+        if outside:
+            raise click.BadParameter(f"in {value}, put every option under [serve] and [bridge] or none of them "
+                                     f"(found {', '.join(outside)})", ctx=ctx, param=param)
+        command = ctx.command.name or ""
+        if command not in table:
+            raise click.BadParameter(f"{value} has no [{command}] table (it has "
+                                     f"{', '.join(f'[{name}]' for name in sections)})", ctx=ctx, param=param)
+        table = table[command]
     known = {}  # long option name (--mqtt) or parameter name (mqtt_url), dashes as underscores → parameter
     for p in ctx.command.params:
         if p.name and p.name not in ("config", "help"):
@@ -80,6 +92,13 @@ def _workers(ctx: click.Context, param: click.Parameter, value: str | int) -> in
         return worker_count(value)
     except ValueError as e:  # too many for this machine
         raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+
+def config_option(f: Any) -> Any:
+    return click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+                        callback=_load_config, envvar="DTGSERVER_CONFIG", show_envvar=True,
+                        help="TOML file of options (keys as the long option names; in a file of [serve] "
+                             "and [bridge] tables, this command's table).")(f)
 
 
 def data_dir_option(f: Any) -> Any:
@@ -191,8 +210,7 @@ def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
 
 
 @click.command(cls=checks.ConfigCommand)
-@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
-              envvar="DTGSERVER_CONFIG", show_envvar=True, help="TOML file of options (keys as the long option names).")
+@config_option
 @click.option("--host", default="0.0.0.0", callback=checks.listen_host, **_env("HOST"), help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, **_env("PORT"), help="TCP port.")
 @data_dir_option
