@@ -20,9 +20,9 @@ def main(ctx: click.Context) -> None:
 
 
 def _register() -> None:
-    from . import bridge_cmds, codec_cmds, report_cmds, server_cmds, sim_cmds
+    from . import bridge_cmds, codec_cmds, prune_cmds, report_cmds, server_cmds, sim_cmds
 
-    for module in (codec_cmds, server_cmds, bridge_cmds, report_cmds, sim_cmds):
+    for module in (codec_cmds, server_cmds, prune_cmds, bridge_cmds, report_cmds, sim_cmds):
         for command in module.COMMANDS:
             main.add_command(command)
 

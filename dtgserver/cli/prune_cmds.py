@@ -1,0 +1,81 @@
+"""`dtgserver prune`: a data dir's retention period, run beside the server (from cron or a timer)."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from ..protocol import KST
+from . import checks
+from .server_cmds import data_dir_option
+
+MIN_KEEP_DAYS = 2.0
+"""A terminal resends what was not answered 0 for up to 48 hours (spec §4.5), and a resend of a
+packet whose row was pruned would be stored, and published, a second time."""
+
+
+@click.command()
+@data_dir_option
+@click.option("--keep-days", type=checks.FiniteFloat(min=MIN_KEEP_DAYS), required=True,
+              help="Keep what was received in the last this many days; remove what is older. At least 2: "
+                   "terminals resend for up to 48 hours, and a pruned packet's resend would be stored again.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+def prune(data_dir: Path, keep_days: float, dry_run: bool) -> None:
+    """Remove the packets and status log files received more than --keep-days ago from a data dir.
+
+    Safe beside a running server: the packets go in small transactions, each of which the server's
+    commits wait for at most. Kept whatever their age: the packets after the MQTT bridge's saved
+    cursor (DIR/bridge-<shard>.db: their messages are not all acknowledged yet) and each shard's
+    last packet (the next packet's id follows it). The database files do not shrink: SQLite
+    reuses the freed pages for new packets. For --store nats://..., the stream's max_age does this
+    (docs/scaling.md).
+    """
+    from ..bridge.cursor import cursor_path, read_position
+    from ..store import shard_paths
+    from ..store.retention import prune_shard, prune_status_logs
+
+    paths = shard_paths(data_dir)
+    if not paths:
+        click.echo(f"dtgserver: error: no store in {data_dir}", err=True)
+        sys.exit(1)
+    before = time.time() - keep_days * 86_400
+    verb = "would remove" if dry_run else "removed"
+    cut = datetime.fromtimestamp(before, KST).isoformat(timespec="seconds")
+    failed = False
+    for shard, path in enumerate(paths):
+        try:
+            cursor = read_position(data_dir, shard)
+        except sqlite3.Error as e:  # which packets the bridge still needs is unknown: none go
+            click.echo(f"dtgserver: error: {cursor_path(data_dir, shard).name}: {e}: the bridge's cursor is "
+                       f"unknown, nothing removed from {path.name}", err=True)
+            failed = True
+            continue
+        try:
+            pruned = prune_shard(path, before, keep_after=cursor, dry_run=dry_run)
+        except sqlite3.Error as e:  # a damaged file, a lock held past the busy timeout: nothing more of it
+            click.echo(f"dtgserver: error: {path.name}: {e}; nothing more removed from it", err=True)
+            failed = True
+            continue
+        kept = []
+        if pruned.kept_unpublished:
+            kept.append(f"{pruned.kept_unpublished:,} after the bridge's cursor in {cursor_path(data_dir, shard).name}")
+        if pruned.kept_last:
+            kept.append("the shard's last packet")
+        click.echo(f"{path.name}: {verb} {pruned.removed:,} packets received before {cut}"
+                   + (f" (kept {' and '.join(kept)})" if kept else ""))
+    try:
+        logs = prune_status_logs(data_dir, before, dry_run=dry_run)
+    except OSError as e:
+        click.echo(f"dtgserver: error: status log files: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"logs: {verb} {logs:,} status log files written before {cut}")
+    if failed:
+        sys.exit(1)
+
+
+COMMANDS = [prune]
