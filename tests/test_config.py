@@ -452,3 +452,23 @@ def test_bridge_refuses_a_file_without_its_table_or_with_options_it_has_not(brid
     result = CliRunner().invoke(main, ["bridge", "--config", path, "--data-dir", str(tmp_path / "data")])
     assert expected in " ".join(failure(result).split())
     assert bridges == []
+
+
+def test_the_store_help_names_the_commands_that_take_a_config_file() -> None:
+    """Every command with --store says how to give it credentials; --config only where it has one."""
+    import re
+
+    import click
+
+    devices = main.commands["devices"]
+    assert isinstance(devices, click.Group)
+    commands = dict(main.commands) | {f"devices {name}": command for name, command in devices.commands.items()}
+    with_store = {name: c for name, c in commands.items() if any(p.name == "store" for p in c.params)}
+    assert {"serve", "bridge", "replay", "export", "maintenance", "devices add"} <= set(with_store)
+    for name, command in with_store.items():
+        store = next(p for p in command.params if p.name == "store")
+        assert isinstance(store, click.Option)
+        found = re.search(r"\(([a-z, ]+)\) --config", store.help or "")
+        assert found is not None, name
+        named = set(found.group(1).split(", "))
+        assert named == {n for n, c in with_store.items() if any(p.name == "config" for p in c.params)}, name

@@ -181,7 +181,7 @@ def store_options(f: Any) -> Any:
                      help="Keep packets, registry and maintenance mode on a NATS JetStream cluster instead of "
                           "SQLite in --data-dir: nats://[user:pass@]host[:port][,host[:port]...] or tls://... "
                           "Give credentials through DTGSERVER_STORE, DTGSERVER_STORE_USER/_PASSWORD/_TOKEN or "
-                          "--config, not on the command line (ps shows it)."),
+                          "(serve, bridge) --config, not on the command line (ps shows it)."),
         click.option("--store-tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      callback=checks.tls_ca, **_env("STORE_TLS_CA"), help="CA certificate file for a tls:// store."),
         click.option("--store-replicas", type=click.IntRange(1, 5), default=3, **_env("STORE_REPLICAS"),
