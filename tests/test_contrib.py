@@ -26,6 +26,7 @@ from dtgserver.server.config import ServerConfig
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 UNIT = CONTRIB / "dtgserver.service"
 BRIDGE_UNIT = CONTRIB / "dtgserver-bridge.service"
+PRUNE_UNIT, PRUNE_TIMER = CONTRIB / "dtgserver-prune.service", CONTRIB / "dtgserver-prune.timer"
 SAMPLE = CONTRIB / "dtgserver.toml"
 VENV_BIN = Path(sys.executable).parent  # where pip put this checkout's `dtgserver` script
 
@@ -81,14 +82,16 @@ def unit(path: Path = UNIT) -> dict[str, list[str]]:
     return entries
 
 
-@pytest.mark.parametrize("path", [UNIT, BRIDGE_UNIT], ids=lambda path: path.name)
-def test_systemd_analyze_verifies_the_unit(tmp_path: Path, path: Path) -> None:
+@pytest.mark.parametrize("paths", [[UNIT], [BRIDGE_UNIT], [PRUNE_UNIT, PRUNE_TIMER]],
+                         ids=lambda paths: paths[0].stem)
+def test_systemd_analyze_verifies_the_unit(tmp_path: Path, paths: list[Path]) -> None:
     """With ExecStart pointing at this checkout's dtgserver (verify wants an executable there)."""
-    command = shlex.split(unit(path)["ExecStart"][0])
+    command = shlex.split(unit(paths[0])["ExecStart"][0])
     assert command[0] == "/opt/dtgserver/bin/dtgserver"
-    installed = tmp_path / path.name
-    installed.write_text(path.read_text("utf-8").replace(command[0], str(VENV_BIN / "dtgserver")), "utf-8")
-    checked = subprocess.run(["systemd-analyze", "verify", str(installed)], capture_output=True, text=True,
+    installed = [tmp_path / path.name for path in paths]
+    for path, copy in zip(paths, installed, strict=True):
+        copy.write_text(path.read_text("utf-8").replace(command[0], str(VENV_BIN / "dtgserver")), "utf-8")
+    checked = subprocess.run(["systemd-analyze", "verify", *map(str, installed)], capture_output=True, text=True,
                              timeout=120)
     assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", "")
 
@@ -158,3 +161,29 @@ def test_the_bridge_unit_runs_the_bridge_beside_the_server_as_its_user_on_its_da
     result = CliRunner().invoke(main, args, env={"DTGSERVER_MQTT": "mqtt://127.0.0.1:1"})
     assert result.exit_code == 1 and "no bridge in this test" in result.stderr, result.output
     assert seen == [BridgeOptions()]  # the sample's [bridge] is every default
+
+
+def test_the_prune_timer_runs_prune_daily_on_the_servers_data_as_its_user(tmp_path: Path) -> None:
+    import trio
+    from test_export import fill
+
+    from dtgserver.testing import dtg_bytes
+
+    server, entries = unit(), unit(PRUNE_UNIT)
+    for key in ("User", "Group", "StateDirectory", "WorkingDirectory", "UMask"):
+        assert entries[key] == server[key], key
+    hardening = UNIT.read_text("utf-8").split("# The data directory", 1)[1].split("[Install]")[0]
+    assert PRUNE_UNIT.read_text("utf-8").split("# The data directory", 1)[1] == hardening
+    assert entries["Type"] == ["oneshot"] and "[Install]" not in PRUNE_UNIT.read_text("utf-8")  # the timer starts it
+    timer = unit(PRUNE_TIMER)
+    assert timer["OnCalendar"] == ["*-*-* 04:00:00"] and timer["Persistent"] == ["true"]
+    assert timer["WantedBy"] == ["timers.target"]
+    args = shlex.split(entries["ExecStart"][0])[1:]
+    server_args = shlex.split(server["ExecStart"][0])[1:]
+    assert args[0] == "prune" and "--dry-run" not in args
+    assert args[args.index("--data-dir") + 1] == server_args[server_args.index("--data-dir") + 1]
+    trio.run(fill, tmp_path, [dtg_bytes()])
+    args[args.index("--data-dir") + 1] = str(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "store-0.db: removed 0 packets received before" in result.output
