@@ -197,3 +197,30 @@ def test_links_in_the_logs_folder_are_not_followed(data_dir: Path, tmp_path: Pat
     result = prune(data_dir, "--keep-days", "3")
     assert result.exit_code == 0, result.output
     assert (outside / "old.log").read_text("utf-8") == "not ours" and (folder / "link.log").is_symlink()
+
+
+def test_each_shard_keeps_what_its_own_bridge_has_not_published(data_dir: Path) -> None:
+    """Shard 1 is judged by bridge-1.db, even when it is the only shard file left."""
+    age(data_dir, 10)
+    source = sqlite3.connect(data_dir / "store-0.db")
+    copy = sqlite3.connect(data_dir / "store-1.db")
+    source.backup(copy)
+    source.close()
+    copy.close()
+    cursor = SqliteCursor(data_dir, 1)
+    cursor.save(2, {})
+    cursor.close()
+    result = prune(data_dir, "--keep-days", "3")
+    assert result.exit_code == 0, result.output
+    with sqlite3.connect(data_dir / "store-1.db") as db:
+        assert [row[0] for row in db.execute("SELECT id FROM packets ORDER BY id")] == [3, 4, 5, 6]
+    assert ids(data_dir) == [6]  # shard 0 has no bridge file
+    for name in ("store-0.db", "store-0.db-wal", "store-0.db-shm"):
+        (data_dir / name).unlink(missing_ok=True)
+    source = sqlite3.connect(data_dir / "store-1.db")
+    with source:
+        source.execute("UPDATE packets SET received_at = received_at - 30 * 86400")
+    source.close()
+    result = prune(data_dir, "--keep-days", "3")
+    assert "store-1.db: removed 0 packets" in result.output and "(kept 3 after the bridge's cursor in bridge-1.db" \
+        in result.output

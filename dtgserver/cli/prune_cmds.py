@@ -47,7 +47,8 @@ def prune(data_dir: Path, keep_days: float, dry_run: bool) -> None:
     verb = "would remove" if dry_run else "removed"
     cut = datetime.fromtimestamp(before, KST).isoformat(timespec="seconds")
     failed = False
-    for shard, path in enumerate(paths):
+    for path in paths:
+        shard = int(path.stem.removeprefix("store-"))  # its number, whatever the others
         try:
             cursor = read_position(data_dir, shard)
         except sqlite3.Error as e:  # which packets the bridge still needs is unknown: none go
