@@ -224,3 +224,19 @@ def test_each_shard_keeps_what_its_own_bridge_has_not_published(data_dir: Path) 
     result = prune(data_dir, "--keep-days", "3")
     assert "store-1.db: removed 0 packets" in result.output and "(kept 3 after the bridge's cursor in bridge-1.db" \
         in result.output
+
+
+def test_a_logs_folder_that_is_a_link_is_not_followed(data_dir: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    (outside / "01012345678").mkdir(parents=True)
+    (outside / "01012345678" / "old.log").write_text("not ours", "utf-8")
+    os.utime(outside / "01012345678" / "old.log", (time.time() - 10 * DAY,) * 2)
+    os.rename(data_dir / "logs", tmp_path / "moved")
+    (data_dir / "logs").symlink_to(outside)
+    age(data_dir, 10)
+    result = prune(data_dir, "--keep-days", "3")
+    assert result.exit_code == 1
+    assert result.stderr == (f"dtgserver: error: status log files: {data_dir / 'logs'} is a symbolic link or not "
+                             "a folder: not followed\n")
+    assert "store-0.db: removed 5 packets" in result.output  # the packets are the store's own
+    assert (outside / "01012345678" / "old.log").exists()

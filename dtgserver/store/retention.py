@@ -1,25 +1,28 @@
 """Retention: removing packets and status log files older than a cut-off from a data dir.
 
 The store keeps every packet until it is told otherwise (`dtgserver prune`). What is removed, per
-shard, is the packets received before the cut-off, with three exceptions:
+shard, is the packets received (`received_at`, the server's clock at arrival) before the
+cut-off, with two exceptions:
 
 - The packets after `keep_after` (the bridge's cursor, which the caller reads): their messages
   have not all been acknowledged by the broker, and the bridge still has to read them.
 - The shard's last packet, whatever its age. A packet's id is one more than the largest id in the
   table (`INTEGER PRIMARY KEY` without AUTOINCREMENT), so deleting the last one would give the
   next packet an id already handed out: one the bridge's cursor is already past.
-- Nothing else: a packet's age is its `received_at`, the server's clock at arrival.
 
 Deletes run in transactions of `batch` packets each, so that the server's commits (which wait for
 the write lock, store/packets.py) wait for one batch at most. SQLite reuses the freed pages for
 new packets; the file does not shrink (a `VACUUM` with the server stopped does that).
 
 Status log files (`logs/<modem>/*.log`) are removed when last written before the cut-off. The
-folders stay: a server may be writing into one.
+folders stay: a server may be writing into one. As when they are written (store/logfiles.py),
+nothing is followed out of the data dir: `logs` and each terminal's folder are opened without
+following a symbolic link, and only regular files in them are removed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import stat
@@ -28,6 +31,7 @@ from pathlib import Path
 import attrs
 
 from .control import BUSY_TIMEOUT_S
+from .logfiles import UnsafeLogPath
 
 DELETE_BATCH = 2000
 
@@ -73,7 +77,8 @@ def prune_shard(path: Path, before: float, *, keep_after: int | None = None, dry
                     (before, limit, batch)).rowcount
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
             done += count
             if count < batch:
@@ -82,25 +87,51 @@ def prune_shard(path: Path, before: float, *, keep_after: int | None = None, dry
         db.close()
 
 
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def prune_status_logs(data_dir: Path, before: float, *, dry_run: bool = False) -> int:
     """Remove the status log files under `data_dir/logs` last written before `before` (Unix
-    seconds); returns how many. Only regular `*.log` files two levels down, no link followed."""
-    logs = Path(data_dir) / "logs"
-    removed = 0
+    seconds); returns how many. Only regular `*.log` files in a terminal's folder; a symbolic
+    link at `logs` is an OSError naming it, one at a terminal's folder or file is left alone."""
+    shown = Path(data_dir) / "logs"
     try:
-        modems = list(os.scandir(logs))
+        logs = os.open(shown, _FOLDER)
     except FileNotFoundError:
         return 0
-    for modem in modems:
-        if not modem.is_dir(follow_symlinks=False):
-            continue
-        with os.scandir(modem.path) as entries:
-            for entry in entries:
-                if not entry.name.endswith(".log"):
-                    continue
-                info = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(info.st_mode) and info.st_mtime < before:
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeLogPath(e.errno, f"{shown} is a symbolic link or not a folder: not followed") from None
+        raise
+    removed = 0
+    try:
+        with os.scandir(logs) as modems:
+            folders = [entry.name for entry in modems if entry.is_dir(follow_symlinks=False)]
+        for name in folders:
+            try:
+                folder = os.open(name, _FOLDER, dir_fd=logs)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                    continue  # replaced or removed since it was listed
+                raise
+            try:
+                with os.scandir(folder) as entries:
+                    old = [entry.name for entry in entries if entry.name.endswith(".log")
+                           and _regular_before(entry, before)]
+                for file in old:
                     if not dry_run:
-                        os.unlink(entry.path)
+                        try:
+                            os.unlink(file, dir_fd=folder)
+                        except FileNotFoundError:
+                            continue
                     removed += 1
+            finally:
+                os.close(folder)
+    finally:
+        os.close(logs)
     return removed
+
+
+def _regular_before(entry: os.DirEntry[str], before: float) -> bool:
+    info = entry.stat(follow_symlinks=False)
+    return stat.S_ISREG(info.st_mode) and info.st_mtime < before
