@@ -148,9 +148,11 @@ def test_prune_beside_a_running_server_keeps_every_answer_0(tmp_path: Path) -> N
 
 @pytest.mark.parametrize(("args", "shown"), [
     ([], "Missing option '--keep-days'"),
-    (["--keep-days", "1"], "'--keep-days': 1.0 is not in the range x>=2.0"),
+    (["--keep-days", "1"], "'--keep-days': 1.0 is not in the range 2.0<=x<=36500.0"),
     (["--keep-days", "nan"], "'--keep-days': 'nan' is not a finite number"),
     (["--keep-days", "a week"], "'--keep-days': 'a week' is not a valid float"),
+    (["--keep-days", "1e6"], "'--keep-days': 1000000.0 is not in the range 2.0<=x<=36500.0"),
+    (["--keep-days", "1e308"], "is not in the range 2.0<=x<=36500.0"),
 ])
 def test_a_bad_retention_is_refused_in_one_line(data_dir: Path, args: list[str], shown: str) -> None:
     result = prune(data_dir, *args)

@@ -17,11 +17,12 @@ from .server_cmds import data_dir_option
 MIN_KEEP_DAYS = 2.0
 """A terminal resends what was not answered 0 for up to 48 hours (spec §4.5), and a resend of a
 packet whose row was pruned would be stored, and published, a second time."""
+MAX_KEEP_DAYS = 36_500.0  # a century: a cut-off before any stored packet, and a date the calendar can name
 
 
 @click.command()
 @data_dir_option
-@click.option("--keep-days", type=checks.FiniteFloat(min=MIN_KEEP_DAYS), required=True,
+@click.option("--keep-days", type=checks.FiniteFloat(min=MIN_KEEP_DAYS, max=MAX_KEEP_DAYS), required=True,
               help="Keep what was received in the last this many days; remove what is older. At least 2: "
                    "terminals resend for up to 48 hours, and a pruned packet's resend would be stored again.")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
