@@ -12,7 +12,7 @@ import click
 
 from ..protocol import KST
 from . import checks
-from .server_cmds import data_dir_option
+from .server_cmds import _nats, data_dir_option, store_options
 
 MIN_KEEP_DAYS = 2.0
 """A terminal resends what was not answered 0 for up to 48 hours (spec §4.5), and a resend of a
@@ -26,27 +26,35 @@ MAX_KEEP_DAYS = 36_500.0  # a century: a cut-off before any stored packet, and a
               help="Keep what was received in the last this many days; remove what is older. At least 2: "
                    "terminals resend for up to 48 hours, and a pruned packet's resend would be stored again.")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
-def prune(data_dir: Path, keep_days: float, dry_run: bool) -> None:
+@store_options
+def prune(data_dir: Path, keep_days: float, dry_run: bool, store: str | None, store_tls_ca: Path | None,
+          store_replicas: int) -> None:
     """Remove the packets and status log files received more than --keep-days ago from a data dir.
 
     Safe beside a running server: the packets go in small transactions, each of which the server's
     commits wait for at most. Kept whatever their age: the packets after the MQTT bridge's saved
     cursor (DIR/bridge-<shard>.db: their messages are not all acknowledged yet) and each shard's
     last packet (the next packet's id follows it). The database files do not shrink: SQLite
-    reuses the freed pages for new packets. For --store nats://..., the stream's max_age does this
-    (docs/scaling.md).
+    reuses the freed pages for new packets.
+
+    With --store nats://...: the stream's packets, partition by partition, but those after the
+    partition's bridge cursor in the cluster.
     """
     from ..bridge.cursor import cursor_path, read_position
     from ..store import shard_paths
     from ..store.retention import prune_shard, prune_status_logs
 
+    before = time.time() - keep_days * 86_400
+    verb = "would remove" if dry_run else "removed"
+    cut = datetime.fromtimestamp(before, KST).isoformat(timespec="seconds")
+    if store is not None:
+        said = f"{verb} {{:,}} packets received before {cut}"
+        _prune_stream(store, store_tls_ca, store_replicas, before, dry_run, said)
+        return
     paths = shard_paths(data_dir)
     if not paths:
         click.echo(f"dtgserver: error: no store in {data_dir}", err=True)
         sys.exit(1)
-    before = time.time() - keep_days * 86_400
-    verb = "would remove" if dry_run else "removed"
-    cut = datetime.fromtimestamp(before, KST).isoformat(timespec="seconds")
     failed = False
     for path in paths:
         shard = int(path.stem.removeprefix("store-"))  # its number, whatever the others
@@ -78,6 +86,30 @@ def prune(data_dir: Path, keep_days: float, dry_run: bool) -> None:
     click.echo(f"logs: {verb} {logs:,} status log files written before {cut}")
     if failed:
         sys.exit(1)
+
+
+PRUNE_TIMEOUT_S = 600.0
+
+
+def _prune_stream(store: str, tls_ca: Path | None, replicas: int, before: float, dry_run: bool, said: str) -> None:
+    """`prune --store`: the stream's partitions (store/nats/retention.py), one line for each that had
+    packets before the cut-off, and one for the stream."""
+    from ..store.nats.backend import STREAM, UNAVAILABLE
+    from ..store.nats.retention import prune_partitions
+
+    with _nats(store, tls_ca, replicas) as backend:
+        try:
+            pruned = backend.link.call_blocking(prune_partitions(backend, before, dry_run=dry_run),
+                                                timeout=PRUNE_TIMEOUT_S)
+        except (*UNAVAILABLE, TimeoutError) as e:
+            click.echo(f"dtgserver: error: pruning the stream {STREAM}: {e or type(e).__name__}", err=True)
+            sys.exit(1)
+    for partition in pruned:
+        if partition.removed or partition.kept_unpublished:
+            kept = (f" (kept {partition.kept_unpublished:,} after the bridge's cursor)"
+                    if partition.kept_unpublished else "")
+            click.echo(f"partition {partition.partition}: {said.format(partition.removed)}{kept}")
+    click.echo(f"stream {STREAM}: {said.format(sum(p.removed for p in pruned))}")
 
 
 COMMANDS = [prune]
