@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from natscluster import NatsCluster  # noqa: E402
 
 from dtgserver.protocol import Connection, Received, Role, encode  # noqa: E402
-from dtgserver.store.nats import NatsBackend, NatsOptions, StoreUrl  # noqa: E402
-from dtgserver.store.nats.packets import JetStreamStore  # noqa: E402
+from dtgserver.store.jetstream import NatsBackend, NatsOptions, StoreUrl  # noqa: E402
+from dtgserver.store.jetstream.packets import JetStreamStore  # noqa: E402
 
 
 def received(packets: list[bytes]) -> list[Received]:
@@ -109,7 +109,7 @@ async def through_store(url: str, items: list[Received], concurrency: int, round
 def floor_asyncio(url: str, items: list[Received], concurrency: int) -> tuple[float, float]:
     import nats
 
-    from dtgserver.store.nats.backend import subject
+    from dtgserver.store.jetstream.backend import subject
     from dtgserver.store.packets import digest, shard_of
 
     async def main() -> tuple[float, float]:

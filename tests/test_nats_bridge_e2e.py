@@ -40,7 +40,7 @@ def start_bridge(url: str, broker: Mosquitto, log: Path, *more: str) -> subproce
 def cursors_open(url: str) -> int:
     """How many partitions have a saved cursor (a bridge that has opened them all is consuming)."""
     with opened(url) as backend:
-        from dtgserver.store.nats.log import ensure_bridge_bucket
+        from dtgserver.store.jetstream.log import ensure_bridge_bucket
 
         async def count() -> int:
             kv = await ensure_bridge_bucket(backend)
@@ -172,7 +172,7 @@ async def test_broker_down_packets_answered_0_and_forwarded_once_it_is_back(
 
 def saved_cursor(url: str, modem: str) -> int:
     """The bridge's saved cursor of the modem's partition (0 before the first save)."""
-    from dtgserver.store.nats.log import ensure_bridge_bucket
+    from dtgserver.store.jetstream.log import ensure_bridge_bucket
     from dtgserver.store.packets import shard_of
 
     with opened(url) as backend:

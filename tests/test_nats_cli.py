@@ -22,7 +22,7 @@ from test_server import running as running_sqlite
 
 from dtgserver.cli import main
 from dtgserver.protocol import encode
-from dtgserver.store.nats import StoreUrl
+from dtgserver.store.jetstream import StoreUrl
 from dtgserver.testing import basic_info, dtg, key_off, status_log
 
 __all__ = ["nats_cluster_fixture"]

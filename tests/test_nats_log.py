@@ -13,9 +13,9 @@ from natscluster import NatsCluster, nats_cluster_fixture
 from test_nats_store import opened, running, until_ok
 from test_server import OK, exchange
 
-from dtgserver.store.nats.backend import STREAM, SUBJECT_PREFIX, NatsBackend, subject
-from dtgserver.store.nats.backlog import NatsBacklog, backlog_consumer
-from dtgserver.store.nats.log import CursorBusy, JetStreamLog, KvCursor
+from dtgserver.store.jetstream.backend import STREAM, SUBJECT_PREFIX, NatsBackend, subject
+from dtgserver.store.jetstream.backlog import NatsBacklog, backlog_consumer
+from dtgserver.store.jetstream.log import CursorBusy, JetStreamLog, KvCursor
 from dtgserver.store.packets import digest, shard_of
 from dtgserver.testing import dtg_bytes
 

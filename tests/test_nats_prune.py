@@ -19,9 +19,9 @@ from test_nats_store import opened, running, stream_packets, until_ok
 from test_server import OK, exchange
 
 from dtgserver.cli import main
-from dtgserver.store.nats import STREAM
-from dtgserver.store.nats.log import KvCursor
-from dtgserver.store.nats.retention import prune_partitions
+from dtgserver.store.jetstream import STREAM
+from dtgserver.store.jetstream.log import KvCursor
+from dtgserver.store.jetstream.retention import prune_partitions
 from dtgserver.store.packets import shard_of
 from dtgserver.testing import dtg_bytes
 
@@ -75,7 +75,7 @@ def test_the_older_packets_go_but_what_a_bridge_has_not_published(tmp_path: Path
         assert sum(p.removed for p in again) == 0
         consumers = backend.link.call_blocking(backend.js.consumers_info(STREAM))
         # the prune's own consumers are deleted: left are the readers of stream_packets (export's, which
-        # expire) and the backlog consumer of A's bridge cursor (store/nats/backlog.py)
+        # expire) and the backlog consumer of A's bridge cursor (store/jetstream/backlog.py)
         left = {c.config.filter_subject for c in consumers if c.name != f"dtg_bridge_{partition_a}"}
         assert left == {"dtg.packets.>"}
 

@@ -17,7 +17,7 @@ from dtgserver.protocol import encode
 from dtgserver.server.app import DtgServer
 from dtgserver.server.config import ServerConfig
 from dtgserver.store import DeviceStatus, StoredPacket
-from dtgserver.store.nats import JetStreamStore, NatsBackend, NatsControl, NatsOptions, StoreUrl, read_stream
+from dtgserver.store.jetstream import JetStreamStore, NatsBackend, NatsControl, NatsOptions, StoreUrl, read_stream
 from dtgserver.testing import dtg_bytes, status_log
 
 __all__ = ["nats_cluster_fixture"]

@@ -118,7 +118,7 @@ def bridge(data_dir: Path, mqtt_url: str, mqtt_tls_ca: Path | None, topic_prefix
     backlog: Any = None
     if store is not None:  # the JetStream stream: cursor and trip states per partition in the cluster
         packet_log, cursor = _nats_log(store, store_tls_ca, store_replicas)
-        from ..store.nats.backlog import NatsBacklog
+        from ..store.jetstream.backlog import NatsBacklog
 
         backlog = NatsBacklog(packet_log.backend)  # packets not yet published, as the cluster counts them
         shards = packet_log.shards
@@ -158,7 +158,7 @@ def _bridge_options(profile: str, battery_warning_v: float, edition: str, defaul
 
 def _nats_log(store: str, tls_ca: Path | None, replicas: int) -> tuple[Any, Any]:
     """The stream as the bridge's log and its cursors, or exit 1 with one line when the cluster is out of reach."""
-    from ..store.nats.log import open_bridge_log
+    from ..store.jetstream.log import open_bridge_log
 
     try:
         return open_bridge_log(store, tls_ca=tls_ca, replicas=replicas)

@@ -92,10 +92,10 @@ PRUNE_TIMEOUT_S = 600.0
 
 
 def _prune_stream(store: str, tls_ca: Path | None, replicas: int, before: float, dry_run: bool, said: str) -> None:
-    """`prune --store`: the stream's partitions (store/nats/retention.py), one line for each that had
+    """`prune --store`: the stream's partitions (store/jetstream/retention.py), one line for each that had
     packets before the cut-off, and one for the stream."""
-    from ..store.nats.backend import STREAM, UNAVAILABLE
-    from ..store.nats.retention import prune_partitions
+    from ..store.jetstream.backend import STREAM, UNAVAILABLE
+    from ..store.jetstream.retention import prune_partitions
 
     with _nats(store, tls_ca, replicas) as backend:
         try:

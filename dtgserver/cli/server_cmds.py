@@ -165,7 +165,7 @@ def _store_url(ctx: click.Context, param: click.Parameter, value: str | None) ->
     """--store: checked here, so a bad URL is a usage error naming the option (never echoing a password)."""
     if value is None:
         return None
-    from ..store.nats import StoreUrl
+    from ..store.jetstream import StoreUrl
 
     try:
         StoreUrl.parse(value)
@@ -194,7 +194,7 @@ def store_options(f: Any) -> Any:
 @contextlib.contextmanager
 def _nats(store_url: str, tls_ca: Path | None, replicas: int) -> Iterator[Any]:
     """A command's connection to the cluster (stream and bucket made if missing); a clear error if it fails."""
-    from ..store.nats import NatsBackend, NatsOptions, PartitionMismatch, StoreUrl
+    from ..store.jetstream import NatsBackend, NatsOptions, PartitionMismatch, StoreUrl
 
     url = StoreUrl.parse(store_url, tls_ca=tls_ca)
     backend = NatsBackend(NatsOptions(url, replicas=replicas), name="dtgserver-cli")
@@ -306,7 +306,7 @@ def _serve(verbose: int, quiet: bool, log_format: Literal["text", "json"], worke
     from .. import logs
     from ..server.app import serve as run_server
     from ..server.workers import serve_workers
-    from ..store.nats import PartitionMismatch
+    from ..store.jetstream import PartitionMismatch
     from ..store.packets import ShardCountMismatch
 
     if options["external_bridge"] and (options["mqtt_url"] or options["store"] is not None):
@@ -352,7 +352,7 @@ def _control(data_dir: Path, store: str | None = None, store_tls_ca: Path | None
     from ..store import Control
 
     if store is not None:
-        from ..store.nats import NatsControl
+        from ..store.jetstream import NatsControl
 
         with _nats(store, store_tls_ca, store_replicas) as backend:
             try:
@@ -505,7 +505,7 @@ def export(data_dir: Path, modem: str | None, since: str | None, until: str | No
 
     since_s, until_s = _parse_time(since, "--since"), _parse_time(until, "--until")
     if store is not None:
-        from ..store.nats import read_stream
+        from ..store.jetstream import read_stream
 
         with _nats(store, store_tls_ca, store_replicas) as backend, \
                 contextlib.closing(read_stream(backend, modem=modem, since=since_s, until=until_s)) as packets:

@@ -138,7 +138,7 @@ class DtgServer:
 
     def _open_nats(self, config: ServerConfig, shard: int, shards: int, reuse_port: bool, role: ProcessRole) -> None:
         """`--store nats://…`: one JetStream store for every terminal, control in the cluster's bucket."""
-        from ..store.nats import NatsOptions, StoreUrl, open_server_store
+        from ..store.jetstream import NatsOptions, StoreUrl, open_server_store
 
         if role != "combined" or config.mqtt_url is not None:
             raise ValueError("with --store nats://, serve runs alone: no --writer-process, no --mqtt "
@@ -148,7 +148,7 @@ class DtgServer:
                               duplicate_window=config.store_duplicate_window,
                               partitions=config.store_partitions)
         control, store = open_server_store(options, queue_high_water=config.queue_high_water)
-        # the same session-facing interface as Control and PacketStore (store/nats/control.py, packets.py)
+        # the same session-facing interface as Control and PacketStore (store/jetstream/control.py, packets.py)
         self.control = cast(Any, control)
         self.control_state = control.load()
         self.shard, self.shards, self.reuse_port, self.role = shard, shards, reuse_port, role
@@ -160,7 +160,7 @@ class DtgServer:
         self.relay_dir = None
         self.relay = None
         self._init_rest()
-        # the bridges' backlog, from their consumers in the cluster (store/nats/backlog.py)
+        # the bridges' backlog, from their consumers in the cluster (store/jetstream/backlog.py)
         store.backlog_high_water = config.backlog_high_water
         store.backlog.register_metrics(self.metrics.gauges)
 

@@ -48,7 +48,7 @@ class ServerConfig:
     default_class: str | None = "taxi"  # the class of vehicle type 41 and unknown types; None: no behaviours
     vehicle_class: dict[str, str] = attrs.field(factory=dict)  # modem -> class, whatever its basic info says
     trip_deadline_h: float = 24.0  # a trip waiting this long after its KEY OFF for its last bodies goes out partial
-    # the store on a NATS JetStream cluster (dtgserver.store.nats) instead of SQLite in data_dir; None = SQLite
+    # the store on a NATS JetStream cluster (dtgserver.store.jetstream) instead of SQLite in data_dir; None = SQLite
     store: str | None = None  # nats://… URL
     store_tls_ca: Path | None = None
     store_replicas: int = 3

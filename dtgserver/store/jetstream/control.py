@@ -21,7 +21,7 @@ import trio
 from ..control import ControlState, Device, DeviceStatus
 from .backend import CONTROL_BUCKET, PARTITIONS_KEY, UNAVAILABLE, NatsBackend
 
-log = logging.getLogger("dtgserver.store.nats")
+log = logging.getLogger("dtgserver.store.jetstream")
 
 DEVICE_PREFIX = "device."
 WATCH_RETRY_S = 0.5

@@ -53,7 +53,7 @@ from .backlog import backlog_consumer
 from .link import StoreUrl
 from .packets import HEADER_RECEIVED_AT
 
-log = logging.getLogger("dtgserver.store.nats")
+log = logging.getLogger("dtgserver.store.jetstream")
 
 BRIDGE_BUCKET = "dtg_bridge"
 DIGEST_STREAM = "DTG_BRIDGE_DIGESTS"
@@ -274,7 +274,7 @@ class KvCursor:
         self._lease_revision: int | None = None
         self._position: int | None = None
         self.lost: str | None = None  # why the lease was lost, once it was
-        self._floor_sub: Any = None  # the backlog consumer (store/nats/backlog.py), once this owner made it
+        self._floor_sub: Any = None  # the backlog consumer (store/jetstream/backlog.py), once this owner made it
         self._floor = 0  # the position it is acknowledged up to
         self._delivered: collections.deque[Any] = collections.deque()  # fetched from it, not yet acknowledged
         self.link.call_blocking(self._acquire())
@@ -325,7 +325,7 @@ class KvCursor:
         """Extend the lease now; raises CursorBusy when another bridge took it meanwhile."""
         self.link.call_blocking(self._renew())
 
-    # the backlog's consumer (store/nats/backlog.py): acknowledged up to the cursor
+    # the backlog's consumer (store/jetstream/backlog.py): acknowledged up to the cursor
     async def _reset_floor(self, position: int) -> None:
         """Make the partition's backlog consumer again, starting after `position` (a new owner: the
         last one's deliveries are not this bridge's to acknowledge)."""

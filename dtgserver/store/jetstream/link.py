@@ -33,7 +33,7 @@ import nats.errors
 import trio
 from nats.aio.client import Client
 
-log = logging.getLogger("dtgserver.store.nats")
+log = logging.getLogger("dtgserver.store.jetstream")
 
 T = TypeVar("T")
 DEFAULT_PORT = 4222

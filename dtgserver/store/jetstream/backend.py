@@ -23,7 +23,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
 from .link import NatsLink, StoreUrl
 
-log = logging.getLogger("dtgserver.store.nats")
+log = logging.getLogger("dtgserver.store.jetstream")
 
 STREAM = "DTG_PACKETS"
 SUBJECT_PREFIX = "dtg.packets"

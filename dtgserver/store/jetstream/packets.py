@@ -32,7 +32,7 @@ from ..packets import Pending, QueuedSubmit, StoredPacket, StoreStats, digest, s
 from .backend import JS_API_TIMEOUT_S, STREAM, SUBJECT_PREFIX, UNAVAILABLE, NatsBackend, partition_of_subject, subject
 from .backlog import NatsBacklog
 
-log = logging.getLogger("dtgserver.store.nats")
+log = logging.getLogger("dtgserver.store.jetstream")
 
 HEADER_RECEIVED_AT = "Dtg-Received-At"
 HEADER_PEER = "Dtg-Peer"

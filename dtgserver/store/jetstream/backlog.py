@@ -2,7 +2,7 @@
 
 Each partition has a durable consumer, `dtg_bridge_<partition>` (headers only, acknowledged up to
 a position with AckPolicy.ALL), whose acknowledgement floor the bridge that owns the partition
-moves to its cursor at every save (`KvCursor`, store/nats/log.py). Its `num_pending` (not yet
+moves to its cursor at every save (`KvCursor`, store/jetstream/log.py). Its `num_pending` (not yet
 delivered) plus `num_ack_pending` (delivered, not acknowledged) is then the number of the
 partition's packets after the cursor: what the SQLite store's backlog means, counted by the
 cluster, whichever bridge owns the partition, and growing while none does.
@@ -25,7 +25,7 @@ import trio
 
 from .backend import STREAM, UNAVAILABLE, NatsBackend
 
-log = logging.getLogger("dtgserver.store.nats")
+log = logging.getLogger("dtgserver.store.jetstream")
 
 READ_INTERVAL_S = 1.0
 
