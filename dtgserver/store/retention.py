@@ -40,7 +40,6 @@ DELETE_BATCH = 2000
 class ShardPruned:
     """What pruning a shard removed (or, dry, would remove) and what it kept of the packets before the cut-off."""
 
-    path: Path
     removed: int
     kept_unpublished: int  # after the bridge's cursor
     kept_last: int  # 1 when the shard's last packet is before the cut-off: the ids go on from it
@@ -66,7 +65,7 @@ def prune_shard(path: Path, before: float, *, keep_after: int | None = None, dry
             limit = keep_after
         removed = old - unpublished - last_old
         if dry_run or removed == 0:
-            return ShardPruned(path, removed, unpublished, last_old)
+            return ShardPruned(removed, unpublished, last_old)
         done = 0
         while True:
             db.execute("BEGIN IMMEDIATE")
@@ -82,7 +81,7 @@ def prune_shard(path: Path, before: float, *, keep_after: int | None = None, dry
                 raise
             done += count
             if count < batch:
-                return ShardPruned(path, done, unpublished, last_old)
+                return ShardPruned(done, unpublished, last_old)
     finally:
         db.close()
 
